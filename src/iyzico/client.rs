@@ -1,0 +1,547 @@
+//! The iyzico invalidate client: one signed POST per call, classified into a typed result,
+//! rate-limited, bounded in concurrency, and retried with jittered exponential backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder as _;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::limiter::SharedLimiter;
+use super::{ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing};
+use crate::config::{IyzicoConfig, Locale};
+use crate::shutdown::Shutdown;
+use crate::telemetry::{Metrics, fingerprint};
+
+/// The most response body we read; anything longer is not the documented JSON.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Longest `Retry-After` we honour; a larger value is capped so shutdown stays prompt.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Why a call did not invalidate the session. Each variant is a decision for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// iyzico said `260030`: the session was already passive, which is what we wanted.
+    #[error("already invalidated: {message}")]
+    AlreadyInvalidated {
+        /// iyzico's message.
+        message: String,
+    },
+    /// A transient failure: try again later.
+    #[error("retryable: {reason}")]
+    Retryable {
+        /// What happened, for the attempt log.
+        reason: String,
+        /// iyzico's error code, if it sent one.
+        code: Option<String>,
+        /// How long the server asked us to wait.
+        retry_after: Option<Duration>,
+    },
+    /// iyzico refused the request for good.
+    #[error("permanent failure {code}: {message}")]
+    Permanent {
+        /// iyzico's error code.
+        code: String,
+        /// iyzico's message.
+        message: String,
+    },
+    /// Our credentials were refused: every further call would fail the same way.
+    #[error("authentication failed ({code}): {message}")]
+    Auth {
+        /// iyzico's error code, or `HTTP <status>`.
+        code: String,
+        /// iyzico's message.
+        message: String,
+    },
+}
+
+impl ApiError {
+    /// The short class name used in logs, metrics and the attempt log.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApiError::AlreadyInvalidated { .. } => "already_invalidated",
+            ApiError::Retryable { .. } => "retryable",
+            ApiError::Permanent { .. } => "permanent",
+            ApiError::Auth { .. } => "auth",
+        }
+    }
+
+    /// iyzico's error code, when there is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ApiError::AlreadyInvalidated { .. } => Some(ALREADY_INVALIDATED_CODE),
+            ApiError::Retryable { code, .. } => code.as_deref(),
+            ApiError::Permanent { code, .. } | ApiError::Auth { code, .. } => Some(code),
+        }
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        match self {
+            ApiError::AlreadyInvalidated { message }
+            | ApiError::Permanent { message, .. }
+            | ApiError::Auth { message, .. } => message,
+            ApiError::Retryable { reason, .. } => reason,
+        }
+    }
+}
+
+/// Why [`Client::invalidate`] returned without a verdict from iyzico.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidateError {
+    /// The API answered with an error (after retries, for a retryable one).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// Shutdown interrupted the attempt: before any call, during backoff, or (after the grace
+    /// period) with a call in flight whose result we will never know.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+/// One HTTP call, as the attempt log records it.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    /// The `conversationId` we sent.
+    pub conversation_id: String,
+    /// The HTTP status, when a response arrived.
+    pub http_status: Option<u16>,
+    /// `invalidated` or one of [`ApiError::class`], or `interrupted`.
+    pub class: &'static str,
+    /// iyzico's error code, if any.
+    pub error_code: Option<String>,
+    /// The error message, if any.
+    pub error_message: Option<String>,
+    /// When the call started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub latency: Duration,
+}
+
+/// What one attempt (the first call plus immediate retries) produced.
+#[derive(Debug)]
+pub struct Invalidation {
+    /// Every call made, in order.
+    pub calls: Vec<CallRecord>,
+    /// `Ok` when iyzico said success.
+    pub result: Result<(), InvalidateError>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestBody<'a> {
+    locale: &'static str,
+    conversation_id: &'a str,
+    session_token: &'a str,
+    member_identifier: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseBody {
+    status: String,
+    #[serde(default)]
+    error_code: Option<serde_json::Value>,
+    #[serde(default)]
+    error_message: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+}
+
+/// Classifies one HTTP response. Pure, so it can be tested (and fuzzed) without a server.
+pub fn classify(
+    http_status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    sent_conversation_id: &str,
+) -> Result<(), ApiError> {
+    if matches!(http_status, 401 | 403) {
+        let parsed = serde_json::from_slice::<ResponseBody>(body).ok();
+        return Err(ApiError::Auth {
+            code: parsed
+                .as_ref()
+                .and_then(|p| p.error_code.as_ref().map(code_string))
+                .unwrap_or_else(|| format!("HTTP {http_status}")),
+            message: parsed
+                .and_then(|p| p.error_message)
+                .unwrap_or_else(|| "credentials refused".into()),
+        });
+    }
+    let retryable = |reason: String, code: Option<String>| ApiError::Retryable {
+        reason,
+        code,
+        retry_after,
+    };
+    let parsed = match serde_json::from_slice::<ResponseBody>(body) {
+        Ok(p) => p,
+        Err(_) if http_status == 429 => return Err(retryable("HTTP 429 too many requests".into(), None)),
+        Err(_) if http_status >= 500 => return Err(retryable(format!("HTTP {http_status}"), None)),
+        Err(e) => {
+            return Err(retryable(format!("HTTP {http_status}, body is not iyzico's JSON: {e}"), None));
+        }
+    };
+    let code = parsed.error_code.as_ref().map(code_string);
+    let message = parsed.error_message.clone().unwrap_or_default();
+    if let Some(c) = code.as_deref().filter(|c| AUTH_ERROR_CODES.contains(c)) {
+        return Err(ApiError::Auth {
+            code: c.to_owned(),
+            message,
+        });
+    }
+    if http_status == 429 || http_status >= 500 {
+        return Err(retryable(format!("HTTP {http_status}"), code));
+    }
+    if let Some(echoed) = parsed.conversation_id.as_deref()
+        && echoed != sent_conversation_id
+    {
+        return Err(retryable(
+            format!("response echoes conversationId {echoed:?}, not ours"),
+            code,
+        ));
+    }
+    match parsed.status.as_str() {
+        "success" if (200..300).contains(&http_status) => Ok(()),
+        "success" => Err(retryable(format!("HTTP {http_status} with status success"), code)),
+        "failure" => match code {
+            Some(c) if c == ALREADY_INVALIDATED_CODE => Err(ApiError::AlreadyInvalidated { message }),
+            Some(c) if RETRYABLE_ERROR_CODES.contains(&c.as_str()) => {
+                Err(retryable(format!("iyzico error {c}: {message}"), Some(c)))
+            }
+            Some(c) => Err(ApiError::Permanent { code: c, message }),
+            None => Err(retryable("failure without an errorCode".into(), None)),
+        },
+        other => Err(retryable(format!("unknown status {other:?}"), code)),
+    }
+}
+
+fn code_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    let when = DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    let wait = when.with_timezone(&Utc) - Utc::now();
+    Some(wait.to_std().unwrap_or_default().min(MAX_RETRY_AFTER))
+}
+
+/// The iyzico client. One per process; cheap to share through an `Arc`.
+pub struct Client {
+    http: reqwest::Client,
+    endpoint: reqwest::Url,
+    api_key: SecretString,
+    secret_key: SecretString,
+    locale: Locale,
+    limiter: Arc<SharedLimiter>,
+    in_flight: Arc<Semaphore>,
+    retries: u32,
+    retry_min_delay: Duration,
+    retry_max_delay: Duration,
+    metrics: Metrics,
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct BuildError(#[from] reqwest::Error);
+
+impl Client {
+    /// Builds the client: one pooled keep-alive HTTP client, rustls, timeouts from config.
+    pub fn new(
+        config: &IyzicoConfig,
+        concurrency: usize,
+        limiter: Arc<SharedLimiter>,
+        metrics: Metrics,
+    ) -> Result<Self, BuildError> {
+        // One TLS stack for the whole process (rustls with ring); installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("session-sweeper/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(concurrency)
+            .tcp_nodelay(true)
+            .build()?;
+        let endpoint = config
+            .base_url
+            .join(INVALIDATE_PATH)
+            .expect("a validated base URL joins with a fixed path");
+        Ok(Self {
+            http,
+            endpoint,
+            api_key: config.api_key.clone(),
+            secret_key: config.secret_key.clone(),
+            locale: config.locale,
+            limiter,
+            in_flight: Arc::new(Semaphore::new(concurrency)),
+            retries: config.retries,
+            retry_min_delay: config.retry_min_delay,
+            retry_max_delay: config.retry_max_delay,
+            metrics,
+        })
+    }
+
+    /// The shared rate limiter (the daemon re-sizes it as replicas come and go).
+    pub fn limiter(&self) -> &Arc<SharedLimiter> {
+        &self.limiter
+    }
+
+    /// One attempt to invalidate a session: a call plus up to `retries` immediate retries of a
+    /// transient failure. Every call waits for the rate limiter (without holding a concurrency
+    /// slot) and then for a slot. Waiting and backoff end at once on stop; a call in flight is
+    /// given until the abort.
+    pub async fn invalidate(&self, session_token: &str, member_identifier: &str, shutdown: &Shutdown) -> Invalidation {
+        let mut calls = Vec::new();
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(self.retry_min_delay)
+            .with_max_delay(self.retry_max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.retries as usize)
+            .build();
+        loop {
+            let waited = tokio::select! {
+                biased;
+                _ = shutdown.stopping() => return Invalidation { calls, result: Err(InvalidateError::Interrupted) },
+                w = self.limiter.acquire() => w,
+            };
+            self.metrics.rate_limit_waited(waited);
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.stopping() => return Invalidation { calls, result: Err(InvalidateError::Interrupted) },
+                p = self.in_flight.acquire() => p.expect("the semaphore is never closed"),
+            };
+            let started_at = Utc::now();
+            let started = Instant::now();
+            let conversation_id = uuid::Uuid::new_v4().to_string();
+            let outcome = tokio::select! {
+                r = self.call_once(&conversation_id, session_token, member_identifier) => Some(r),
+                _ = shutdown.aborted() => None,
+            };
+            drop(permit);
+            let latency = started.elapsed();
+            let Some((http_status, result)) = outcome else {
+                calls.push(CallRecord {
+                    conversation_id,
+                    http_status: None,
+                    class: "interrupted",
+                    error_code: None,
+                    error_message: Some("call abandoned at the end of the shutdown grace period".into()),
+                    started_at,
+                    latency,
+                });
+                return Invalidation { calls, result: Err(InvalidateError::Interrupted) };
+            };
+            let class = match &result {
+                Ok(()) => "invalidated",
+                Err(e) => e.class(),
+            };
+            self.metrics.api_call(class, http_status, latency);
+            let fp = fingerprint(session_token);
+            match &result {
+                Ok(()) => tracing::debug!(session = %fp, ?http_status, ?latency, "invalidated"),
+                Err(e) => tracing::debug!(session = %fp, ?http_status, ?latency, class, error = %e, "call failed"),
+            }
+            calls.push(CallRecord {
+                conversation_id,
+                http_status,
+                class,
+                error_code: result.as_ref().err().and_then(|e| e.code().map(str::to_owned)),
+                error_message: result.as_ref().err().map(|e| e.message().to_owned()),
+                started_at,
+                latency,
+            });
+            let retry_after = match result {
+                Err(ApiError::Retryable { retry_after, .. }) => retry_after,
+                other => return Invalidation { calls, result: other.map_err(InvalidateError::Api) },
+            };
+            let Some(delay) = backoff.next() else {
+                return Invalidation { calls, result: result.map_err(InvalidateError::Api) };
+            };
+            let delay = delay.max(retry_after.unwrap_or_default());
+            tokio::select! {
+                biased;
+                // The last answer stands; the sweep decides what a cut-short attempt means.
+                _ = shutdown.stopping() => return Invalidation { calls, result: result.map_err(InvalidateError::Api) },
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One signed POST, classified. Returns the HTTP status when a response arrived.
+    async fn call_once(
+        &self,
+        conversation_id: &str,
+        session_token: &str,
+        member_identifier: &str,
+    ) -> (Option<u16>, Result<(), ApiError>) {
+        let body = serde_json::to_vec(&RequestBody {
+            locale: self.locale.as_str(),
+            conversation_id,
+            session_token,
+            member_identifier,
+        })
+        .expect("serializing strings cannot fail");
+        let random_key = signing::random_key();
+        let authorization = signing::authorization(
+            self.api_key.expose_secret(),
+            self.secret_key.expose_secret(),
+            &random_key,
+            self.endpoint.path(),
+            &body,
+        );
+        let response = self
+            .http
+            .post(self.endpoint.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(signing::RANDOM_KEY_HEADER, &random_key)
+            .body(body)
+            .send()
+            .await;
+        let mut response = match response {
+            Ok(r) => r,
+            Err(e) => return (None, Err(transport_error(&e))),
+        };
+        let status = response.status().as_u16();
+        let retry_after = parse_retry_after(response.headers());
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return (
+                            Some(status),
+                            Err(ApiError::Retryable {
+                                reason: format!("response body larger than {MAX_RESPONSE_BYTES} bytes"),
+                                code: None,
+                                retry_after,
+                            }),
+                        );
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return (Some(status), Err(transport_error(&e))),
+            }
+        }
+        (Some(status), classify(status, retry_after, &body, conversation_id))
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> ApiError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "transport error"
+    };
+    // reqwest's Display never includes headers or bodies, so no secret can leak through it.
+    let mut reason = format!("{what}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    ApiError::Retryable {
+        reason,
+        code: None,
+        retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "c-1";
+
+    fn body(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn success_is_ok() {
+        let b = body(serde_json::json!({"status":"success","conversationId":CID}));
+        assert_eq!(classify(200, None, &b, CID), Ok(()));
+        let b = body(serde_json::json!({"status":"success"}));
+        assert_eq!(classify(200, None, &b, CID), Ok(()));
+    }
+
+    #[test]
+    fn already_invalidated_is_its_own_class() {
+        let b = body(serde_json::json!({"status":"failure","errorCode":"260030","errorMessage":"x","conversationId":CID}));
+        assert_eq!(classify(400, None, &b, CID).unwrap_err().class(), "already_invalidated");
+        let b = body(serde_json::json!({"status":"failure","errorCode":260030}));
+        assert_eq!(classify(400, None, &b, CID).unwrap_err().class(), "already_invalidated");
+    }
+
+    #[test]
+    fn auth_codes_and_statuses_are_auth_whatever_the_status() {
+        for code in ["1000", "1001", "1007"] {
+            for status in [200, 400, 401, 500] {
+                let b = body(serde_json::json!({"status":"failure","errorCode":code}));
+                assert_eq!(classify(status, None, &b, CID).unwrap_err().class(), "auth", "{code} {status}");
+            }
+        }
+        assert_eq!(classify(403, None, b"<html>", CID).unwrap_err().class(), "auth");
+    }
+
+    #[test]
+    fn transient_answers_are_retryable() {
+        let rl = body(serde_json::json!({"status":"failure","errorCode":"50000"}));
+        let sys = body(serde_json::json!({"status":"failure","errorCode":"100001"}));
+        for (status, b) in [
+            (503, b"<html>down</html>".to_vec()),
+            (200, b"{\"status\":\"succ".to_vec()),
+            (200, b"".to_vec()),
+            (429, b"".to_vec()),
+            (400, rl),
+            (200, sys),
+            (502, body(serde_json::json!({"status":"failure","errorCode":"11"}))),
+        ] {
+            let e = classify(status, Some(Duration::from_secs(2)), &b, CID).unwrap_err();
+            assert_eq!(e.class(), "retryable", "{status} {:?}", String::from_utf8_lossy(&b));
+            assert!(matches!(e, ApiError::Retryable { retry_after: Some(_), .. }));
+        }
+    }
+
+    #[test]
+    fn an_answer_for_another_conversation_is_not_ours() {
+        let b = body(serde_json::json!({"status":"success","conversationId":"someone-else"}));
+        let e = classify(200, None, &b, CID).unwrap_err();
+        assert_eq!(e.class(), "retryable");
+        assert!(e.message().contains("not ours"));
+    }
+
+    #[test]
+    fn other_failures_are_permanent_and_keep_code_and_message() {
+        let b = body(serde_json::json!({"status":"failure","errorCode":"11","errorMessage":"Geçersiz istek"}));
+        assert_eq!(
+            classify(400, None, &b, CID),
+            Err(ApiError::Permanent { code: "11".into(), message: "Geçersiz istek".into() })
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_capped() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(reqwest::header::RETRY_AFTER, "99999".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,308 @@
+//! A local iyzico-compatible invalidate endpoint, for trials, tests, the demo and benchmarks.
+//! It verifies every signature exactly as iyzico does, remembers which tokens it invalidated,
+//! counts what it saw, and injects faults on request.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ALREADY_INVALIDATED_CODE, INVALIDATE_PATH, signing};
+
+/// Shares (0.0 to 1.0) of requests that get each fault, checked in this order.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// HTTP 503 with an HTML page.
+    pub unavailable: f64,
+    /// HTTP 429 with `Retry-After` and iyzico's request-limit error `50000`.
+    pub too_many_requests: f64,
+    /// Seconds sent in `Retry-After` with a 429.
+    pub retry_after_secs: u64,
+    /// An answer delayed by `slow_delay` (past the client's timeout, if that is shorter).
+    pub slow: f64,
+    /// How long a slow answer takes.
+    pub slow_delay: Duration,
+    /// HTTP 200 with a truncated JSON body.
+    pub malformed: f64,
+    /// A permanent failure (`errorCode` 11, invalid request).
+    pub permanent: f64,
+}
+
+/// How the simulator behaves.
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    /// The API key it accepts.
+    pub api_key: String,
+    /// The secret it verifies signatures with.
+    pub secret_key: String,
+    /// Added to every answer.
+    pub latency: Duration,
+    /// Injected faults.
+    pub faults: Faults,
+    /// Tokens for which it answers a permanent failure every time (for deterministic tests).
+    pub always_fail: HashSet<String>,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            api_key: "sandbox-api-key".into(),
+            secret_key: "sandbox-secret-key".into(),
+            latency: Duration::ZERO,
+            faults: Faults::default(),
+            always_fail: HashSet::new(),
+        }
+    }
+}
+
+/// What the simulator saw; read it while it runs or after.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests received (signed or not).
+    pub requests: AtomicU64,
+    /// Requests refused for a bad signature.
+    pub bad_signatures: AtomicU64,
+    /// Successful invalidations (first call for a token).
+    pub invalidated: AtomicU64,
+    /// Calls answered with `260030`.
+    pub already_invalidated: AtomicU64,
+    /// Requests being handled right now.
+    pub in_flight: AtomicUsize,
+    /// The most requests handled at once.
+    pub max_in_flight: AtomicUsize,
+    calls_per_token: Mutex<HashMap<String, u32>>,
+    arrivals: Mutex<Vec<Instant>>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Stats {
+    /// How many signed calls each token received.
+    pub fn calls_per_token(&self) -> HashMap<String, u32> {
+        self.calls_per_token.lock().expect("stats lock").clone()
+    }
+
+    /// The most signed requests that arrived within any window of `window`.
+    pub fn max_in_window(&self, window: Duration) -> usize {
+        let arrivals = self.arrivals.lock().expect("stats lock");
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..arrivals.len() {
+            while arrivals[hi].duration_since(arrivals[lo]) >= window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    /// Arrival times of signed requests, in order.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().expect("stats lock").clone()
+    }
+}
+
+struct AppState {
+    config: SimulatorConfig,
+    invalidated: Mutex<HashSet<String>>,
+    stats: Arc<Stats>,
+}
+
+/// A running simulator.
+pub struct Simulator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it saw.
+    pub stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Simulator {
+    /// Binds `listen` (port 0 picks a free one) and serves until dropped.
+    pub async fn start(listen: SocketAddr, config: SimulatorConfig) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(Stats::default());
+        let router = router(config, stats.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "simulator stopped");
+            }
+        });
+        Ok(Self { addr, stats, task })
+    }
+
+    /// The base URL to configure the client with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serves until `stop` resolves (used by the `simulate-api` command).
+    pub async fn serve(
+        listen: SocketAddr,
+        config: SimulatorConfig,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        tracing::info!(addr = %listener.local_addr()?, path = INVALIDATE_PATH, "simulator listening");
+        axum::serve(listener, router(config, Arc::new(Stats::default())))
+            .with_graceful_shutdown(stop)
+            .await
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn router(config: SimulatorConfig, stats: Arc<Stats>) -> axum::Router {
+    let state = Arc::new(AppState {
+        config,
+        invalidated: Mutex::new(HashSet::new()),
+        stats,
+    });
+    axum::Router::new()
+        .route(INVALIDATE_PATH, post(invalidate))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Request {
+    #[serde(default)]
+    locale: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    session_token: String,
+    member_identifier: String,
+}
+
+struct InFlight<'a>(&'a Stats);
+
+impl<'a> InFlight<'a> {
+    fn enter(stats: &'a Stats) -> Self {
+        let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn failure(status: StatusCode, code: &str, message: &str, locale: &str, cid: Option<&str>) -> Response {
+    let body = json!({
+        "status": "failure",
+        "errorCode": code,
+        "errorMessage": message,
+        "locale": locale,
+        "systemTime": chrono::Utc::now().timestamp_millis(),
+        "conversationId": cid,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn invalidate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let stats = &state.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(stats);
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Err(e) = signing::verify(
+        header(header::AUTHORIZATION.as_str()),
+        header(signing::RANDOM_KEY_HEADER),
+        &state.config.api_key,
+        &state.config.secret_key,
+        INVALIDATE_PATH,
+        &body,
+    ) {
+        stats.bad_signatures.fetch_add(1, Ordering::Relaxed);
+        let (code, message) = match e {
+            signing::VerifyError::Missing => ("1007", "Signature bulunamadı"),
+            signing::VerifyError::UnknownApiKey => ("1001", "api bilgileri bulunamadı"),
+            signing::VerifyError::BadSignature => ("1000", "Geçersiz imza"),
+        };
+        return failure(StatusCode::UNAUTHORIZED, code, message, "tr", None);
+    }
+    let Ok(request) = serde_json::from_slice::<Request>(&body) else {
+        return failure(StatusCode::BAD_REQUEST, "11", "Geçersiz istek", "tr", None);
+    };
+    let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
+    let cid = request.conversation_id.as_deref();
+    {
+        stats.started.lock().expect("stats lock").get_or_insert_with(Instant::now);
+        stats.arrivals.lock().expect("stats lock").push(Instant::now());
+        *stats
+            .calls_per_token
+            .lock()
+            .expect("stats lock")
+            .entry(request.session_token.clone())
+            .or_default() += 1;
+    }
+    if !state.config.latency.is_zero() {
+        tokio::time::sleep(state.config.latency).await;
+    }
+    let faults = &state.config.faults;
+    let mut roll = fastrand::f64();
+    let mut hit = |share: f64| {
+        let h = roll < share;
+        roll -= share;
+        h
+    };
+    if hit(faults.unavailable) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Unavailable</body></html>").into_response();
+    }
+    if hit(faults.too_many_requests) {
+        let mut r = failure(StatusCode::TOO_MANY_REQUESTS, "50000", "Too many requests", &locale, cid);
+        r.headers_mut().insert(header::RETRY_AFTER, faults.retry_after_secs.into());
+        return r;
+    }
+    if hit(faults.slow) {
+        // Fault decided before the work: a slow answer never invalidates (the client gave up).
+        tokio::time::sleep(faults.slow_delay).await;
+        return failure(StatusCode::GATEWAY_TIMEOUT, "100001", "Sistem hatası", &locale, cid);
+    }
+    if hit(faults.malformed) {
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"succ").into_response();
+    }
+    if hit(faults.permanent) || state.config.always_fail.contains(&request.session_token) {
+        return failure(StatusCode::BAD_REQUEST, "11", "Geçersiz istek", &locale, cid);
+    }
+    let first = state
+        .invalidated
+        .lock()
+        .expect("simulator lock")
+        .insert(request.session_token.clone());
+    if !first {
+        stats.already_invalidated.fetch_add(1, Ordering::Relaxed);
+        return failure(
+            StatusCode::BAD_REQUEST,
+            ALREADY_INVALIDATED_CODE,
+            "Session is already invalidated.",
+            &locale,
+            cid,
+        );
+    }
+    stats.invalidated.fetch_add(1, Ordering::Relaxed);
+    axum::Json(json!({
+        "status": "success",
+        "locale": locale,
+        "systemTime": chrono::Utc::now().timestamp_millis(),
+        "conversationId": cid,
+        "sessionToken": request.session_token,
+        "memberIdentifier": request.member_identifier,
+    }))
+    .into_response()
+}

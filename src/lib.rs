@@ -1,0 +1,11 @@
+//! session-sweeper: finds abandoned "Pay with iyzico" checkout sessions in the application's
+//! database and invalidates them through iyzico, safely, observably and exactly once.
+//!
+//! Data flows one way: `daemon` (schedule) → `sweep` (claim → invalidate → record), with
+//! `store` and `iyzico` as the two edges. `config`, `shutdown` and `telemetry` are shared leaves.
+
+pub mod config;
+pub mod iyzico;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,119 @@
+//! One shutdown handle threaded through every task: a graceful *stop* (stop claiming, finish
+//! in-flight calls) followed, after the grace period, by an *abort* (drop what is still running).
+//! The signal listener lives here too, so tests can stop things without signalling themselves.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+/// Graceful stop plus hard abort, cloneable and awaitable any number of times.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    stop: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl Shutdown {
+    /// A handle nothing has triggered yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a graceful stop; the abort follows by itself after `grace`.
+    pub fn begin(&self, grace: Duration) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        self.stop.cancel();
+        let abort = self.abort.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => abort.cancel(),
+                _ = abort.cancelled() => {}
+            }
+        });
+    }
+
+    /// Aborts at once: whatever is in flight is dropped.
+    pub fn abort(&self) {
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Resolves once a stop is requested.
+    pub async fn stopping(&self) {
+        self.stop.cancelled().await
+    }
+
+    /// Resolves once in-flight work must be dropped.
+    pub async fn aborted(&self) {
+        self.abort.cancelled().await
+    }
+
+    /// A handle that stops when this one stops, and that can also be stopped on its own
+    /// (a sweep uses one to end itself on an auth failure without stopping the daemon).
+    pub fn child(&self) -> Self {
+        Self {
+            stop: self.stop.child_token(),
+            abort: self.abort.child_token(),
+        }
+    }
+}
+
+/// The exit code of a forced stop after a second signal: 128 + the signal number.
+pub type ForcedExit = i32;
+
+/// Listens for SIGTERM and SIGINT: the first begins a graceful stop with `grace`, the second
+/// resolves the returned future with 128 + signal, for the binary to exit at once.
+pub fn listen_for_signals(
+    shutdown: Shutdown,
+    grace: Duration,
+) -> std::io::Result<impl Future<Output = ForcedExit>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+    Ok(async move {
+        let mut seen = 0;
+        while let Some(signal) = signals.next().await {
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(signal, grace = ?grace, "stopping: no new claims, finishing in-flight calls");
+                shutdown.begin(grace);
+            } else {
+                tracing::warn!(signal, "second signal: stopping immediately");
+                shutdown.abort();
+                return 128 + signal;
+            }
+        }
+        std::future::pending().await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn abort_follows_stop_after_grace() {
+        let s = Shutdown::new();
+        let child = s.child();
+        s.begin(Duration::from_secs(5));
+        assert!(child.is_stopping());
+        tokio::time::timeout(Duration::from_secs(4), child.aborted()).await.unwrap_err();
+        tokio::time::timeout(Duration::from_secs(2), child.aborted()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn child_stops_alone() {
+        let s = Shutdown::new();
+        let child = s.child();
+        child.abort();
+        assert!(child.is_stopping());
+        assert!(!s.is_stopping());
+    }
+}

@@ -1,0 +1,243 @@
+//! Logs (tracing, text or JSON) and the Prometheus metrics every part records into.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sha2::Digest;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global `tracing` subscriber writing to `sink`. `RUST_LOG` wins over the config.
+/// Returns false when a subscriber was already installed (tests install one per process).
+pub fn init_logging<W>(log: &LogConfig, sink: W) -> bool
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink);
+    match log.format {
+        LogFormat::Text => builder.with_target(false).try_init().is_ok(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init().is_ok(),
+    }
+}
+
+/// A short, stable, non-reversible fingerprint of a session token, for logs.
+pub fn fingerprint(token: &str) -> String {
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    hex::encode(&digest[..4])
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiCallLabels {
+    class: &'static str,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Every metric the process exposes; cheap to clone, shared by all tasks.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    sessions: Family<OutcomeLabel, Counter>,
+    api_calls: Family<ApiCallLabels, Counter>,
+    api_latency: Histogram,
+    sweep_duration: Histogram,
+    sweeps: Family<ResultLabel, Counter>,
+    last_success: Gauge<f64, AtomicU64>,
+    backlog: Gauge,
+    rate_wait: Counter<f64, AtomicU64>,
+    skipped_ticks: Counter,
+    auth_failures: Counter,
+    replicas: Gauge,
+    ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sessions = Family::<OutcomeLabel, Counter>::default();
+        let api_calls = Family::<ApiCallLabels, Counter>::default();
+        let api_latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let sweep_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
+        let sweeps = Family::<ResultLabel, Counter>::default();
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        let backlog = Gauge::default();
+        let rate_wait = Counter::<f64, AtomicU64>::default();
+        let skipped_ticks = Counter::default();
+        let auth_failures = Counter::default();
+        let replicas = Gauge::default();
+        let ready = Gauge::default();
+        registry.register("sweeper_sessions", "Sessions settled, by outcome", sessions.clone());
+        registry.register("sweeper_api_calls", "API calls, by result class and HTTP status", api_calls.clone());
+        registry.register("sweeper_api_latency_seconds", "API call latency", api_latency.clone());
+        registry.register("sweeper_sweep_duration_seconds", "Duration of one sweep", sweep_duration.clone());
+        registry.register("sweeper_sweeps", "Sweeps, by result", sweeps.clone());
+        registry.register(
+            "sweeper_last_successful_sweep_timestamp_seconds",
+            "Unix time the last sweep finished without error",
+            last_success.clone(),
+        );
+        registry.register("sweeper_backlog_sessions", "Sessions eligible right now", backlog.clone());
+        registry.register(
+            "sweeper_rate_limit_wait_seconds",
+            "Time spent waiting on the rate limiter",
+            rate_wait.clone(),
+        );
+        registry.register(
+            "sweeper_skipped_ticks",
+            "Schedule ticks skipped because a sweep was still running",
+            skipped_ticks.clone(),
+        );
+        registry.register("sweeper_auth_failures", "API calls refused for bad credentials", auth_failures.clone());
+        registry.register("sweeper_fleet_replicas", "Live replicas sharing the rate budget", replicas.clone());
+        registry.register("sweeper_ready", "1 when the database is reachable and sweeps succeed", ready.clone());
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                sessions,
+                api_calls,
+                api_latency,
+                sweep_duration,
+                sweeps,
+                last_success,
+                backlog,
+                rate_wait,
+                skipped_ticks,
+                auth_failures,
+                replicas,
+                ready,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts a settled session.
+    pub fn session_settled(&self, outcome: &'static str) {
+        self.inner.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts one API call and its latency.
+    pub fn api_call(&self, class: &'static str, status: Option<u16>, latency: Duration) {
+        let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
+        self.inner.api_calls.get_or_create(&ApiCallLabels { class, status }).inc();
+        self.inner.api_latency.observe(latency.as_secs_f64());
+        if class == "auth" {
+            self.inner.auth_failures.inc();
+        }
+    }
+
+    /// Records a finished sweep.
+    pub fn sweep_finished(&self, result: &'static str, duration: Duration) {
+        self.inner.sweeps.get_or_create(&ResultLabel { result }).inc();
+        self.inner.sweep_duration.observe(duration.as_secs_f64());
+        if result == "ok" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.inner.last_success.set(now.as_secs_f64());
+        }
+    }
+
+    /// Sets the eligible backlog.
+    pub fn set_backlog(&self, n: u64) {
+        self.inner.backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Adds time spent waiting on the rate limiter.
+    pub fn rate_limit_waited(&self, waited: Duration) {
+        self.inner.rate_wait.inc_by(waited.as_secs_f64());
+    }
+
+    /// Counts a schedule tick skipped because a sweep was running.
+    pub fn tick_skipped(&self) {
+        self.inner.skipped_ticks.inc();
+    }
+
+    /// Sets the number of live replicas sharing the budget.
+    pub fn set_replicas(&self, n: u32) {
+        self.inner.replicas.set(i64::from(n));
+    }
+
+    /// Sets readiness.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.set(i64::from(ready));
+    }
+
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.get() == 1
+    }
+
+    /// Skipped ticks so far.
+    pub fn skipped_ticks(&self) -> u64 {
+        self.inner.skipped_ticks.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_short_and_hides_the_token() {
+        let fp = fingerprint("f2f06a82-6480-4d2b-811d-93168ddce577");
+        assert_eq!(fp.len(), 8);
+        assert!(!"f2f06a82-6480-4d2b-811d-93168ddce577".contains(&fp));
+        assert_eq!(fp, fingerprint("f2f06a82-6480-4d2b-811d-93168ddce577"));
+    }
+
+    #[test]
+    fn renders_prometheus_text_with_contract_names() {
+        let m = Metrics::new();
+        m.session_settled("invalidated");
+        m.api_call("retryable", Some(503), Duration::from_millis(20));
+        m.api_call("retryable", None, Duration::from_millis(20));
+        m.sweep_finished("ok", Duration::from_secs(1));
+        let text = m.render();
+        assert!(text.contains("sweeper_sessions_total{outcome=\"invalidated\"} 1"), "{text}");
+        assert!(text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"503\"} 1"), "{text}");
+        assert!(text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"none\"} 1"), "{text}");
+        assert!(text.contains("sweeper_api_latency_seconds_count 2"), "{text}");
+        assert!(text.contains("sweeper_sweeps_total{result=\"ok\"} 1"), "{text}");
+        assert!(!text.contains("sweeper_last_successful_sweep_timestamp_seconds 0\n"), "{text}");
+    }
+}
