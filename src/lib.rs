@@ -4,8 +4,14 @@
 //! Data flows one way: `daemon` (schedule) → `sweep` (claim → invalidate → record), with
 //! `store` and `iyzico` as the two edges. `config`, `shutdown` and `telemetry` are shared leaves.
 
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod fleet;
 pub mod iyzico;
+pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod sweep;
 pub mod telemetry;

@@ -35,6 +35,11 @@ impl Shutdown {
         });
     }
 
+    /// Stops claiming without a deadline for calls in flight (an auth failure, a dead database).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Aborts at once: whatever is in flight is dropped.
     pub fn abort(&self) {
         self.stop.cancel();

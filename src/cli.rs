@@ -1,0 +1,485 @@
+//! The command line: parses arguments, loads the config, and runs one command. Exit codes follow
+//! the contract: 0 done, 1 runtime failure, 2 bad usage or config, 130/143 forced stop.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, ConfigError, LogConfig, LogFormat};
+use crate::fleet::{Membership, this_worker};
+use crate::iyzico::Client;
+use crate::iyzico::limiter::SharedLimiter;
+use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
+use crate::shutdown::{Shutdown, listen_for_signals};
+use crate::store::{self, ClaimParams, Finding, Outcome, Report, RequeueFilter, Store};
+use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
+use crate::telemetry::{Metrics, init_logging};
+
+/// The default config file when neither `--config` nor `SWEEPER_CONFIG` is set.
+pub const DEFAULT_CONFIG: &str = "session-sweeper.toml";
+
+/// session-sweeper: invalidates abandoned "Pay with iyzico" checkout sessions.
+#[derive(Debug, Parser)]
+#[command(name = "session-sweeper", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file [default: $SWEEPER_CONFIG, then ./session-sweeper.toml]
+    #[arg(long, global = true, env = "SWEEPER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of listing commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for programs.
+    Json,
+}
+
+/// The commands of the contract, plus `requeue`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the sweeper's own tables (idempotent).
+    Migrate,
+    /// Validate the config, connect, and check the source table, its columns and indexes.
+    Check,
+    /// List the sessions a sweep would invalidate now; no API call, no write.
+    DryRun {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// List at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// One sweep: process eligible sessions until none is left (or N were processed).
+    Once {
+        /// Stop after this many sessions.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+    },
+    /// The daemon: sweep on the schedule until SIGTERM or SIGINT; serve metrics and health.
+    Run,
+    /// Outcome counts, pending sessions, and the most recent failures.
+    Report {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// How many recent failures to list.
+        #[arg(long, default_value_t = 10)]
+        failures: u32,
+    },
+    /// Put failed sessions back in the queue (all, or those with one error code).
+    Requeue {
+        /// Requeue every failed session.
+        #[arg(long, conflicts_with = "error_code", required_unless_present = "error_code")]
+        all: bool,
+        /// Requeue only failed sessions whose last error code is this.
+        #[arg(long, value_name = "CODE")]
+        error_code: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// A local iyzico-compatible invalidate endpoint for trials, tests and benchmarks.
+    SimulateApi(SimulateArgs),
+    /// A one-command trial: a temporary SQLite database, the simulator in-process, one sweep.
+    Demo {
+        /// Sample sessions to create.
+        #[arg(long, default_value_t = 300)]
+        sessions: u32,
+    },
+}
+
+/// Options of `simulate-api`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// API key to accept.
+    #[arg(long, default_value = "sandbox-api-key", env = "SIMULATOR_API_KEY")]
+    pub api_key: String,
+    /// Secret key to verify signatures with.
+    #[arg(long, default_value = "sandbox-secret-key", env = "SIMULATOR_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// Latency added to every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency: u64,
+    /// Share of requests answered 503 (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_503: f64,
+    /// Share of requests answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_429: f64,
+    /// Seconds sent in Retry-After.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after: u64,
+    /// Share of requests answered slowly.
+    #[arg(long, default_value_t = 0.0)]
+    pub slow: f64,
+    /// How slow a slow answer is, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    pub slow_ms: u64,
+    /// Share of requests answered with a truncated JSON body.
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed: f64,
+    /// Share of requests answered with a permanent failure (errorCode 11).
+    #[arg(long, default_value_t = 0.0)]
+    pub permanent: f64,
+}
+
+impl SimulateArgs {
+    fn config(&self) -> Result<SimulatorConfig, CliError> {
+        for (name, v) in [
+            ("--fail-503", self.fail_503),
+            ("--fail-429", self.fail_429),
+            ("--slow", self.slow),
+            ("--malformed", self.malformed),
+            ("--permanent", self.permanent),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(CliError::Usage(format!("{name}: {v} must be between 0.0 and 1.0")));
+            }
+        }
+        Ok(SimulatorConfig {
+            api_key: self.api_key.clone(),
+            secret_key: self.secret_key.clone(),
+            latency: Duration::from_millis(self.latency),
+            faults: Faults {
+                unavailable: self.fail_503,
+                too_many_requests: self.fail_429,
+                retry_after_secs: self.retry_after,
+                slow: self.slow,
+                slow_delay: Duration::from_millis(self.slow_ms),
+                malformed: self.malformed,
+                permanent: self.permanent,
+            },
+            always_fail: Default::default(),
+        })
+    }
+}
+
+/// A failure with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad configuration: exit 2, nothing touched.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad usage: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// A runtime failure: exit 1.
+    #[error(transparent)]
+    Runtime(#[from] anyhow::Error),
+    /// A second signal forced an immediate stop.
+    #[error("stopped by a second signal")]
+    Forced(i32),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 1,
+            CliError::Forced(code) => *code as u8,
+        }
+    }
+}
+
+impl From<store::StoreError> for CliError {
+    fn from(e: store::StoreError) -> Self {
+        CliError::Runtime(e.into())
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::SimulateApi(args) => {
+            init_logging(&LogConfig::default(), std::io::stderr);
+            simulate(args).await
+        }
+        Command::Demo { sessions } => {
+            init_logging(&LogConfig { level: "warn".into(), ..LogConfig::default() }, std::io::stderr);
+            crate::demo::run(sessions).await.map_err(CliError::Runtime)
+        }
+        command => {
+            let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            let config = Config::load(&path, std::env::vars())?;
+            init_logging(&config.log, std::io::stderr);
+            run_with_config(command, config).await
+        }
+    }
+}
+
+async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
+    let config = args.config()?;
+    let shutdown = Shutdown::new();
+    let forced = listen_for_signals(shutdown.clone(), Duration::ZERO).map_err(|e| CliError::Runtime(e.into()))?;
+    let stop = {
+        let s = shutdown.clone();
+        async move { s.stopping().await }
+    };
+    tokio::select! {
+        r = Simulator::serve(args.listen, config, stop) => r.map_err(|e| CliError::Runtime(anyhow::anyhow!("simulator on {}: {e}", args.listen))),
+        code = forced => Err(CliError::Forced(code)),
+    }
+}
+
+/// Runs a command that needs the config (everything but `simulate-api` and `demo`).
+pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
+    let store = store::open(&config).await?;
+    let result = match command {
+        Command::Migrate => {
+            store.migrate().await?;
+            println!("migrations applied; the sweeper's tables are current");
+            Ok(())
+        }
+        Command::Check => check(&*store).await,
+        Command::DryRun { format, limit } => dry_run(&*store, &config, format, limit).await,
+        Command::Report { format, failures } => {
+            let report = store.report(chrono::Utc::now(), failures).await?;
+            print_report(&report, format);
+            Ok(())
+        }
+        Command::Requeue { error_code, format, .. } => {
+            let n = store.requeue(&RequeueFilter { error_code: error_code.clone() }, chrono::Utc::now()).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::json!({ "requeued": n, "error_code": error_code })),
+                Format::Table => println!("requeued {n} failed sessions"),
+            }
+            Ok(())
+        }
+        Command::Once { max } => once(store.clone(), &config, max).await,
+        Command::Run => crate::daemon::run(store.clone(), config).await,
+        Command::SimulateApi(_) | Command::Demo { .. } => unreachable!("handled without a config"),
+    };
+    store.close().await;
+    result
+}
+
+async fn check(store: &dyn Store) -> Result<(), CliError> {
+    store.ping().await?;
+    println!("ok: config is valid and the database answers");
+    let findings = store.check().await?;
+    let mut errors = 0;
+    for f in &findings {
+        match f {
+            Finding::Ok(m) => println!("ok: {m}"),
+            Finding::Warning(m) => println!("warning: {m}"),
+            Finding::Error(m) => {
+                errors += 1;
+                println!("error: {m}")
+            }
+        }
+    }
+    if errors > 0 {
+        return Err(CliError::Runtime(anyhow::anyhow!("check found {errors} problem(s)")));
+    }
+    Ok(())
+}
+
+async fn dry_run(store: &dyn Store, config: &Config, format: Format, limit: u32) -> Result<(), CliError> {
+    let now = chrono::Utc::now();
+    let params = ClaimParams {
+        worker: "dry-run",
+        now,
+        idle_before: now - config.source.idle_after,
+        stale_before: now - config.sweep.stale_after(),
+        lease_until: now,
+        limit,
+    };
+    let sessions = store.eligible(params).await?;
+    let total = store.count_eligible(params).await?;
+    match format {
+        Format::Json => {
+            let doc = serde_json::json!({ "eligible": total, "listed": sessions.len(), "sessions": sessions });
+            println!("{}", serde_json::to_string_pretty(&doc).expect("serializable"));
+        }
+        Format::Table => {
+            println!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
+            for s in &sessions {
+                let idle = humantime::format_duration(Duration::from_secs(s.idle_for.as_secs()));
+                println!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
+            }
+            println!("{total} eligible now ({} listed); nothing was sent or written", sessions.len());
+        }
+    }
+    Ok(())
+}
+
+/// Prints a report as a table or as the contract's JSON.
+pub fn print_report(report: &Report, format: Format) {
+    match format {
+        Format::Json => {
+            let mut doc = serde_json::Map::new();
+            for (outcome, n) in &report.counts {
+                doc.insert(outcome.as_str().into(), (*n).into());
+            }
+            doc.insert("pending_due_now".into(), report.pending.due_now.into());
+            doc.insert("pending_next_due".into(), serde_json::to_value(report.pending.next_due).expect("serializable"));
+            doc.insert("leased".into(), report.leased.into());
+            doc.insert(
+                "recent_failures".into(),
+                serde_json::to_value(&report.recent_failures).expect("serializable"),
+            );
+            println!("{}", serde_json::to_string_pretty(&doc).expect("serializable"));
+        }
+        Format::Table => {
+            println!("{:<22} {:>10}", "OUTCOME", "SESSIONS");
+            for (outcome, n) in &report.counts {
+                println!("{:<22} {:>10}", outcome.as_str(), n);
+            }
+            let pending = report.counts.iter().find(|(o, _)| *o == Outcome::Pending).map_or(0, |c| c.1);
+            if pending > 0 {
+                let next = report.pending.next_due.map_or("now".into(), |t| t.to_rfc3339());
+                println!("\npending: {} due now; next attempt due {next}", report.pending.due_now);
+            }
+            if report.leased > 0 {
+                println!("leased right now: {}", report.leased);
+            }
+            if !report.recent_failures.is_empty() {
+                println!("\nrecent failures:");
+                println!("{:<10} {:<20} {:>8}  {}", "SESSION", "ERROR CODE", "ATTEMPTS", "MESSAGE");
+                for f in &report.recent_failures {
+                    println!(
+                        "{:<10} {:<20} {:>8}  {}",
+                        f.session,
+                        f.error_code.as_deref().unwrap_or("-"),
+                        f.attempts,
+                        f.error_message.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The parts a sweep needs, built from the config.
+pub struct Engine {
+    /// The sweeper.
+    pub sweeper: Sweeper,
+    /// The heartbeat.
+    pub membership: Membership,
+    /// Shared metrics.
+    pub metrics: Metrics,
+}
+
+impl Engine {
+    /// Checks the schema, joins the fleet and builds the client and the sweeper.
+    pub async fn start(store: Arc<dyn Store>, config: &Config, metrics: Metrics) -> Result<Self, CliError> {
+        let pending = store.pending_migrations().await?;
+        if !pending.is_empty() {
+            return Err(CliError::Runtime(anyhow::anyhow!(
+                "the sweeper's tables need migrations {}: run `session-sweeper migrate` first",
+                pending.join(", ")
+            )));
+        }
+        let limiter = Arc::new(SharedLimiter::new(config.iyzico.rate_per_second, config.iyzico.burst));
+        let client = Client::new(&config.iyzico, config.sweep.concurrency.get(), limiter.clone(), metrics.clone())
+            .map_err(|e| CliError::Runtime(e.into()))?;
+        let membership =
+            Membership::join(store.clone(), this_worker(), config.sweep.heartbeat, limiter, metrics.clone()).await?;
+        let sweeper = Sweeper::new(
+            store,
+            Arc::new(client),
+            SweepSettings::from_config(config),
+            membership.worker_id().to_owned(),
+            metrics.clone(),
+        );
+        Ok(Self {
+            sweeper,
+            membership,
+            metrics,
+        })
+    }
+}
+
+async fn once(store: Arc<dyn Store>, config: &Config, max: Option<u64>) -> Result<(), CliError> {
+    let shutdown = Shutdown::new();
+    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    let mut engine = Engine::start(store, config, Metrics::new()).await?;
+    engine.sweeper.settings_mut().max_sessions = max;
+    let progress = Arc::new(Progress::default());
+    let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
+    let reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
+    let result = tokio::select! {
+        r = engine.sweeper.run_once(&shutdown, progress.clone()) => r,
+        code = forced => {
+            reporter.abort();
+            return Err(CliError::Forced(code));
+        }
+    };
+    reporter.abort();
+    let _ = reporter.await;
+    engine.membership.leave().await;
+    finish_sweep(result)
+}
+
+/// Prints the summary line and maps a sweep's result to an exit status.
+pub fn finish_sweep(result: Result<SweepSummary, SweepError>) -> Result<(), CliError> {
+    match result {
+        Ok(summary) => {
+            println!("{}", summary.line());
+            Ok(())
+        }
+        Err(e) => Err(CliError::Runtime(e.into())),
+    }
+}
+
+/// A progress bar on a terminal; otherwise a progress log line every few seconds.
+pub async fn report_progress(progress: Arc<Progress>, bar: bool) {
+    if bar {
+        let pb = indicatif::ProgressBar::new(progress.eligible_at_start.load(Ordering::Relaxed));
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sessions ({per_sec}, eta {eta})",
+            )
+            .expect("valid template"),
+        );
+        loop {
+            pb.set_length(progress.eligible_at_start.load(Ordering::Relaxed).max(progress.claimed.load(Ordering::Relaxed)));
+            pb.set_position(progress.done.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            tracing::info!(
+                claimed = progress.claimed.load(Ordering::Relaxed),
+                eligible_at_start = progress.eligible_at_start.load(Ordering::Relaxed),
+                "sweep progress"
+            );
+        }
+    }
+}
+
+/// The binary's entry point after the runtime starts: runs and maps errors to exit codes.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                CliError::Forced(_) => {}
+                CliError::Runtime(err) => eprintln!("error: {err:#}"),
+                other => eprintln!("error: {other}"),
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Fleet membership: every worker keeps a heartbeat row, which makes its leases count, lets the
+//! others rescue its sessions within seconds when it dies, and splits the fleet's rate budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::task::JoinHandle;
+
+use crate::iyzico::limiter::SharedLimiter;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError, WorkerInfo};
+use crate::telemetry::Metrics;
+
+/// This process's identity: unique per start, so a restarted process never waits on the
+/// leases of its dead predecessor.
+pub fn this_worker() -> WorkerInfo {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let pid = std::process::id();
+    let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    WorkerInfo {
+        id: format!("{hostname}:{pid}:{nonce}"),
+        hostname,
+        pid,
+    }
+}
+
+/// Whether a process with this pid exists on this host.
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A running heartbeat; `leave` ends it and deregisters the worker.
+pub struct Membership {
+    worker: WorkerInfo,
+    store: Arc<dyn Store>,
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+impl Membership {
+    /// Registers `worker`, forgets dead predecessors on this host, and keeps the heartbeat
+    /// (and the limiter's share of the budget) up to date every `period` until `leave`.
+    pub async fn join(
+        store: Arc<dyn Store>,
+        worker: WorkerInfo,
+        period: Duration,
+        limiter: Arc<SharedLimiter>,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        for w in store.workers_on_host(&worker.hostname).await? {
+            // Same pid in a fresh process (a restarted container is pid 1 again) or no such
+            // process: the predecessor is dead, and its leases should not make anyone wait.
+            if w.id != worker.id && (w.pid == worker.pid || !process_exists(w.pid)) {
+                tracing::info!(worker = %w.id, "forgetting a dead worker from this host");
+                store.forget_worker(&w.id).await?;
+            }
+        }
+        store.heartbeat(&worker, Utc::now()).await?;
+        let stale_after = period * 3;
+        let stop = Shutdown::new();
+        let task = tokio::spawn(beat(store.clone(), worker.clone(), period, stale_after, limiter, metrics, stop.clone()));
+        Ok(Self {
+            worker,
+            store,
+            stop,
+            task,
+        })
+    }
+
+    /// This worker's id (the lease owner).
+    pub fn worker_id(&self) -> &str {
+        &self.worker.id
+    }
+
+    /// Stops the heartbeat and removes the worker row.
+    pub async fn leave(self) {
+        self.stop.abort();
+        let _ = self.task.await;
+        if let Err(e) = self.store.forget_worker(&self.worker.id).await {
+            tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself");
+        }
+    }
+}
+
+async fn beat(
+    store: Arc<dyn Store>,
+    worker: WorkerInfo,
+    period: Duration,
+    stale_after: Duration,
+    limiter: Arc<SharedLimiter>,
+    metrics: Metrics,
+    stop: Shutdown,
+) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.stopping() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = Utc::now();
+        let result = async {
+            store.heartbeat(&worker, now).await?;
+            store.live_workers(now - stale_after).await
+        }
+        .await;
+        match result {
+            Ok(live) => {
+                if live != limiter.replicas() {
+                    tracing::info!(replicas = live, "fleet size changed; adjusting this worker's share of the rate budget");
+                }
+                limiter.set_replicas(live);
+                metrics.set_replicas(live);
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! One sweep: claim eligible sessions in batches, invalidate each through the client with
+//! bounded concurrency, and record every outcome in batched transactions.
+//!
+//! The pipe stays full: a batch's sessions are handed to tasks as slots free up, and the next
+//! batch is claimed as soon as the current one has been handed out, while its calls are still in
+//! flight. Memory is bounded by the batch size plus the slots, whatever the backlog.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, SweepConfig};
+use crate::iyzico::{ApiError, Client, InvalidateError};
+use crate::shutdown::Shutdown;
+use crate::store::{ClaimParams, Decision, Lease, Outcome, Recheck, Settlement, Store, StoreError};
+use crate::telemetry::{Metrics, fingerprint};
+
+/// Most settlements written in one transaction.
+pub const RECORD_BATCH: usize = 512;
+/// How many times a failing batch write is retried before the sweep gives up.
+pub const RECORD_RETRIES: usize = 5;
+
+/// What a sweep needs to know, as typed values.
+#[derive(Debug, Clone)]
+pub struct SweepSettings {
+    /// Sessions per claim.
+    pub batch_size: u32,
+    /// Sessions being worked on at once (API calls in flight are bounded by the client).
+    pub concurrency: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Sweep-level attempts before `failed`.
+    pub max_attempts: u32,
+    /// First delay between sweep-level attempts.
+    pub retry_base: Duration,
+    /// Largest delay between sweep-level attempts.
+    pub retry_max: Duration,
+    /// Idle time after which a session is eligible.
+    pub idle_after: Duration,
+    /// Heartbeat age after which a worker is dead.
+    pub stale_after: Duration,
+    /// Stop after this many sessions (`once --max N`).
+    pub max_sessions: Option<u64>,
+}
+
+impl SweepSettings {
+    /// Settings from the validated config.
+    pub fn from_config(config: &Config) -> Self {
+        let s: &SweepConfig = &config.sweep;
+        // Never claim more than can be sent well within the lease at the configured rate.
+        let sendable = (f64::from(config.iyzico.rate_per_second.get()) * s.lease.as_secs_f64() / 2.0).max(1.0);
+        Self {
+            batch_size: s.batch_size.get().min(sendable as u32),
+            concurrency: s.concurrency.get(),
+            lease: s.lease,
+            max_attempts: s.max_attempts.get(),
+            retry_base: s.retry_base,
+            retry_max: s.retry_max,
+            idle_after: config.source.idle_after,
+            stale_after: s.stale_after(),
+            max_sessions: None,
+        }
+    }
+
+    /// The delay before sweep-level attempt `attempts + 1`: `retry_base` doubling, capped.
+    pub fn retry_delay(&self, attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1));
+        self.retry_base.saturating_mul(factor).min(self.retry_max)
+    }
+}
+
+/// Live counters of a running sweep, for progress bars and log lines.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Eligible when the sweep started (the progress bar's length).
+    pub eligible_at_start: AtomicU64,
+    /// Sessions claimed.
+    pub claimed: AtomicU64,
+    /// Sessions settled or released.
+    pub done: AtomicU64,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SweepSummary {
+    /// Settled as `invalidated`.
+    pub invalidated: u64,
+    /// Settled as `already_invalidated`.
+    pub already_invalidated: u64,
+    /// Settled as `skipped`.
+    pub skipped: u64,
+    /// Left `pending` for a later attempt.
+    pub pending: u64,
+    /// Settled as `failed`.
+    pub failed: u64,
+    /// Given back untouched (shutdown or auth failure).
+    pub released: u64,
+    /// Leases another worker had taken over before our call.
+    pub lost: u64,
+    /// API calls made.
+    pub api_calls: u64,
+    /// Wall time.
+    #[serde(serialize_with = "secs_f64")]
+    pub duration: Duration,
+}
+
+fn secs_f64<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl SweepSummary {
+    /// Sessions that reached a decision (everything but released and lost).
+    pub fn processed(&self) -> u64 {
+        self.invalidated + self.already_invalidated + self.skipped + self.pending + self.failed
+    }
+
+    fn count(&mut self, s: &Settlement) {
+        self.api_calls += s.calls.len() as u64;
+        match &s.decision {
+            Decision::Release => self.released += 1,
+            Decision::Settle { outcome, .. } => match outcome {
+                Outcome::Invalidated => self.invalidated += 1,
+                Outcome::AlreadyInvalidated => self.already_invalidated += 1,
+                Outcome::Skipped => self.skipped += 1,
+                Outcome::Pending => self.pending += 1,
+                Outcome::Failed => self.failed += 1,
+            },
+        }
+    }
+
+    /// The one-line summary `once` prints.
+    pub fn line(&self) -> String {
+        let secs = self.duration.as_secs_f64();
+        let rate = if secs > 0.0 { self.processed() as f64 / secs } else { 0.0 };
+        format!(
+            "swept {} sessions in {:.1}s ({:.0}/s): invalidated={} already_invalidated={} skipped={} pending={} failed={} released={}",
+            self.processed(),
+            secs,
+            rate,
+            self.invalidated,
+            self.already_invalidated,
+            self.skipped,
+            self.pending,
+            self.failed,
+            self.released
+        )
+    }
+}
+
+/// Why a sweep ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// iyzico refused our credentials; the sweep stopped and released its leases.
+    #[error("iyzico rejected our credentials ({code}: {message}); check iyzico.api_key and the secret key")]
+    Auth {
+        /// iyzico's code.
+        code: String,
+        /// iyzico's message.
+        message: String,
+    },
+}
+
+/// Runs sweeps for one worker.
+pub struct Sweeper {
+    store: Arc<dyn Store>,
+    client: Arc<Client>,
+    settings: SweepSettings,
+    worker: String,
+    metrics: Metrics,
+}
+
+/// Shared by the tasks of one sweep.
+struct SweepState {
+    auth_failure: Mutex<Option<ApiError>>,
+    store_failure: Mutex<Option<StoreError>>,
+}
+
+impl Sweeper {
+    /// A sweeper for `worker` (whose heartbeat must be kept by the caller, see `fleet`).
+    pub fn new(
+        store: Arc<dyn Store>,
+        client: Arc<Client>,
+        settings: SweepSettings,
+        worker: String,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            store,
+            client,
+            settings,
+            worker,
+            metrics,
+        }
+    }
+
+    fn params(&self, limit: u32) -> ClaimParams<'_> {
+        let now = Utc::now();
+        ClaimParams {
+            worker: &self.worker,
+            now,
+            idle_before: now - self.settings.idle_after,
+            stale_before: now - self.settings.stale_after,
+            lease_until: now + self.settings.lease,
+            limit,
+        }
+    }
+
+    /// The settings, e.g. to set `max_sessions` for `once --max`.
+    pub fn settings_mut(&mut self) -> &mut SweepSettings {
+        &mut self.settings
+    }
+
+    /// Sessions eligible now (for the backlog gauge and progress bars).
+    pub async fn backlog(&self) -> Result<u64, StoreError> {
+        let n = self.store.count_eligible(self.params(0)).await?;
+        self.metrics.set_backlog(n);
+        Ok(n)
+    }
+
+    /// Drains everything eligible now (or `max_sessions`), then returns what happened.
+    /// On stop it claims nothing more, lets calls in flight finish until the abort, records
+    /// every outcome, and releases whatever it did not finish.
+    pub async fn run_once(&self, shutdown: &Shutdown, progress: Arc<Progress>) -> Result<SweepSummary, SweepError> {
+        let started = Instant::now();
+        let sweep = shutdown.child();
+        let state = Arc::new(SweepState {
+            auth_failure: Mutex::new(None),
+            store_failure: Mutex::new(None),
+        });
+        // Our own leases from an earlier, interrupted sweep of this process would block us.
+        self.store.release_all(&self.worker).await?;
+        let skipped = self.store.skip_revived(self.params(0)).await?;
+        let eligible = self.backlog().await?;
+        progress.eligible_at_start.store(eligible, Ordering::Relaxed);
+        tracing::info!(eligible, worker = %self.worker, "sweep started");
+
+        let (settle_tx, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
+        let recorder = tokio::spawn(record_loop(
+            self.store.clone(),
+            self.worker.clone(),
+            settle_rx,
+            self.metrics.clone(),
+            state.clone(),
+            sweep.clone(),
+            progress.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency * 2));
+        let mut tasks = JoinSet::new();
+        let mut claimed_total = 0u64;
+        let mut claim_error = None;
+        'claiming: while !sweep.is_stopping() {
+            let limit = match self.settings.max_sessions {
+                Some(max) if claimed_total >= max => break,
+                Some(max) => (max - claimed_total).min(u64::from(self.settings.batch_size)) as u32,
+                None => self.settings.batch_size,
+            };
+            let leases = match self.store.claim(self.params(limit)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    claim_error = Some(e);
+                    break;
+                }
+            };
+            if leases.is_empty() {
+                break;
+            }
+            claimed_total += leases.len() as u64;
+            progress.claimed.fetch_add(leases.len() as u64, Ordering::Relaxed);
+            for lease in leases {
+                let permit = tokio::select! {
+                    biased;
+                    _ = sweep.stopping() => break 'claiming,
+                    p = slots.clone().acquire_owned() => p.expect("never closed"),
+                };
+                let job = Job {
+                    store: self.store.clone(),
+                    client: self.client.clone(),
+                    settings: self.settings.clone(),
+                    worker: self.worker.clone(),
+                    state: state.clone(),
+                    shutdown: sweep.clone(),
+                    settle: settle_tx.clone(),
+                };
+                tasks.spawn(async move {
+                    job.run(lease).await;
+                    drop(permit);
+                });
+                // Reap finished tasks so the set stays small on long sweeps.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        drop(settle_tx);
+        // The recorder flushes its last batch under no cancellation: the last writes must land.
+        let mut summary = recorder.await.unwrap_or_default();
+        summary.skipped += skipped;
+        // Whatever we claimed but never started (stop, auth failure) goes back at once.
+        let leftover = self.store.release_all(&self.worker).await;
+        summary.duration = started.elapsed();
+        summary.lost = claimed_total.saturating_sub(summary.processed() + summary.released - skipped);
+        let leftover = leftover?;
+        if leftover > 0 {
+            tracing::info!(released = leftover, "released unfinished leases");
+        }
+        if let Some(e) = state.store_failure.lock().expect("lock").take() {
+            return Err(e.into());
+        }
+        if let Some(e) = claim_error {
+            return Err(e.into());
+        }
+        if let Some(ApiError::Auth { code, message }) = state.auth_failure.lock().expect("lock").take() {
+            return Err(SweepError::Auth { code, message });
+        }
+        Ok(summary)
+    }
+}
+
+/// One session's attempt, run in its own task.
+struct Job {
+    store: Arc<dyn Store>,
+    client: Arc<Client>,
+    settings: SweepSettings,
+    worker: String,
+    state: Arc<SweepState>,
+    shutdown: Shutdown,
+    settle: mpsc::Sender<Settlement>,
+}
+
+impl Job {
+    #[tracing::instrument(name = "attempt", skip_all, fields(session = %fingerprint(&lease.token), attempt = lease.attempts + 1))]
+    async fn run(self, lease: Lease) {
+        let attempt = lease.attempts + 1;
+        let idle_before = Utc::now() - self.settings.idle_after;
+        let decision_skip = |calls| Settlement {
+            token: lease.token.clone(),
+            attempt,
+            calls,
+            decision: Decision::Settle {
+                outcome: Outcome::Skipped,
+                attempts: lease.attempts,
+                next_attempt_at: None,
+                error_code: None,
+                error_message: None,
+            },
+        };
+        let settlement = if self.shutdown.is_stopping() {
+            release(&lease, attempt, Vec::new())
+        } else {
+            match self.store.recheck(&self.worker, &lease.token, idle_before).await {
+                Ok(Recheck::LeaseLost) => {
+                    tracing::info!("lease taken over by another worker; leaving it");
+                    return;
+                }
+                Ok(Recheck::NoLongerEligible) => {
+                    tracing::info!("active again since it was claimed; skipped");
+                    decision_skip(Vec::new())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "recheck failed; releasing");
+                    release(&lease, attempt, Vec::new())
+                }
+                Ok(Recheck::Eligible) => {
+                    let inv = self.client.invalidate(&lease.token, &lease.member, &self.shutdown).await;
+                    self.decide(&lease, inv.calls, inv.result)
+                }
+            }
+        };
+        // The recorder only goes away after every task ended, so this cannot fail.
+        let _ = self.settle.send(settlement).await;
+    }
+
+    fn decide(
+        &self,
+        lease: &Lease,
+        calls: Vec<crate::iyzico::CallRecord>,
+        result: Result<(), InvalidateError>,
+    ) -> Settlement {
+        let attempt = lease.attempts + 1;
+        let settle = |outcome, next_attempt_at, code: Option<&str>, message: Option<&str>| Decision::Settle {
+            outcome,
+            attempts: attempt,
+            next_attempt_at,
+            error_code: code.map(str::to_owned),
+            error_message: message.map(str::to_owned),
+        };
+        let decision = match &result {
+            Ok(()) => settle(Outcome::Invalidated, None, None, None),
+            Err(InvalidateError::Interrupted) => Decision::Release,
+            Err(InvalidateError::Api(e)) => match e {
+                ApiError::AlreadyInvalidated { message } => {
+                    settle(Outcome::AlreadyInvalidated, None, e.code(), Some(message))
+                }
+                ApiError::Permanent { code, message } => {
+                    tracing::warn!(code, message, "permanent failure");
+                    settle(Outcome::Failed, None, Some(code), Some(message))
+                }
+                ApiError::Auth { code, message } => {
+                    tracing::error!(code, message, "iyzico rejected our credentials; stopping the sweep");
+                    self.state.auth_failure.lock().expect("lock").get_or_insert(e.clone());
+                    self.shutdown.stop();
+                    Decision::Release
+                }
+                ApiError::Retryable { reason, code, .. } => {
+                    if attempt >= self.settings.max_attempts {
+                        tracing::warn!(reason, "retryable failure, attempts used up: failed");
+                        settle(Outcome::Failed, None, Some(code.as_deref().unwrap_or("attempts_exhausted")), Some(reason))
+                    } else {
+                        // A retry cut short by shutdown is due at once; otherwise back off.
+                        let delay = if self.shutdown.is_stopping() {
+                            Duration::ZERO
+                        } else {
+                            self.settings.retry_delay(attempt)
+                        };
+                        settle(Outcome::Pending, Some(Utc::now() + delay), code.as_deref(), Some(reason))
+                    }
+                }
+            },
+        };
+        Settlement {
+            token: lease.token.clone(),
+            attempt,
+            calls,
+            decision,
+        }
+    }
+}
+
+fn release(lease: &Lease, attempt: u32, calls: Vec<crate::iyzico::CallRecord>) -> Settlement {
+    Settlement {
+        token: lease.token.clone(),
+        attempt,
+        calls,
+        decision: Decision::Release,
+    }
+}
+
+/// Writes settlements in batches as they arrive, retrying a failed write with backoff. Runs
+/// until every sender is gone, so the final batch is written even during shutdown.
+async fn record_loop(
+    store: Arc<dyn Store>,
+    worker: String,
+    mut rx: mpsc::Receiver<Settlement>,
+    metrics: Metrics,
+    state: Arc<SweepState>,
+    sweep: Shutdown,
+    progress: Arc<Progress>,
+) -> SweepSummary {
+    let mut summary = SweepSummary::default();
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let mut delay = Duration::from_millis(200);
+        let mut tries = 0;
+        loop {
+            match store.record(&worker, Utc::now(), &batch).await {
+                Ok(_) => break,
+                Err(e) if tries < RECORD_RETRIES => {
+                    tries += 1;
+                    tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    // Sessions invalidated but not recorded keep their lease until it lapses;
+                    // the next attempt is answered `260030` and settles them.
+                    tracing::error!(error = %e, lost = batch.len(), "cannot record outcomes; stopping the sweep");
+                    state.store_failure.lock().expect("lock").get_or_insert(e);
+                    sweep.stop();
+                    batch.clear();
+                    break;
+                }
+            }
+        }
+        for s in batch.drain(..) {
+            if let Decision::Settle { outcome, .. } = &s.decision {
+                metrics.session_settled(outcome.as_str());
+            }
+            summary.count(&s);
+            progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SweepSettings {
+        SweepSettings {
+            batch_size: 10,
+            concurrency: 2,
+            lease: Duration::from_secs(300),
+            max_attempts: 10,
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            idle_after: Duration::from_secs(1800),
+            stale_after: Duration::from_secs(15),
+            max_sessions: None,
+        }
+    }
+
+    #[test]
+    fn retry_delay_doubles_from_base_up_to_max() {
+        let s = settings();
+        let secs: Vec<u64> = (1..=9).map(|a| s.retry_delay(a).as_secs()).collect();
+        assert_eq!(secs, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(s.retry_delay(60).as_secs(), 3600);
+    }
+}
