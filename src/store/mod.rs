@@ -274,6 +274,8 @@ pub trait Store: Send + Sync {
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64>;
     /// Claims up to `limit` eligible sessions with a lease owned by `worker`.
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>>;
+    /// The database's plan for the claim statement (EXPLAIN; nothing is executed).
+    async fn explain_claim(&self, p: ClaimParams<'_>) -> Result<String>;
     /// Settles as `skipped` the due pending sessions whose source row is no longer eligible.
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64>;
     /// Checks, right before its call, that a leased session is still eligible and ours.
@@ -328,12 +330,13 @@ pub(crate) struct Migration {
 /// settled for good, waiting for its next attempt, or leased by a live worker.
 /// `now` and `stale` are the placeholders of the current time and the staleness cutoff.
 pub(crate) fn ledger_blocks(now: &str, stale: &str) -> String {
+    // COALESCE: a NULL (no next attempt, no lease) must read as "does not block", also under NOT.
     format!(
-        "(l.state IN ('invalidated', 'already_invalidated', 'failed') \
+        "COALESCE(l.state IN ('invalidated', 'already_invalidated', 'failed') \
           OR (l.state = 'pending' AND l.next_attempt_at > {now}) \
           OR (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} \
               AND EXISTS (SELECT 1 FROM sweeper_workers w \
-                          WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})))"
+                          WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})), FALSE)"
     )
 }
 

@@ -328,6 +328,19 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn explain_claim(&self, p: ClaimParams<'_>) -> Result<String> {
+        let sql = format!("EXPLAIN {}", self.sql().await?.claim);
+        let rows = self
+            .bind_eligible(&sql, &p)
+            .bind(i64::from(p.limit))
+            .bind(p.worker)
+            .bind(p.lease_until)
+            .fetch_all(&self.pool)
+            .await
+            .op("explaining the claim")?;
+        Ok(rows.iter().map(|r| format!("{}\n", r.get::<String, _>(0))).collect())
+    }
+
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
         let sql = self.sql().await?;
         let done = self

@@ -332,6 +332,19 @@ impl Store for SqliteStore {
             .collect())
     }
 
+    async fn explain_claim(&self, p: ClaimParams<'_>) -> Result<String> {
+        let sql = format!("EXPLAIN QUERY PLAN {}", self.sql.claim);
+        let rows = self
+            .bind_eligible(&sql, &p)
+            .bind(i64::from(p.limit))
+            .bind(p.worker)
+            .bind(ms(p.lease_until))
+            .fetch_all(&self.pool)
+            .await
+            .op("explaining the claim")?;
+        Ok(rows.iter().map(|r| format!("{}\n", r.get::<String, _>(3))).collect())
+    }
+
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.op("starting a skip")?;
         let done = self

@@ -1,0 +1,382 @@
+//! Shared by every integration test: a fresh database (a SQLite file, or a new PostgreSQL
+//! database on the server named by `TEST_POSTGRES_URL`), the simulator on port 0, a config
+//! pointing at both, and quiet tracing (set `TEST_LOG=1` to see it).
+#![allow(dead_code)]
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use session_sweeper::cli::Engine;
+use session_sweeper::config::Config;
+use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
+use session_sweeper::shutdown::Shutdown;
+use session_sweeper::store::{self, Store};
+use session_sweeper::sweep::{Progress, SweepError, SweepSummary};
+use session_sweeper::telemetry::Metrics;
+use sqlx::{PgPool, Row, SqlitePool};
+
+/// The environment variable naming the PostgreSQL server tests create databases on.
+pub const PG_ENV: &str = "TEST_POSTGRES_URL";
+/// API key and secret the simulator and the config share.
+pub const API_KEY: &str = "test-api-key";
+/// The secret; tests assert it never shows up in output.
+pub const SECRET: &str = "test-secret-key-7f3a9c";
+
+/// Which backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A SQLite file in a temporary directory.
+    Sqlite,
+    /// A fresh database on the PostgreSQL server.
+    Postgres,
+}
+
+/// Installs quiet tracing once per test binary.
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let level = session_sweeper::config::LogConfig { level: "debug".into(), ..Default::default() };
+            session_sweeper::telemetry::init_logging(&level, std::io::stderr);
+        }
+    });
+}
+
+/// The PostgreSQL admin URL, or `None` (with a notice) when unset outside CI.
+pub fn pg_admin_url() -> Option<String> {
+    match std::env::var(PG_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("{PG_ENV} must be set in CI: PostgreSQL tests never skip there"),
+        _ => {
+            eprintln!("notice: {PG_ENV} is not set; skipping the PostgreSQL variant of this test");
+            None
+        }
+    }
+}
+
+/// A connection to the test database for seeding and assertions.
+#[derive(Clone)]
+pub enum Pool {
+    /// SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Pg(PgPool),
+}
+
+/// A fresh database with the source table `checkout_sessions`.
+pub struct TestDb {
+    /// Which backend.
+    pub kind: Kind,
+    /// The URL the sweeper connects with.
+    pub url: String,
+    /// For seeding and assertions.
+    pub pool: Pool,
+    /// Keeps the SQLite file's directory alive.
+    pub dir: tempfile::TempDir,
+}
+
+/// One source row to seed.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// Token.
+    pub token: String,
+    /// Member.
+    pub member: String,
+    /// Status value.
+    pub status: &'static str,
+    /// How long ago the last activity was.
+    pub idle: Duration,
+}
+
+/// `n` active sessions idle for two hours, tokens `{prefix}-0..n`.
+pub fn idle_sessions(prefix: &str, n: usize) -> Vec<Seed> {
+    (0..n)
+        .map(|i| Seed {
+            token: format!("{prefix}-{i}"),
+            member: format!("member-{i}"),
+            status: "ACTIVE",
+            idle: Duration::from_secs(7200),
+        })
+        .collect()
+}
+
+/// A session active a minute ago (not eligible).
+pub fn fresh_session(token: &str) -> Seed {
+    Seed {
+        token: token.into(),
+        member: "member-fresh".into(),
+        status: "ACTIVE",
+        idle: Duration::from_secs(60),
+    }
+}
+
+impl TestDb {
+    /// A fresh database with an empty, indexed `checkout_sessions`; `None` to skip.
+    pub async fn new(kind: Kind) -> Option<Self> {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = match kind {
+            Kind::Sqlite => {
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("sweeper.db").display());
+                let opts: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(opts.busy_timeout(Duration::from_secs(30)))
+                    .await
+                    .unwrap();
+                TestDb { kind, url, pool: Pool::Sqlite(pool), dir }
+            }
+            Kind::Postgres => {
+                let admin_url = pg_admin_url()?;
+                let admin = PgPool::connect(&admin_url).await.expect("connect to TEST_POSTGRES_URL");
+                let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                let mut url: url::Url = admin_url.parse().unwrap();
+                url.set_path(&name);
+                let url = url.to_string();
+                let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
+                TestDb { kind, url, pool: Pool::Pg(pool), dir }
+            }
+        };
+        db.exec(match kind {
+            Kind::Sqlite => {
+                "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
+                 status TEXT NOT NULL, last_activity_at TEXT NOT NULL); \
+                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)"
+            }
+            Kind::Postgres => {
+                "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
+                 status TEXT NOT NULL, last_activity_at TIMESTAMPTZ NOT NULL); \
+                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)"
+            }
+        })
+        .await;
+        Some(db)
+    }
+
+    /// Runs SQL (several statements allowed).
+    pub async fn exec(&self, sql: &str) {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+            Pool::Pg(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+        }
+    }
+
+    /// Inserts source rows.
+    pub async fn seed(&self, rows: &[Seed]) {
+        let now = Utc::now();
+        for chunk in rows.chunks(500) {
+            match &self.pool {
+                Pool::Sqlite(p) => {
+                    let mut tx = p.begin().await.unwrap();
+                    for r in chunk {
+                        let at: DateTime<Utc> = now - r.idle;
+                        sqlx::query("INSERT INTO checkout_sessions VALUES (?1, ?2, ?3, ?4)")
+                            .bind(&r.token)
+                            .bind(&r.member)
+                            .bind(r.status)
+                            .bind(at.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                }
+                Pool::Pg(p) => {
+                    let tokens: Vec<&str> = chunk.iter().map(|r| r.token.as_str()).collect();
+                    let members: Vec<&str> = chunk.iter().map(|r| r.member.as_str()).collect();
+                    let statuses: Vec<&str> = chunk.iter().map(|r| r.status).collect();
+                    let ats: Vec<DateTime<Utc>> = chunk.iter().map(|r| now - r.idle).collect();
+                    sqlx::query(
+                        "INSERT INTO checkout_sessions SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[])",
+                    )
+                    .bind(&tokens)
+                    .bind(&members)
+                    .bind(&statuses)
+                    .bind(&ats)
+                    .execute(p)
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+    }
+
+    /// Sets a session's last activity to now (the user came back).
+    pub async fn touch(&self, token: &str) {
+        let now = Utc::now();
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                sqlx::query("UPDATE checkout_sessions SET last_activity_at = ?1 WHERE session_token = ?2")
+                    .bind(now.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .bind(token)
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+            Pool::Pg(p) => {
+                sqlx::query("UPDATE checkout_sessions SET last_activity_at = $1 WHERE session_token = $2")
+                    .bind(now)
+                    .bind(token)
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// A single integer from a query.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get::<i64, _>(0),
+            Pool::Pg(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get::<i64, _>(0),
+        }
+    }
+
+    /// The source status of a session.
+    pub async fn status(&self, token: &str) -> String {
+        let sql = "SELECT status FROM checkout_sessions WHERE session_token = ";
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::query_scalar(&format!("{sql}?1")).bind(token).fetch_one(p).await.unwrap(),
+            Pool::Pg(p) => sqlx::query_scalar(&format!("{sql}$1")).bind(token).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    /// The ledger state and attempts of a session, if it has a row.
+    pub async fn ledger(&self, token: &str) -> Option<(String, i64)> {
+        let sql = "SELECT state, CAST(attempts AS BIGINT) FROM sweeper_sessions WHERE session_token = ";
+        let row = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query(&format!("{sql}?1"))
+                .bind(token)
+                .fetch_optional(p)
+                .await
+                .unwrap()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
+            Pool::Pg(p) => sqlx::query(&format!("{sql}$1"))
+                .bind(token)
+                .fetch_optional(p)
+                .await
+                .unwrap()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
+        };
+        row
+    }
+
+    /// How many ledger rows are in `state`.
+    pub async fn count_state(&self, state: &str) -> i64 {
+        self.scalar(&format!("SELECT COUNT(*) FROM sweeper_sessions WHERE state = '{state}'")).await
+    }
+
+    /// A store on this database with the test source config.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        let config = self.config("http://127.0.0.1:9", &[]);
+        let store = store::open(&config).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// The test config pointing at this database and `api_url`, with `SWEEPER_*`-style overrides.
+    pub fn config(&self, api_url: &str, overrides: &[(&str, &str)]) -> Config {
+        Config::from_toml_str(&self.config_toml(api_url), overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .expect("test config is valid")
+    }
+
+    /// The test config's TOML text.
+    pub fn config_toml(&self, api_url: &str) -> String {
+        format!(
+            r#"
+[database]
+url = "{url}"
+max_connections = 8
+
+[source]
+table = "checkout_sessions"
+token_column = "session_token"
+member_column = "member_identifier"
+status_column = "status"
+last_activity_column = "last_activity_at"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+
+[sweep]
+interval = "1h"
+batch_size = 50
+concurrency = 8
+lease = "5m"
+max_attempts = 3
+retry_base = "1s"
+retry_max = "4s"
+shutdown_grace = "5s"
+heartbeat = "1s"
+
+[iyzico]
+base_url = "{api_url}"
+api_key = "{API_KEY}"
+secret_key = "{SECRET}"
+locale = "en"
+timeout = "2s"
+rate_per_second = 10000
+burst = 1000
+retries = 2
+retry_min_delay = "10ms"
+retry_max_delay = "50ms"
+"#,
+            url = self.url
+        )
+    }
+}
+
+/// Starts the simulator on port 0 with the test credentials.
+pub async fn simulator(config: SimulatorConfig) -> Simulator {
+    let config = SimulatorConfig {
+        api_key: API_KEY.into(),
+        secret_key: SECRET.into(),
+        ..config
+    };
+    Simulator::start("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
+}
+
+/// Runs one sweep in-process, as `once` does.
+pub async fn sweep_once(config: &Config) -> Result<SweepSummary, SweepError> {
+    sweep_once_with(config, &Shutdown::new(), Metrics::new()).await
+}
+
+/// Runs one sweep in-process with a given shutdown handle and metrics.
+pub async fn sweep_once_with(config: &Config, shutdown: &Shutdown, metrics: Metrics) -> Result<SweepSummary, SweepError> {
+    let store = store::open(config).await.unwrap();
+    store.migrate().await.unwrap();
+    let engine = Engine::start(store.clone(), config, metrics).await.map_err(|e| panic!("{e}")).unwrap();
+    let result = engine.sweeper.run_once(shutdown, Arc::new(Progress::default())).await;
+    engine.membership.leave().await;
+    store.close().await;
+    result
+}
+
+/// Declares a test for each backend from one `async fn(Kind)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::common::Kind::Sqlite).await }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::common::Kind::Postgres).await }
+            )*
+        }
+    };
+}

@@ -1,0 +1,391 @@
+//! Store operations, each on a fresh SQLite file and a fresh PostgreSQL database.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{Kind, Seed, TestDb, fresh_session, idle_sessions};
+use session_sweeper::store::{
+    ClaimParams, Decision, Finding, Outcome, Recheck, RequeueFilter, Settlement, Store, WorkerInfo,
+};
+
+fn params(worker: &str, now: DateTime<Utc>, limit: u32) -> ClaimParams<'_> {
+    ClaimParams {
+        worker,
+        now,
+        idle_before: now - Duration::from_secs(1800),
+        stale_before: now - Duration::from_secs(15),
+        lease_until: now + Duration::from_secs(300),
+        limit,
+    }
+}
+
+async fn register(store: &dyn Store, id: &str) {
+    let w = WorkerInfo {
+        id: id.into(),
+        hostname: "test-host".into(),
+        pid: 999_999,
+    };
+    store.heartbeat(&w, Utc::now()).await.unwrap();
+}
+
+fn settle(token: &str, outcome: Outcome, attempts: u32) -> Settlement {
+    Settlement {
+        token: token.into(),
+        attempt: attempts,
+        calls: vec![],
+        decision: Decision::Settle {
+            outcome,
+            attempts,
+            next_attempt_at: None,
+            error_code: None,
+            error_message: None,
+        },
+    }
+}
+
+async fn migrate_is_idempotent(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    assert!(store.pending_migrations().await.unwrap().is_empty());
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_schema_migrations").await, 1);
+    // The source table's schema is untouched.
+    db.seed(&idle_sessions("s", 1)).await;
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM checkout_sessions").await, 1);
+}
+
+async fn check_finds_missing_table_column_and_index(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    let findings = store.check().await.unwrap();
+    assert!(findings.iter().all(|f| matches!(f, Finding::Ok(_))), "{findings:?}");
+
+    let missing_table = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__TABLE", "no_such_table")]);
+    let findings = session_sweeper::store::open(&missing_table).await.unwrap().check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.table") && m.contains("no_such_table"))),
+        "{findings:?}"
+    );
+
+    let missing_column = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__MEMBER_COLUMN", "member_id")]);
+    let findings = session_sweeper::store::open(&missing_column).await.unwrap().check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.member_column") && m.contains("member_id"))),
+        "{findings:?}"
+    );
+
+    db.exec("DROP INDEX checkout_sessions_idle").await;
+    let findings = store.check().await.unwrap();
+    let warning = findings
+        .iter()
+        .find_map(|f| match f {
+            Finding::Warning(m) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a warning for the missing index");
+    assert!(warning.contains("CREATE INDEX"), "{warning}");
+    assert!(warning.contains("\"status\", \"last_activity_at\""), "{warning}");
+    assert!(!findings.iter().any(|f| matches!(f, Finding::Error(_))), "a missing index is only a warning");
+}
+
+async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    let mut rows = idle_sessions("idle", 3);
+    rows.push(fresh_session("fresh"));
+    rows.push(Seed {
+        status: "PASSIVE",
+        ..idle_sessions("passive", 1).remove(0)
+    });
+    db.seed(&rows).await;
+    let now = Utc::now();
+    let eligible = store.eligible(params("w", now, 100)).await.unwrap();
+    let mut tokens: Vec<_> = eligible.iter().map(|s| s.token.clone()).collect();
+    tokens.sort();
+    assert_eq!(tokens, ["idle-0", "idle-1", "idle-2"]);
+    assert!(eligible.iter().all(|s| s.idle_for >= Duration::from_secs(7190)));
+    assert_eq!(store.count_eligible(params("w", now, 0)).await.unwrap(), 3);
+
+    // Settled for good: not eligible again, even with mark_passive off.
+    register(&*store, "w").await;
+    let leases = store.claim(params("w", now, 1)).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap(), 2, "a leased session is not eligible");
+    store.record("w", Utc::now(), &[settle(&leases[0].token, Outcome::Failed, 1)]).await.unwrap();
+    assert_eq!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap(), 2, "a failed session is not eligible");
+}
+
+async fn two_workers_never_claim_the_same_session(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 200)).await;
+    register(&*store, "a").await;
+    register(&*store, "b").await;
+    let (sa, sb) = (store.clone(), store.clone());
+    let a = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let l = sa.claim(params("a", Utc::now(), 7)).await.unwrap();
+            if l.is_empty() {
+                return got;
+            }
+            got.extend(l.into_iter().map(|l| l.token));
+        }
+    });
+    let b = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let l = sb.claim(params("b", Utc::now(), 5)).await.unwrap();
+            if l.is_empty() {
+                return got;
+            }
+            got.extend(l.into_iter().map(|l| l.token));
+        }
+    });
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let mut all: Vec<_> = a.iter().chain(b.iter()).cloned().collect();
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a session was claimed twice");
+    assert_eq!(all.len(), 200);
+}
+
+async fn leases_of_dead_or_expired_workers_are_reclaimable(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 2)).await;
+    register(&*store, "dead").await;
+    let now = Utc::now();
+    assert_eq!(store.claim(params("dead", now, 1)).await.unwrap().len(), 1);
+    // While "dead" heartbeats, its lease holds.
+    register(&*store, "alive").await;
+    assert_eq!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().len(), 1);
+    assert!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().is_empty());
+    // Its heartbeat goes stale (seen from later): its lease no longer counts, long before expiry;
+    // ours, still beating, does.
+    let later = Utc::now() + Duration::from_secs(20);
+    store.heartbeat(&WorkerInfo { id: "alive".into(), hostname: "h".into(), pid: 1 }, later).await.unwrap();
+    let mut p = params("alive", later, 10);
+    p.stale_before = later - Duration::from_secs(15);
+    let rescued = store.claim(p).await.unwrap();
+    assert_eq!(rescued.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(), ["s-0"]);
+    // A forgotten worker's leases count for nothing at once.
+    register(&*store, "gone").await;
+    db.seed(&idle_sessions("t", 1)).await;
+    assert_eq!(store.claim(params("gone", Utc::now(), 10)).await.unwrap().len(), 1);
+    store.forget_worker("gone").await.unwrap();
+    assert_eq!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().len(), 1);
+}
+
+async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 3)).await;
+    register(&*store, "w").await;
+    let leases = store.claim(params("w", Utc::now(), 10)).await.unwrap();
+    assert_eq!(leases.len(), 3);
+    let call = session_sweeper::iyzico::CallRecord {
+        conversation_id: "c-1".into(),
+        http_status: Some(200),
+        class: "invalidated",
+        error_code: None,
+        error_message: None,
+        started_at: Utc::now(),
+        latency: Duration::from_millis(12),
+    };
+    let mut inv = settle("s-0", Outcome::Invalidated, 1);
+    inv.calls = vec![call.clone(), call];
+    let batch = vec![
+        inv,
+        settle("s-1", Outcome::AlreadyInvalidated, 1),
+        Settlement {
+            decision: Decision::Settle {
+                outcome: Outcome::Pending,
+                attempts: 1,
+                next_attempt_at: Some(Utc::now() + Duration::from_secs(30)),
+                error_code: Some("100001".into()),
+                error_message: Some("system error".into()),
+            },
+            ..settle("s-2", Outcome::Pending, 1)
+        },
+    ];
+    assert_eq!(store.record("w", Utc::now(), &batch).await.unwrap(), 3);
+    assert_eq!(db.status("s-0").await, "PASSIVE");
+    assert_eq!(db.status("s-1").await, "PASSIVE");
+    assert_eq!(db.status("s-2").await, "ACTIVE");
+    assert_eq!(db.ledger("s-0").await, Some(("invalidated".into(), 1)));
+    assert_eq!(db.ledger("s-2").await, Some(("pending".into(), 1)));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE session_token = 's-0'").await, 2);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL").await, 0);
+    // Pending and not yet due: not claimable.
+    assert!(store.claim(params("w", Utc::now(), 10)).await.unwrap().is_empty());
+    // Due: claimable again, with its attempts carried over.
+    let due = store.claim(params("w", Utc::now() + Duration::from_secs(31), 10)).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].attempts, 1);
+}
+
+async fn a_lost_lease_changes_nothing(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 1)).await;
+    register(&*store, "w").await;
+    store.claim(params("w", Utc::now(), 10)).await.unwrap();
+    assert_eq!(store.recheck("intruder", "s-0", Utc::now() - Duration::from_secs(1800)).await.unwrap(), Recheck::LeaseLost);
+    assert_eq!(store.record("intruder", Utc::now(), &[settle("s-0", Outcome::Invalidated, 1)]).await.unwrap(), 0);
+    assert_eq!(db.status("s-0").await, "ACTIVE");
+    assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 0)));
+}
+
+async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 2)).await;
+    register(&*store, "w").await;
+    store.claim(params("w", Utc::now(), 10)).await.unwrap();
+    db.touch("s-0").await;
+    let idle_before = Utc::now() - Duration::from_secs(1800);
+    assert_eq!(store.recheck("w", "s-0", idle_before).await.unwrap(), Recheck::NoLongerEligible);
+    assert_eq!(store.recheck("w", "s-1", idle_before).await.unwrap(), Recheck::Eligible);
+    // s-1 goes pending and comes back to life before its retry: settled as skipped.
+    store
+        .record(
+            "w",
+            Utc::now(),
+            &[Settlement {
+                decision: Decision::Settle {
+                    outcome: Outcome::Pending,
+                    attempts: 1,
+                    next_attempt_at: Some(Utc::now()),
+                    error_code: None,
+                    error_message: None,
+                },
+                ..settle("s-1", Outcome::Pending, 1)
+            }],
+        )
+        .await
+        .unwrap();
+    db.touch("s-1").await;
+    assert_eq!(store.skip_revived(params("w", Utc::now(), 0)).await.unwrap(), 1);
+    assert_eq!(db.ledger("s-1").await.unwrap().0, "skipped");
+    // Idle again past the threshold (seen from 31 minutes later): eligible again.
+    let later = Utc::now() + Duration::from_secs(31 * 60);
+    let mut p = params("w", later, 10);
+    p.stale_before = later - Duration::from_secs(3600);
+    let again = store.claim(p).await.unwrap();
+    assert!(again.iter().any(|l| l.token == "s-1"), "{again:?}");
+}
+
+async fn requeue_and_report(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 4)).await;
+    register(&*store, "w").await;
+    store.claim(params("w", Utc::now(), 10)).await.unwrap();
+    let failed = |t: &str, code: &str| Settlement {
+        decision: Decision::Settle {
+            outcome: Outcome::Failed,
+            attempts: 1,
+            next_attempt_at: None,
+            error_code: Some(code.into()),
+            error_message: Some("Geçersiz istek".into()),
+        },
+        ..settle(t, Outcome::Failed, 1)
+    };
+    store
+        .record(
+            "w",
+            Utc::now(),
+            &[failed("s-0", "11"), failed("s-1", "12"), settle("s-2", Outcome::Invalidated, 1), settle("s-3", Outcome::Skipped, 0)],
+        )
+        .await
+        .unwrap();
+    let report = store.report(Utc::now(), 10).await.unwrap();
+    let count = |o: Outcome| report.counts.iter().find(|(k, _)| *k == o).unwrap().1;
+    assert_eq!(count(Outcome::Failed), 2);
+    assert_eq!(count(Outcome::Invalidated), 1);
+    assert_eq!(count(Outcome::Skipped), 1);
+    assert_eq!(count(Outcome::AlreadyInvalidated), 0);
+    assert_eq!(report.recent_failures.len(), 2);
+    assert!(report.recent_failures.iter().all(|f| !f.session.starts_with("s-")), "tokens are fingerprinted");
+    let n = store.requeue(&RequeueFilter { error_code: Some("11".into()) }, Utc::now()).await.unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 0)));
+    assert_eq!(db.ledger("s-1").await.unwrap().0, "failed");
+    assert_eq!(store.requeue(&RequeueFilter::default(), Utc::now()).await.unwrap(), 1);
+}
+
+async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else { return };
+    let store = db.store().await;
+    // 1,000,000 rows, 1% of them active and idle.
+    match kind {
+        Kind::Sqlite => {
+            db.exec(
+                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999999) \
+                 INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
+                 CASE WHEN i % 100 = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
+                 datetime('now', '-' || (i % 7200) || ' minutes') FROM n; ANALYZE;",
+            )
+            .await;
+        }
+        Kind::Postgres => {
+            db.exec(
+                "INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
+                 CASE WHEN i % 100 = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, now() - (i % 7200) * interval '1 minute' \
+                 FROM generate_series(0, 999999) AS i; ANALYZE checkout_sessions;",
+            )
+            .await;
+        }
+    }
+    let plan = store.explain_claim(params("w", Utc::now(), 500)).await.unwrap();
+    println!("{plan}");
+    assert!(plan.contains("checkout_sessions_idle"), "the plan must use the (status, last activity) index:\n{plan}");
+    assert!(!plan.contains("Seq Scan on checkout_sessions"), "{plan}");
+    assert!(!plan.lines().any(|l| l.trim() == "SCAN s"), "a full scan of the source table:\n{plan}");
+    assert!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap() > 9000);
+}
+
+both_backends!(
+    migrate_is_idempotent,
+    check_finds_missing_table_column_and_index,
+    only_active_idle_unsettled_sessions_are_eligible,
+    two_workers_never_claim_the_same_session,
+    leases_of_dead_or_expired_workers_are_reclaimable,
+    recording_marks_passive_and_logs_attempts_in_one_go,
+    a_lost_lease_changes_nothing,
+    a_session_that_came_back_is_skipped_and_eligible_again_later,
+    requeue_and_report,
+    eligibility_query_uses_the_index_on_a_million_rows,
+);
+
+/// SQLite stores timestamps in one of four ways; each must select the same sessions.
+#[tokio::test]
+async fn sqlite_timestamp_formats_select_the_same_sessions() {
+    for (format, column_type, idle, fresh) in [
+        ("rfc3339", "TEXT", "'2020-01-01T00:00:00Z'", "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"),
+        ("unix_seconds", "INTEGER", "1577836800", "CAST(strftime('%s', 'now') AS INTEGER)"),
+        ("unix_millis", "INTEGER", "1577836800000", "CAST(strftime('%s', 'now') AS INTEGER) * 1000"),
+        ("sqlite_text", "TEXT", "'2020-01-01 00:00:00'", "CURRENT_TIMESTAMP"),
+    ] {
+        let db = TestDb::new(Kind::Sqlite).await.unwrap();
+        db.exec(&format!(
+            "DROP TABLE checkout_sessions; \
+             CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, status TEXT, last_activity_at {column_type}); \
+             CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at); \
+             INSERT INTO checkout_sessions VALUES ('old', 'm', 'ACTIVE', {idle}), ('new', 'm', 'ACTIVE', {fresh});"
+        ))
+        .await;
+        let config = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", format)]);
+        let store = session_sweeper::store::open(&config).await.unwrap();
+        store.migrate().await.unwrap();
+        let eligible = store.eligible(params("w", Utc::now(), 10)).await.unwrap();
+        let tokens: Vec<_> = eligible.iter().map(|s| s.token.as_str()).collect();
+        assert_eq!(tokens, ["old"], "format {format}");
+        assert!(eligible[0].idle_for > Duration::from_secs(86400 * 365), "format {format}: {:?}", eligible[0].idle_for);
+    }
+}
