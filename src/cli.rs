@@ -81,7 +81,11 @@ pub enum Command {
     /// Put failed sessions back in the queue (all, or those with one error code).
     Requeue {
         /// Requeue every failed session.
-        #[arg(long, conflicts_with = "error_code", required_unless_present = "error_code")]
+        #[arg(
+            long,
+            conflicts_with = "error_code",
+            required_unless_present = "error_code"
+        )]
         all: bool,
         /// Requeue only failed sessions whose last error code is this.
         #[arg(long, value_name = "CODE")]
@@ -110,7 +114,12 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "sandbox-api-key", env = "SIMULATOR_API_KEY")]
     pub api_key: String,
     /// Secret key to verify signatures with.
-    #[arg(long, default_value = "sandbox-secret-key", env = "SIMULATOR_SECRET_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        default_value = "sandbox-secret-key",
+        env = "SIMULATOR_SECRET_KEY",
+        hide_env_values = true
+    )]
     pub secret_key: String,
     /// Latency added to every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
@@ -148,7 +157,9 @@ impl SimulateArgs {
             ("--permanent", self.permanent),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(CliError::Usage(format!("{name}: {v} must be between 0.0 and 1.0")));
+                return Err(CliError::Usage(format!(
+                    "{name}: {v} must be between 0.0 and 1.0"
+                )));
             }
         }
         Ok(SimulatorConfig {
@@ -211,7 +222,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             simulate(args).await
         }
         Command::Demo { sessions } => {
-            init_logging(&LogConfig { level: "warn".into(), ..LogConfig::default() }, std::io::stderr);
+            init_logging(
+                &LogConfig {
+                    level: "warn".into(),
+                    ..LogConfig::default()
+                },
+                std::io::stderr,
+            );
             crate::demo::run(sessions).await.map_err(CliError::Runtime)
         }
         command => {
@@ -226,7 +243,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
     let config = args.config()?;
     let shutdown = Shutdown::new();
-    let forced = listen_for_signals(shutdown.clone(), Duration::ZERO).map_err(|e| CliError::Runtime(e.into()))?;
+    let forced = listen_for_signals(shutdown.clone(), Duration::ZERO)
+        .map_err(|e| CliError::Runtime(e.into()))?;
     let stop = {
         let s = shutdown.clone();
         async move { s.stopping().await }
@@ -253,10 +271,22 @@ pub async fn run_with_config(command: Command, config: Config) -> Result<(), Cli
             print_report(&report, format);
             Ok(())
         }
-        Command::Requeue { error_code, format, .. } => {
-            let n = store.requeue(&RequeueFilter { error_code: error_code.clone() }, chrono::Utc::now()).await?;
+        Command::Requeue {
+            error_code, format, ..
+        } => {
+            let n = store
+                .requeue(
+                    &RequeueFilter {
+                        error_code: error_code.clone(),
+                    },
+                    chrono::Utc::now(),
+                )
+                .await?;
             match format {
-                Format::Json => println!("{}", serde_json::json!({ "requeued": n, "error_code": error_code })),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({ "requeued": n, "error_code": error_code })
+                ),
                 Format::Table => println!("requeued {n} failed sessions"),
             }
             Ok(())
@@ -285,12 +315,19 @@ async fn check(store: &dyn Store) -> Result<(), CliError> {
         }
     }
     if errors > 0 {
-        return Err(CliError::Runtime(anyhow::anyhow!("check found {errors} problem(s)")));
+        return Err(CliError::Runtime(anyhow::anyhow!(
+            "check found {errors} problem(s)"
+        )));
     }
     Ok(())
 }
 
-async fn dry_run(store: &dyn Store, config: &Config, format: Format, limit: u32) -> Result<(), CliError> {
+async fn dry_run(
+    store: &dyn Store,
+    config: &Config,
+    format: Format,
+    limit: u32,
+) -> Result<(), CliError> {
     let now = chrono::Utc::now();
     let params = ClaimParams {
         worker: "dry-run",
@@ -305,7 +342,10 @@ async fn dry_run(store: &dyn Store, config: &Config, format: Format, limit: u32)
     match format {
         Format::Json => {
             let doc = serde_json::json!({ "eligible": total, "listed": sessions.len(), "sessions": sessions });
-            println!("{}", serde_json::to_string_pretty(&doc).expect("serializable"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&doc).expect("serializable")
+            );
         }
         Format::Table => {
             println!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
@@ -313,7 +353,10 @@ async fn dry_run(store: &dyn Store, config: &Config, format: Format, limit: u32)
                 let idle = humantime::format_duration(Duration::from_secs(s.idle_for.as_secs()));
                 println!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
             }
-            println!("{total} eligible now ({} listed); nothing was sent or written", sessions.len());
+            println!(
+                "{total} eligible now ({} listed); nothing was sent or written",
+                sessions.len()
+            );
         }
     }
     Ok(())
@@ -328,30 +371,49 @@ pub fn print_report(report: &Report, format: Format) {
                 doc.insert(outcome.as_str().into(), (*n).into());
             }
             doc.insert("pending_due_now".into(), report.pending.due_now.into());
-            doc.insert("pending_next_due".into(), serde_json::to_value(report.pending.next_due).expect("serializable"));
+            doc.insert(
+                "pending_next_due".into(),
+                serde_json::to_value(report.pending.next_due).expect("serializable"),
+            );
             doc.insert("leased".into(), report.leased.into());
             doc.insert(
                 "recent_failures".into(),
                 serde_json::to_value(&report.recent_failures).expect("serializable"),
             );
-            println!("{}", serde_json::to_string_pretty(&doc).expect("serializable"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&doc).expect("serializable")
+            );
         }
         Format::Table => {
             println!("{:<22} {:>10}", "OUTCOME", "SESSIONS");
             for (outcome, n) in &report.counts {
                 println!("{:<22} {:>10}", outcome.as_str(), n);
             }
-            let pending = report.counts.iter().find(|(o, _)| *o == Outcome::Pending).map_or(0, |c| c.1);
+            let pending = report
+                .counts
+                .iter()
+                .find(|(o, _)| *o == Outcome::Pending)
+                .map_or(0, |c| c.1);
             if pending > 0 {
-                let next = report.pending.next_due.map_or("now".into(), |t| t.to_rfc3339());
-                println!("\npending: {} due now; next attempt due {next}", report.pending.due_now);
+                let next = report
+                    .pending
+                    .next_due
+                    .map_or("now".into(), |t| t.to_rfc3339());
+                println!(
+                    "\npending: {} due now; next attempt due {next}",
+                    report.pending.due_now
+                );
             }
             if report.leased > 0 {
                 println!("leased right now: {}", report.leased);
             }
             if !report.recent_failures.is_empty() {
                 println!("\nrecent failures:");
-                println!("{:<10} {:<20} {:>8}  {}", "SESSION", "ERROR CODE", "ATTEMPTS", "MESSAGE");
+                println!(
+                    "{:<10} {:<20} {:>8}  MESSAGE",
+                    "SESSION", "ERROR CODE", "ATTEMPTS"
+                );
                 for f in &report.recent_failures {
                     println!(
                         "{:<10} {:<20} {:>8}  {}",
@@ -378,7 +440,11 @@ pub struct Engine {
 
 impl Engine {
     /// Checks the schema, joins the fleet and builds the client and the sweeper.
-    pub async fn start(store: Arc<dyn Store>, config: &Config, metrics: Metrics) -> Result<Self, CliError> {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: &Config,
+        metrics: Metrics,
+    ) -> Result<Self, CliError> {
         let pending = store.pending_migrations().await?;
         if !pending.is_empty() {
             return Err(CliError::Runtime(anyhow::anyhow!(
@@ -386,11 +452,25 @@ impl Engine {
                 pending.join(", ")
             )));
         }
-        let limiter = Arc::new(SharedLimiter::new(config.iyzico.rate_per_second, config.iyzico.burst));
-        let client = Client::new(&config.iyzico, config.sweep.concurrency.get(), limiter.clone(), metrics.clone())
-            .map_err(|e| CliError::Runtime(e.into()))?;
-        let membership =
-            Membership::join(store.clone(), this_worker(), config.sweep.heartbeat, limiter, metrics.clone()).await?;
+        let limiter = Arc::new(SharedLimiter::new(
+            config.iyzico.rate_per_second,
+            config.iyzico.burst,
+        ));
+        let client = Client::new(
+            &config.iyzico,
+            config.sweep.concurrency.get(),
+            limiter.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| CliError::Runtime(e.into()))?;
+        let membership = Membership::join(
+            store.clone(),
+            this_worker(),
+            config.sweep.heartbeat,
+            limiter,
+            metrics.clone(),
+        )
+        .await?;
         let sweeper = Sweeper::new(
             store,
             Arc::new(client),
@@ -450,7 +530,12 @@ pub async fn report_progress(progress: Arc<Progress>, bar: bool) {
             .expect("valid template"),
         );
         loop {
-            pb.set_length(progress.eligible_at_start.load(Ordering::Relaxed).max(progress.claimed.load(Ordering::Relaxed)));
+            pb.set_length(
+                progress
+                    .eligible_at_start
+                    .load(Ordering::Relaxed)
+                    .max(progress.claimed.load(Ordering::Relaxed)),
+            );
             pb.set_position(progress.done.load(Ordering::Relaxed));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -532,15 +532,15 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax {
-                path: PathBuf::new(),
-                message: e.message().to_owned(),
-            }
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: PathBuf::new(),
+                    message: e.message().to_owned(),
+                })?;
         apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner().to_string();
                 let key = if path == "." { String::new() } else { path };
@@ -599,12 +599,19 @@ fn apply_env_overrides(
 fn positive(key: &str, value: Option<i64>, default: i64) -> Result<u32, ConfigError> {
     let v = value.unwrap_or(default);
     if v <= 0 {
-        return Err(ConfigError::invalid(key, format!("must be positive, got {v}")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be positive, got {v}"),
+        ));
     }
     u32::try_from(v).map_err(|_| ConfigError::invalid(key, format!("{v} is too large")))
 }
 
-fn nonzero_duration(key: &str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+fn nonzero_duration(
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     let v = value.unwrap_or(default);
     if v.is_zero() {
         return Err(ConfigError::invalid(key, "must be longer than zero"));
@@ -651,7 +658,11 @@ impl RawDatabase {
         Ok(DatabaseConfig {
             url: SecretString::from(self.url),
             backend,
-            max_connections: nz(positive("database.max_connections", self.max_connections, 8)?),
+            max_connections: nz(positive(
+                "database.max_connections",
+                self.max_connections,
+                8,
+            )?),
         })
     }
 }
@@ -685,7 +696,11 @@ impl RawSource {
             last_activity_format: self.last_activity_format,
             active_value: self.active_value,
             passive_value: self.passive_value,
-            idle_after: nonzero_duration("source.idle_after", Some(self.idle_after), Duration::ZERO)?,
+            idle_after: nonzero_duration(
+                "source.idle_after",
+                Some(self.idle_after),
+                Duration::ZERO,
+            )?,
             mark_passive: self.mark_passive.unwrap_or(true),
         })
     }
@@ -707,8 +722,10 @@ impl RawSweep {
             }
             (None, None) => Schedule::Interval(Duration::from_secs(60)),
         };
-        let retry_base = nonzero_duration("sweep.retry_base", self.retry_base, Duration::from_secs(30))?;
-        let retry_max = nonzero_duration("sweep.retry_max", self.retry_max, Duration::from_secs(3600))?;
+        let retry_base =
+            nonzero_duration("sweep.retry_base", self.retry_base, Duration::from_secs(30))?;
+        let retry_max =
+            nonzero_duration("sweep.retry_max", self.retry_max, Duration::from_secs(3600))?;
         if retry_max < retry_base {
             return Err(ConfigError::invalid(
                 "sweep.retry_max",
@@ -718,8 +735,10 @@ impl RawSweep {
         Ok(SweepConfig {
             schedule,
             batch_size: nz(positive("sweep.batch_size", self.batch_size, 500)?),
-            concurrency: NonZeroUsize::new(positive("sweep.concurrency", self.concurrency, 16)? as usize)
-                .expect("checked positive"),
+            concurrency: NonZeroUsize::new(
+                positive("sweep.concurrency", self.concurrency, 16)? as usize
+            )
+            .expect("checked positive"),
             lease: nonzero_duration("sweep.lease", self.lease, Duration::from_secs(300))?,
             max_attempts: nz(positive("sweep.max_attempts", self.max_attempts, 10)?),
             retry_base,
@@ -747,7 +766,10 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 impl RawIyzico {
     fn validate(self) -> Result<IyzicoConfig, ConfigError> {
         let base_url = reqwest::Url::parse(&self.base_url).map_err(|e| {
-            ConfigError::invalid("iyzico.base_url", format!("{:?} is not a URL: {e}", self.base_url))
+            ConfigError::invalid(
+                "iyzico.base_url",
+                format!("{:?} is not a URL: {e}", self.base_url),
+            )
         })?;
         let loopback = match base_url.host() {
             Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -802,7 +824,10 @@ impl RawIyzico {
             }
         };
         if secret_key.expose_secret().trim().is_empty() {
-            return Err(ConfigError::invalid("iyzico.secret_key", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "iyzico.secret_key",
+                "must not be empty",
+            ));
         }
         let locale = match self.locale.as_deref().unwrap_or("tr") {
             "tr" => Locale::Tr,
@@ -821,10 +846,16 @@ impl RawIyzico {
                 format!("must be between 0 and 20, got {retries}"),
             ));
         }
-        let retry_min_delay =
-            nonzero_duration("iyzico.retry_min_delay", self.retry_min_delay, DEFAULT_RETRY_MIN_DELAY)?;
-        let retry_max_delay =
-            nonzero_duration("iyzico.retry_max_delay", self.retry_max_delay, DEFAULT_RETRY_MAX_DELAY)?;
+        let retry_min_delay = nonzero_duration(
+            "iyzico.retry_min_delay",
+            self.retry_min_delay,
+            DEFAULT_RETRY_MIN_DELAY,
+        )?;
+        let retry_max_delay = nonzero_duration(
+            "iyzico.retry_max_delay",
+            self.retry_max_delay,
+            DEFAULT_RETRY_MAX_DELAY,
+        )?;
         if retry_max_delay < retry_min_delay {
             return Err(ConfigError::invalid(
                 "iyzico.retry_max_delay",
@@ -842,7 +873,11 @@ impl RawIyzico {
                 self.connect_timeout,
                 Duration::from_secs(5),
             )?,
-            rate_per_second: nz(positive("iyzico.rate_per_second", self.rate_per_second, 10)?),
+            rate_per_second: nz(positive(
+                "iyzico.rate_per_second",
+                self.rate_per_second,
+                10,
+            )?),
             burst: nz(positive("iyzico.burst", self.burst, 10)?),
             retries: retries as u32,
             retry_min_delay,
@@ -885,9 +920,14 @@ mod tests {
 
     #[test]
     fn identifiers_accept_plain_and_schema_qualified_names() {
-        assert_eq!(SqlIdent::parse("checkout_sessions", true).unwrap().quoted(), "\"checkout_sessions\"");
         assert_eq!(
-            SqlIdent::parse("payments.checkout_sessions", true).unwrap().quoted(),
+            SqlIdent::parse("checkout_sessions", true).unwrap().quoted(),
+            "\"checkout_sessions\""
+        );
+        assert_eq!(
+            SqlIdent::parse("payments.checkout_sessions", true)
+                .unwrap()
+                .quoted(),
             "\"payments\".\"checkout_sessions\""
         );
         assert!(SqlIdent::parse("payments.checkout_sessions", false).is_err());

@@ -34,11 +34,16 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 }
 
 /// The daemon loop, with the stop signal passed in so tests can drive it.
-pub async fn serve(store: Arc<dyn Store>, config: Config, metrics: Metrics, shutdown: Shutdown) -> Result<(), CliError> {
+pub async fn serve(
+    store: Arc<dyn Store>,
+    config: Config,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), CliError> {
     if let Some(addr) = config.server.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| CliError::Runtime(anyhow::anyhow!("server.listen: cannot bind {addr}: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::Runtime(anyhow::anyhow!("server.listen: cannot bind {addr}: {e}"))
+        })?;
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
         let (m, s) = (metrics.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -79,13 +84,19 @@ pub async fn serve(store: Arc<dyn Store>, config: Config, metrics: Metrics, shut
     };
     metrics.set_ready(true);
     notify(sd_notify::NotifyState::Ready);
-    let Engine { sweeper, membership, .. } = engine;
+    let Engine {
+        sweeper,
+        membership,
+        ..
+    } = engine;
     let sweeper = Arc::new(sweeper);
 
     let (tick_tx, mut ticks) = mpsc::channel::<()>(1);
     let _scheduler = start_schedule(&config.sweep.schedule, tick_tx, shutdown.clone()).await?;
 
-    let mut running: Option<tokio::task::JoinHandle<Result<crate::sweep::SweepSummary, SweepError>>> = None;
+    let mut running: Option<
+        tokio::task::JoinHandle<Result<crate::sweep::SweepSummary, SweepError>>,
+    > = None;
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut failures = 0u32;
     let mut result = Ok(());
@@ -164,7 +175,9 @@ fn spawn_sweep(
     tokio::spawn(async move {
         let span = tracing::info_span!("sweep");
         let _ = span.enter();
-        sweeper.run_once(&shutdown, Arc::new(Progress::default())).await
+        sweeper
+            .run_once(&shutdown, Arc::new(Progress::default()))
+            .await
     })
 }
 
@@ -190,7 +203,8 @@ async fn start_schedule(
         Schedule::Interval(period) => {
             let period = *period;
             tokio::spawn(async move {
-                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                let mut ticker =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
                     tokio::select! {
@@ -202,8 +216,12 @@ async fn start_schedule(
             Ok(None)
         }
         Schedule::Cron(expr) => {
-            let err = |e: tokio_cron_scheduler::JobSchedulerError| CliError::Runtime(anyhow::anyhow!("sweep.schedule: {e}"));
-            let scheduler = tokio_cron_scheduler::JobScheduler::new().await.map_err(err)?;
+            let err = |e: tokio_cron_scheduler::JobSchedulerError| {
+                CliError::Runtime(anyhow::anyhow!("sweep.schedule: {e}"))
+            };
+            let scheduler = tokio_cron_scheduler::JobScheduler::new()
+                .await
+                .map_err(err)?;
             let job = tokio_cron_scheduler::Job::new_async(expr.as_str(), move |_, _| {
                 let ticks = ticks.clone();
                 Box::pin(async move {

@@ -1,2 +1,4 @@
 //! placeholder
-pub async fn run(_n: u32) -> anyhow::Result<()> { anyhow::bail!("demo arrives with the deploy issue") }
+pub async fn run(_n: u32) -> anyhow::Result<()> {
+    anyhow::bail!("demo arrives with the deploy issue")
+}

@@ -64,7 +64,15 @@ impl Membership {
         store.heartbeat(&worker, Utc::now()).await?;
         let stale_after = period * 3;
         let stop = Shutdown::new();
-        let task = tokio::spawn(beat(store.clone(), worker.clone(), period, stale_after, limiter, metrics, stop.clone()));
+        let task = tokio::spawn(beat(
+            store.clone(),
+            worker.clone(),
+            period,
+            stale_after,
+            limiter,
+            metrics,
+            stop.clone(),
+        ));
         Ok(Self {
             worker,
             store,
@@ -113,7 +121,10 @@ async fn beat(
         match result {
             Ok(live) => {
                 if live != limiter.replicas() {
-                    tracing::info!(replicas = live, "fleet size changed; adjusting this worker's share of the rate budget");
+                    tracing::info!(
+                        replicas = live,
+                        "fleet size changed; adjusting this worker's share of the rate budget"
+                    );
                 }
                 limiter.set_replicas(live);
                 metrics.set_replicas(live);

@@ -18,7 +18,10 @@ pub fn router(metrics: Metrics) -> axum::Router {
                 let m = for_metrics.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         m.render(),
                     )
                 }
@@ -42,7 +45,11 @@ pub fn router(metrics: Metrics) -> axum::Router {
 
 /// Serves until the shutdown's abort (it stays up while in-flight work drains, so probes and
 /// scrapes keep answering during a graceful stop).
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     axum::serve(listener, router(metrics))
         .with_graceful_shutdown(async move { shutdown.aborted().await })
         .await

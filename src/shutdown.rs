@@ -109,8 +109,12 @@ mod tests {
         let child = s.child();
         s.begin(Duration::from_secs(5));
         assert!(child.is_stopping());
-        tokio::time::timeout(Duration::from_secs(4), child.aborted()).await.unwrap_err();
-        tokio::time::timeout(Duration::from_secs(2), child.aborted()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(4), child.aborted())
+            .await
+            .unwrap_err();
+        tokio::time::timeout(Duration::from_secs(2), child.aborted())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

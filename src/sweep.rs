@@ -52,7 +52,8 @@ impl SweepSettings {
     pub fn from_config(config: &Config) -> Self {
         let s: &SweepConfig = &config.sweep;
         // Never claim more than can be sent well within the lease at the configured rate.
-        let sendable = (f64::from(config.iyzico.rate_per_second.get()) * s.lease.as_secs_f64() / 2.0).max(1.0);
+        let sendable =
+            (f64::from(config.iyzico.rate_per_second.get()) * s.lease.as_secs_f64() / 2.0).max(1.0);
         Self {
             batch_size: s.batch_size.get().min(sendable as u32),
             concurrency: s.concurrency.get(),
@@ -135,7 +136,11 @@ impl SweepSummary {
     /// The one-line summary `once` prints.
     pub fn line(&self) -> String {
         let secs = self.duration.as_secs_f64();
-        let rate = if secs > 0.0 { self.processed() as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 {
+            self.processed() as f64 / secs
+        } else {
+            0.0
+        };
         format!(
             "swept {} sessions in {:.1}s ({:.0}/s): invalidated={} already_invalidated={} skipped={} pending={} failed={} released={}",
             self.processed(),
@@ -158,7 +163,9 @@ pub enum SweepError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// iyzico refused our credentials; the sweep stopped and released its leases.
-    #[error("iyzico rejected our credentials ({code}: {message}); check iyzico.api_key and the secret key")]
+    #[error(
+        "iyzico rejected our credentials ({code}: {message}); check iyzico.api_key and the secret key"
+    )]
     Auth {
         /// iyzico's code.
         code: String,
@@ -227,7 +234,11 @@ impl Sweeper {
     /// Drains everything eligible now (or `max_sessions`), then returns what happened.
     /// On stop it claims nothing more, lets calls in flight finish until the abort, records
     /// every outcome, and releases whatever it did not finish.
-    pub async fn run_once(&self, shutdown: &Shutdown, progress: Arc<Progress>) -> Result<SweepSummary, SweepError> {
+    pub async fn run_once(
+        &self,
+        shutdown: &Shutdown,
+        progress: Arc<Progress>,
+    ) -> Result<SweepSummary, SweepError> {
         let started = Instant::now();
         let sweep = shutdown.child();
         let state = Arc::new(SweepState {
@@ -238,7 +249,9 @@ impl Sweeper {
         self.store.release_all(&self.worker).await?;
         let skipped = self.store.skip_revived(self.params(0)).await?;
         let eligible = self.backlog().await?;
-        progress.eligible_at_start.store(eligible, Ordering::Relaxed);
+        progress
+            .eligible_at_start
+            .store(eligible, Ordering::Relaxed);
         tracing::info!(eligible, worker = %self.worker, "sweep started");
 
         let (settle_tx, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
@@ -272,7 +285,9 @@ impl Sweeper {
                 break;
             }
             claimed_total += leases.len() as u64;
-            progress.claimed.fetch_add(leases.len() as u64, Ordering::Relaxed);
+            progress
+                .claimed
+                .fetch_add(leases.len() as u64, Ordering::Relaxed);
             for lease in leases {
                 let permit = tokio::select! {
                     biased;
@@ -304,7 +319,8 @@ impl Sweeper {
         // Whatever we claimed but never started (stop, auth failure) goes back at once.
         let leftover = self.store.release_all(&self.worker).await;
         summary.duration = started.elapsed();
-        summary.lost = claimed_total.saturating_sub(summary.processed() + summary.released - skipped);
+        summary.lost =
+            claimed_total.saturating_sub(summary.processed() + summary.released - skipped);
         let leftover = leftover?;
         if leftover > 0 {
             tracing::info!(released = leftover, "released unfinished leases");
@@ -315,7 +331,9 @@ impl Sweeper {
         if let Some(e) = claim_error {
             return Err(e.into());
         }
-        if let Some(ApiError::Auth { code, message }) = state.auth_failure.lock().expect("lock").take() {
+        if let Some(ApiError::Auth { code, message }) =
+            state.auth_failure.lock().expect("lock").take()
+        {
             return Err(SweepError::Auth { code, message });
         }
         Ok(summary)
@@ -353,7 +371,11 @@ impl Job {
         let settlement = if self.shutdown.is_stopping() {
             release(&lease, attempt, Vec::new())
         } else {
-            match self.store.recheck(&self.worker, &lease.token, idle_before).await {
+            match self
+                .store
+                .recheck(&self.worker, &lease.token, idle_before)
+                .await
+            {
                 Ok(Recheck::LeaseLost) => {
                     tracing::info!("lease taken over by another worker; leaving it");
                     return;
@@ -367,7 +389,10 @@ impl Job {
                     release(&lease, attempt, Vec::new())
                 }
                 Ok(Recheck::Eligible) => {
-                    let inv = self.client.invalidate(&lease.token, &lease.member, &self.shutdown).await;
+                    let inv = self
+                        .client
+                        .invalidate(&lease.token, &lease.member, &self.shutdown)
+                        .await;
                     self.decide(&lease, inv.calls, inv.result)
                 }
             }
@@ -383,12 +408,14 @@ impl Job {
         result: Result<(), InvalidateError>,
     ) -> Settlement {
         let attempt = lease.attempts + 1;
-        let settle = |outcome, next_attempt_at, code: Option<&str>, message: Option<&str>| Decision::Settle {
-            outcome,
-            attempts: attempt,
-            next_attempt_at,
-            error_code: code.map(str::to_owned),
-            error_message: message.map(str::to_owned),
+        let settle = |outcome, next_attempt_at, code: Option<&str>, message: Option<&str>| {
+            Decision::Settle {
+                outcome,
+                attempts: attempt,
+                next_attempt_at,
+                error_code: code.map(str::to_owned),
+                error_message: message.map(str::to_owned),
+            }
         };
         let decision = match &result {
             Ok(()) => settle(Outcome::Invalidated, None, None, None),
@@ -402,15 +429,28 @@ impl Job {
                     settle(Outcome::Failed, None, Some(code), Some(message))
                 }
                 ApiError::Auth { code, message } => {
-                    tracing::error!(code, message, "iyzico rejected our credentials; stopping the sweep");
-                    self.state.auth_failure.lock().expect("lock").get_or_insert(e.clone());
+                    tracing::error!(
+                        code,
+                        message,
+                        "iyzico rejected our credentials; stopping the sweep"
+                    );
+                    self.state
+                        .auth_failure
+                        .lock()
+                        .expect("lock")
+                        .get_or_insert(e.clone());
                     self.shutdown.stop();
                     Decision::Release
                 }
                 ApiError::Retryable { reason, code, .. } => {
                     if attempt >= self.settings.max_attempts {
                         tracing::warn!(reason, "retryable failure, attempts used up: failed");
-                        settle(Outcome::Failed, None, Some(code.as_deref().unwrap_or("attempts_exhausted")), Some(reason))
+                        settle(
+                            Outcome::Failed,
+                            None,
+                            Some(code.as_deref().unwrap_or("attempts_exhausted")),
+                            Some(reason),
+                        )
                     } else {
                         // A retry cut short by shutdown is due at once; otherwise back off.
                         let delay = if self.shutdown.is_stopping() {
@@ -418,7 +458,12 @@ impl Job {
                         } else {
                             self.settings.retry_delay(attempt)
                         };
-                        settle(Outcome::Pending, Some(Utc::now() + delay), code.as_deref(), Some(reason))
+                        settle(
+                            Outcome::Pending,
+                            Some(Utc::now() + delay),
+                            code.as_deref(),
+                            Some(reason),
+                        )
                     }
                 }
             },

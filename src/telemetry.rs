@@ -26,10 +26,17 @@ where
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(sink);
     match log.format {
         LogFormat::Text => builder.with_target(false).try_init().is_ok(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init().is_ok(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+            .is_ok(),
     }
 }
 
@@ -99,17 +106,37 @@ impl Metrics {
         let auth_failures = Counter::default();
         let replicas = Gauge::default();
         let ready = Gauge::default();
-        registry.register("sweeper_sessions", "Sessions settled, by outcome", sessions.clone());
-        registry.register("sweeper_api_calls", "API calls, by result class and HTTP status", api_calls.clone());
-        registry.register("sweeper_api_latency_seconds", "API call latency", api_latency.clone());
-        registry.register("sweeper_sweep_duration_seconds", "Duration of one sweep", sweep_duration.clone());
+        registry.register(
+            "sweeper_sessions",
+            "Sessions settled, by outcome",
+            sessions.clone(),
+        );
+        registry.register(
+            "sweeper_api_calls",
+            "API calls, by result class and HTTP status",
+            api_calls.clone(),
+        );
+        registry.register(
+            "sweeper_api_latency_seconds",
+            "API call latency",
+            api_latency.clone(),
+        );
+        registry.register(
+            "sweeper_sweep_duration_seconds",
+            "Duration of one sweep",
+            sweep_duration.clone(),
+        );
         registry.register("sweeper_sweeps", "Sweeps, by result", sweeps.clone());
         registry.register(
             "sweeper_last_successful_sweep_timestamp_seconds",
             "Unix time the last sweep finished without error",
             last_success.clone(),
         );
-        registry.register("sweeper_backlog_sessions", "Sessions eligible right now", backlog.clone());
+        registry.register(
+            "sweeper_backlog_sessions",
+            "Sessions eligible right now",
+            backlog.clone(),
+        );
         registry.register(
             "sweeper_rate_limit_wait_seconds",
             "Time spent waiting on the rate limiter",
@@ -120,9 +147,21 @@ impl Metrics {
             "Schedule ticks skipped because a sweep was still running",
             skipped_ticks.clone(),
         );
-        registry.register("sweeper_auth_failures", "API calls refused for bad credentials", auth_failures.clone());
-        registry.register("sweeper_fleet_replicas", "Live replicas sharing the rate budget", replicas.clone());
-        registry.register("sweeper_ready", "1 when the database is reachable and sweeps succeed", ready.clone());
+        registry.register(
+            "sweeper_auth_failures",
+            "API calls refused for bad credentials",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "sweeper_fleet_replicas",
+            "Live replicas sharing the rate budget",
+            replicas.clone(),
+        );
+        registry.register(
+            "sweeper_ready",
+            "1 when the database is reachable and sweeps succeed",
+            ready.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -152,13 +191,19 @@ impl Metrics {
 
     /// Counts a settled session.
     pub fn session_settled(&self, outcome: &'static str) {
-        self.inner.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.inner
+            .sessions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Counts one API call and its latency.
     pub fn api_call(&self, class: &'static str, status: Option<u16>, latency: Duration) {
         let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
-        self.inner.api_calls.get_or_create(&ApiCallLabels { class, status }).inc();
+        self.inner
+            .api_calls
+            .get_or_create(&ApiCallLabels { class, status })
+            .inc();
         self.inner.api_latency.observe(latency.as_secs_f64());
         if class == "auth" {
             self.inner.auth_failures.inc();
@@ -167,7 +212,10 @@ impl Metrics {
 
     /// Records a finished sweep.
     pub fn sweep_finished(&self, result: &'static str, duration: Duration) {
-        self.inner.sweeps.get_or_create(&ResultLabel { result }).inc();
+        self.inner
+            .sweeps
+            .get_or_create(&ResultLabel { result })
+            .inc();
         self.inner.sweep_duration.observe(duration.as_secs_f64());
         if result == "ok" {
             let now = std::time::SystemTime::now()
@@ -233,11 +281,29 @@ mod tests {
         m.api_call("retryable", None, Duration::from_millis(20));
         m.sweep_finished("ok", Duration::from_secs(1));
         let text = m.render();
-        assert!(text.contains("sweeper_sessions_total{outcome=\"invalidated\"} 1"), "{text}");
-        assert!(text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"503\"} 1"), "{text}");
-        assert!(text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"none\"} 1"), "{text}");
-        assert!(text.contains("sweeper_api_latency_seconds_count 2"), "{text}");
-        assert!(text.contains("sweeper_sweeps_total{result=\"ok\"} 1"), "{text}");
-        assert!(!text.contains("sweeper_last_successful_sweep_timestamp_seconds 0\n"), "{text}");
+        assert!(
+            text.contains("sweeper_sessions_total{outcome=\"invalidated\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"503\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sweeper_api_calls_total{class=\"retryable\",status=\"none\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sweeper_api_latency_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sweeper_sweeps_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sweeper_last_successful_sweep_timestamp_seconds 0\n"),
+            "{text}"
+        );
     }
 }

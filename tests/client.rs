@@ -57,13 +57,25 @@ async fn scripted(answers: Vec<Canned>) -> (String, Arc<Script>) {
             let s = s.clone();
             async move {
                 let request: serde_json::Value = serde_json::from_str(&body).unwrap();
-                s.seen.lock().unwrap().push((headers, request.clone(), Instant::now(), body.clone()));
+                s.seen.lock().unwrap().push((
+                    headers,
+                    request.clone(),
+                    Instant::now(),
+                    body.clone(),
+                ));
                 let answer = {
                     let mut q = s.answers.lock().unwrap();
-                    if q.len() > 1 { q.pop_front().unwrap() } else { q.front().unwrap().clone() }
+                    if q.len() > 1 {
+                        q.pop_front().unwrap()
+                    } else {
+                        q.front().unwrap().clone()
+                    }
                 };
                 tokio::time::sleep(answer.delay).await;
-                let cid = answer.echo.map(str::to_owned).or_else(|| request["conversationId"].as_str().map(str::to_owned));
+                let cid = answer
+                    .echo
+                    .map(str::to_owned)
+                    .or_else(|| request["conversationId"].as_str().map(str::to_owned));
                 let body = answer.body.replace("$CID", &cid.unwrap_or_default());
                 let mut r = (StatusCode::from_u16(answer.status).unwrap(), body).into_response();
                 for (k, v) in answer.headers {
@@ -105,16 +117,27 @@ retry_min_delay = "10ms"
 retry_max_delay = "40ms"
 "#
     );
-    Config::from_toml_str(&toml, overrides.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    Config::from_toml_str(
+        &toml,
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap()
 }
 
 fn client(config: &Config) -> Client {
-    let limiter = Arc::new(SharedLimiter::new(config.iyzico.rate_per_second, config.iyzico.burst));
+    let limiter = Arc::new(SharedLimiter::new(
+        config.iyzico.rate_per_second,
+        config.iyzico.burst,
+    ));
     Client::new(&config.iyzico, 8, limiter, Metrics::new()).unwrap()
 }
 
 async fn invalidate(url: &str, overrides: &[(&str, &str)]) -> Invalidation {
-    client(&config(url, overrides)).invalidate("tok-1", "mem-1", &Shutdown::new()).await
+    client(&config(url, overrides))
+        .invalidate("tok-1", "mem-1", &Shutdown::new())
+        .await
 }
 
 fn ok_body() -> serde_json::Value {
@@ -134,22 +157,48 @@ async fn a_signed_request_is_accepted_by_the_simulator_and_repeats_are_already_i
     assert_eq!(first.calls.len(), 1);
     assert_eq!(first.calls[0].http_status, Some(200));
     let again = c.invalidate("tok-1", "mem-1", &Shutdown::new()).await;
-    assert!(matches!(again.result, Err(InvalidateError::Api(ApiError::AlreadyInvalidated { .. }))), "{:?}", again.result);
+    assert!(
+        matches!(
+            again.result,
+            Err(InvalidateError::Api(ApiError::AlreadyInvalidated { .. }))
+        ),
+        "{:?}",
+        again.result
+    );
     assert_eq!(again.calls[0].error_code.as_deref(), Some("260030"));
-    assert_eq!(sim.stats.bad_signatures.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        sim.stats
+            .bad_signatures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]
 async fn wrong_credentials_are_auth_failures_without_retries() {
     let sim = common::simulator(SimulatorConfig::default()).await;
-    let bad_secret = invalidate(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "wrong-secret")]).await;
+    let bad_secret = invalidate(
+        &sim.base_url(),
+        &[("SWEEPER_IYZICO__SECRET_KEY", "wrong-secret")],
+    )
+    .await;
     match &bad_secret.result {
         Err(InvalidateError::Api(ApiError::Auth { code, .. })) => assert_eq!(code, "1000"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(bad_secret.calls.len(), 1, "an auth failure is never retried");
-    let bad_key = invalidate(&sim.base_url(), &[("SWEEPER_IYZICO__API_KEY", "someone-else")]).await;
-    assert!(matches!(&bad_key.result, Err(InvalidateError::Api(ApiError::Auth { code, .. })) if code == "1001"));
+    assert_eq!(
+        bad_secret.calls.len(),
+        1,
+        "an auth failure is never retried"
+    );
+    let bad_key = invalidate(
+        &sim.base_url(),
+        &[("SWEEPER_IYZICO__API_KEY", "someone-else")],
+    )
+    .await;
+    assert!(
+        matches!(&bad_key.result, Err(InvalidateError::Api(ApiError::Auth { code, .. })) if code == "1001")
+    );
 }
 
 #[tokio::test]
@@ -163,11 +212,19 @@ async fn the_request_is_the_documented_json_signed_with_iyzwsv2() {
     assert_eq!(body["memberIdentifier"], "mem-1");
     assert_eq!(body["locale"], "tr");
     assert_eq!(headers["content-type"], "application/json");
-    assert!(headers["user-agent"].to_str().unwrap().starts_with("session-sweeper/"));
+    assert!(
+        headers["user-agent"]
+            .to_str()
+            .unwrap()
+            .starts_with("session-sweeper/")
+    );
     let rnd = headers["x-iyzi-rnd"].to_str().unwrap();
     let auth = headers["authorization"].to_str().unwrap();
     assert!(auth.starts_with("IYZWSv2 "));
-    assert!(raw.starts_with("{\"locale\":\"tr\",\"conversationId\":"), "field order as documented: {raw}");
+    assert!(
+        raw.starts_with("{\"locale\":\"tr\",\"conversationId\":"),
+        "field order as documented: {raw}"
+    );
     let body_bytes = raw.as_bytes();
     session_sweeper::iyzico::signing::verify(
         Some(auth),
@@ -192,20 +249,89 @@ async fn every_answer_is_classified() {
     };
     let cases: Vec<(&str, Canned, &str, Option<&str>)> = vec![
         ("success", canned(200, ok_body()), "invalidated", None),
-        ("already", canned(400, failure("260030", "Session is already invalidated")), "already_invalidated", Some("260030")),
-        ("invalid request", canned(400, failure("11", "Geçersiz istek")), "permanent", Some("11")),
-        ("invalid signature", canned(200, failure("1000", "Geçersiz imza")), "auth", Some("1000")),
-        ("credentials not found", canned(400, failure("1001", "api bilgileri bulunamadı")), "auth", Some("1001")),
-        ("missing signature", canned(400, failure("1007", "imza yok")), "auth", Some("1007")),
-        ("http 401", canned(401, serde_json::json!({})), "auth", Some("HTTP 401")),
-        ("http 403 html", Canned { body: "<h1>Forbidden</h1>".into(), ..canned(403, serde_json::json!({})) }, "auth", Some("HTTP 403")),
-        ("request limit", canned(429, failure("50000", "limit")), "retryable", Some("50000")),
-        ("system error", canned(200, failure("100001", "Sistem hatası")), "retryable", Some("100001")),
+        (
+            "already",
+            canned(400, failure("260030", "Session is already invalidated")),
+            "already_invalidated",
+            Some("260030"),
+        ),
+        (
+            "invalid request",
+            canned(400, failure("11", "Geçersiz istek")),
+            "permanent",
+            Some("11"),
+        ),
+        (
+            "invalid signature",
+            canned(200, failure("1000", "Geçersiz imza")),
+            "auth",
+            Some("1000"),
+        ),
+        (
+            "credentials not found",
+            canned(400, failure("1001", "api bilgileri bulunamadı")),
+            "auth",
+            Some("1001"),
+        ),
+        (
+            "missing signature",
+            canned(400, failure("1007", "imza yok")),
+            "auth",
+            Some("1007"),
+        ),
+        (
+            "http 401",
+            canned(401, serde_json::json!({})),
+            "auth",
+            Some("HTTP 401"),
+        ),
+        (
+            "http 403 html",
+            Canned {
+                body: "<h1>Forbidden</h1>".into(),
+                ..canned(403, serde_json::json!({}))
+            },
+            "auth",
+            Some("HTTP 403"),
+        ),
+        (
+            "request limit",
+            canned(429, failure("50000", "limit")),
+            "retryable",
+            Some("50000"),
+        ),
+        (
+            "system error",
+            canned(200, failure("100001", "Sistem hatası")),
+            "retryable",
+            Some("100001"),
+        ),
         ("html 502", html, "retryable", None),
         ("truncated json", truncated, "retryable", None),
-        ("503 json", canned(503, failure("11", "x")), "retryable", Some("11")),
-        ("not our conversation", Canned { echo: Some("other"), ..canned(200, ok_body()) }, "retryable", None),
-        ("timeout", Canned { delay: Duration::from_secs(2), ..canned(200, ok_body()) }, "retryable", None),
+        (
+            "503 json",
+            canned(503, failure("11", "x")),
+            "retryable",
+            Some("11"),
+        ),
+        (
+            "not our conversation",
+            Canned {
+                echo: Some("other"),
+                ..canned(200, ok_body())
+            },
+            "retryable",
+            None,
+        ),
+        (
+            "timeout",
+            Canned {
+                delay: Duration::from_secs(2),
+                ..canned(200, ok_body())
+            },
+            "retryable",
+            None,
+        ),
     ];
     for (name, answer, class, code) in cases {
         let (url, script) = scripted(vec![answer]).await;
@@ -214,10 +340,18 @@ async fn every_answer_is_classified() {
         assert_eq!(last.class, class, "{name}: {:?}", r.result);
         assert_eq!(last.error_code.as_deref(), code, "{name}");
         let expected_calls = if class == "retryable" { 3 } else { 1 };
-        assert_eq!(r.calls.len(), expected_calls, "{name}: retries = 2 means 3 calls for retryable only");
+        assert_eq!(
+            r.calls.len(),
+            expected_calls,
+            "{name}: retries = 2 means 3 calls for retryable only"
+        );
         assert_eq!(script.seen.lock().unwrap().len(), expected_calls, "{name}");
         if name == "timeout" {
-            assert!(last.error_message.as_deref().unwrap().contains("timed out"), "{:?}", last.error_message);
+            assert!(
+                last.error_message.as_deref().unwrap().contains("timed out"),
+                "{:?}",
+                last.error_message
+            );
         }
     }
 }
@@ -229,19 +363,29 @@ async fn a_refused_connection_is_retryable() {
     drop(listener);
     let r = invalidate(&url, &[]).await;
     assert_eq!(r.calls.len(), 3);
-    assert!(r.calls.iter().all(|c| c.class == "retryable" && c.http_status.is_none()));
+    assert!(
+        r.calls
+            .iter()
+            .all(|c| c.class == "retryable" && c.http_status.is_none())
+    );
 }
 
 #[tokio::test]
 async fn a_transient_failure_then_success_is_a_success() {
     let (url, script) = scripted(vec![
-        Canned { body: "<html>".into(), ..canned(503, serde_json::json!({})) },
+        Canned {
+            body: "<html>".into(),
+            ..canned(503, serde_json::json!({}))
+        },
         canned(200, ok_body()),
     ])
     .await;
     let r = invalidate(&url, &[]).await;
     assert_eq!(r.result, Ok(()));
-    assert_eq!(r.calls.iter().map(|c| c.class).collect::<Vec<_>>(), ["retryable", "invalidated"]);
+    assert_eq!(
+        r.calls.iter().map(|c| c.class).collect::<Vec<_>>(),
+        ["retryable", "invalidated"]
+    );
     // Each call carries a fresh conversationId and random key.
     let seen = script.seen.lock().unwrap();
     assert_ne!(seen[0].1["conversationId"], seen[1].1["conversationId"]);
@@ -259,7 +403,10 @@ async fn retry_after_is_honoured() {
     assert_eq!(r.result, Ok(()));
     let seen = script.seen.lock().unwrap();
     let gap = seen[1].2 - seen[0].2;
-    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}, before Retry-After's 1s");
+    assert!(
+        gap >= Duration::from_millis(950),
+        "retried after {gap:?}, before Retry-After's 1s"
+    );
 }
 
 #[tokio::test]
@@ -278,26 +425,46 @@ async fn shutdown_ends_the_backoff_at_once() {
     });
     let started = Instant::now();
     let r = c.invalidate("tok-1", "mem-1", &shutdown).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(r.calls.len(), 1);
-    assert!(matches!(r.result, Err(InvalidateError::Api(ApiError::Retryable { .. }))));
+    assert!(matches!(
+        r.result,
+        Err(InvalidateError::Api(ApiError::Retryable { .. }))
+    ));
 }
 
 #[tokio::test]
 async fn the_rate_limit_bounds_every_window() {
     let sim = common::simulator(SimulatorConfig::default()).await;
-    let config = config(&sim.base_url(), &[("SWEEPER_IYZICO__RATE_PER_SECOND", "40"), ("SWEEPER_IYZICO__BURST", "5")]);
+    let config = config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_IYZICO__RATE_PER_SECOND", "40"),
+            ("SWEEPER_IYZICO__BURST", "5"),
+        ],
+    );
     let c = Arc::new(client(&config));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..70 {
         let c = c.clone();
-        tasks.spawn(async move { c.invalidate(&format!("tok-{i}"), "m", &Shutdown::new()).await.result });
+        tasks.spawn(async move {
+            c.invalidate(&format!("tok-{i}"), "m", &Shutdown::new())
+                .await
+                .result
+        });
     }
     while let Some(r) = tasks.join_next().await {
         assert_eq!(r.unwrap(), Ok(()));
     }
     let most = sim.stats.max_in_window(Duration::from_secs(1));
-    assert!(most <= 40 + 5, "{most} requests in one second, limit is 40/s with burst 5");
+    assert!(
+        most <= 40 + 5,
+        "{most} requests in one second, limit is 40/s with burst 5"
+    );
     assert!(most >= 30, "{most}: the limiter should not starve either");
 }
 
@@ -315,10 +482,17 @@ async fn the_simulator_injects_faults_that_the_client_survives() {
     let config = config(&sim.base_url(), &[("SWEEPER_IYZICO__RETRIES", "12")]);
     let c = client(&config);
     for i in 0..30 {
-        let r = c.invalidate(&format!("tok-{i}"), "m", &Shutdown::new()).await;
+        let r = c
+            .invalidate(&format!("tok-{i}"), "m", &Shutdown::new())
+            .await;
         assert_eq!(r.result, Ok(()), "tok-{i}: {:?}", r.calls);
     }
-    assert!(sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed) > 30);
+    assert!(
+        sim.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 30
+    );
 }
 
 /// Captures every log line at every level while the client works, including an auth failure.
@@ -346,11 +520,21 @@ async fn no_log_line_at_any_level_contains_the_secret() {
     let sim = common::simulator(SimulatorConfig::default()).await;
     let good = config(&sim.base_url(), &[]);
     tracing::debug!(config = ?good, "loaded");
-    client(&good).invalidate("tok-1", "mem-1", &Shutdown::new()).await;
+    client(&good)
+        .invalidate("tok-1", "mem-1", &Shutdown::new())
+        .await;
     let bad = config(&sim.base_url(), &[("SWEEPER_IYZICO__API_KEY", "other")]);
-    client(&bad).invalidate("tok-2", "mem-2", &Shutdown::new()).await;
+    client(&bad)
+        .invalidate("tok-2", "mem-2", &Shutdown::new())
+        .await;
     let logs = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("loaded"), "the capture works: {logs}");
-    assert!(!logs.contains(SECRET), "the secret leaked into the logs:\n{logs}");
-    assert!(!logs.contains("tok-1"), "session tokens appear only as fingerprints:\n{logs}");
+    assert!(
+        !logs.contains(SECRET),
+        "the secret leaked into the logs:\n{logs}"
+    );
+    assert!(
+        !logs.contains("tok-1"),
+        "session tokens appear only as fingerprints:\n{logs}"
+    );
 }

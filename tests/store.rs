@@ -46,32 +46,59 @@ fn settle(token: &str, outcome: Outcome, attempts: u32) -> Settlement {
 }
 
 async fn migrate_is_idempotent(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     assert!(store.pending_migrations().await.unwrap().is_empty());
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_schema_migrations").await, 1);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_schema_migrations")
+            .await,
+        1
+    );
     // The source table's schema is untouched.
     db.seed(&idle_sessions("s", 1)).await;
     assert_eq!(db.scalar("SELECT COUNT(*) FROM checkout_sessions").await, 1);
 }
 
 async fn check_finds_missing_table_column_and_index(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     let findings = store.check().await.unwrap();
-    assert!(findings.iter().all(|f| matches!(f, Finding::Ok(_))), "{findings:?}");
+    assert!(
+        findings.iter().all(|f| matches!(f, Finding::Ok(_))),
+        "{findings:?}"
+    );
 
-    let missing_table = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__TABLE", "no_such_table")]);
-    let findings = session_sweeper::store::open(&missing_table).await.unwrap().check().await.unwrap();
+    let missing_table = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_SOURCE__TABLE", "no_such_table")],
+    );
+    let findings = session_sweeper::store::open(&missing_table)
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap();
     assert!(
         findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.table") && m.contains("no_such_table"))),
         "{findings:?}"
     );
 
-    let missing_column = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__MEMBER_COLUMN", "member_id")]);
-    let findings = session_sweeper::store::open(&missing_column).await.unwrap().check().await.unwrap();
+    let missing_column = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_SOURCE__MEMBER_COLUMN", "member_id")],
+    );
+    let findings = session_sweeper::store::open(&missing_column)
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap();
     assert!(
         findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.member_column") && m.contains("member_id"))),
         "{findings:?}"
@@ -87,12 +114,20 @@ async fn check_finds_missing_table_column_and_index(kind: Kind) {
         })
         .expect("a warning for the missing index");
     assert!(warning.contains("CREATE INDEX"), "{warning}");
-    assert!(warning.contains("\"status\", \"last_activity_at\""), "{warning}");
-    assert!(!findings.iter().any(|f| matches!(f, Finding::Error(_))), "a missing index is only a warning");
+    assert!(
+        warning.contains("\"status\", \"last_activity_at\""),
+        "{warning}"
+    );
+    assert!(
+        !findings.iter().any(|f| matches!(f, Finding::Error(_))),
+        "a missing index is only a warning"
+    );
 }
 
 async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     let mut rows = idle_sessions("idle", 3);
     rows.push(fresh_session("fresh"));
@@ -106,20 +141,47 @@ async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
     let mut tokens: Vec<_> = eligible.iter().map(|s| s.token.clone()).collect();
     tokens.sort();
     assert_eq!(tokens, ["idle-0", "idle-1", "idle-2"]);
-    assert!(eligible.iter().all(|s| s.idle_for >= Duration::from_secs(7190)));
+    assert!(
+        eligible
+            .iter()
+            .all(|s| s.idle_for >= Duration::from_secs(7190))
+    );
     assert_eq!(store.count_eligible(params("w", now, 0)).await.unwrap(), 3);
 
     // Settled for good: not eligible again, even with mark_passive off.
     register(&*store, "w").await;
     let leases = store.claim(params("w", now, 1)).await.unwrap();
     assert_eq!(leases.len(), 1);
-    assert_eq!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap(), 2, "a leased session is not eligible");
-    store.record("w", Utc::now(), &[settle(&leases[0].token, Outcome::Failed, 1)]).await.unwrap();
-    assert_eq!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap(), 2, "a failed session is not eligible");
+    assert_eq!(
+        store
+            .count_eligible(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        2,
+        "a leased session is not eligible"
+    );
+    store
+        .record(
+            "w",
+            Utc::now(),
+            &[settle(&leases[0].token, Outcome::Failed, 1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .count_eligible(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        2,
+        "a failed session is not eligible"
+    );
 }
 
 async fn two_workers_never_claim_the_same_session(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 200)).await;
     register(&*store, "a").await;
@@ -155,7 +217,9 @@ async fn two_workers_never_claim_the_same_session(kind: Kind) {
 }
 
 async fn leases_of_dead_or_expired_workers_are_reclaimable(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 2)).await;
     register(&*store, "dead").await;
@@ -163,26 +227,68 @@ async fn leases_of_dead_or_expired_workers_are_reclaimable(kind: Kind) {
     assert_eq!(store.claim(params("dead", now, 1)).await.unwrap().len(), 1);
     // While "dead" heartbeats, its lease holds.
     register(&*store, "alive").await;
-    assert_eq!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().len(), 1);
-    assert!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .claim(params("alive", Utc::now(), 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .claim(params("alive", Utc::now(), 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Its heartbeat goes stale (seen from later): its lease no longer counts, long before expiry;
     // ours, still beating, does.
     let later = Utc::now() + Duration::from_secs(20);
-    store.heartbeat(&WorkerInfo { id: "alive".into(), hostname: "h".into(), pid: 1 }, later).await.unwrap();
+    store
+        .heartbeat(
+            &WorkerInfo {
+                id: "alive".into(),
+                hostname: "h".into(),
+                pid: 1,
+            },
+            later,
+        )
+        .await
+        .unwrap();
     let mut p = params("alive", later, 10);
     p.stale_before = later - Duration::from_secs(15);
     let rescued = store.claim(p).await.unwrap();
-    assert_eq!(rescued.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(), ["s-0"]);
+    assert_eq!(
+        rescued.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+        ["s-0"]
+    );
     // A forgotten worker's leases count for nothing at once.
     register(&*store, "gone").await;
     db.seed(&idle_sessions("t", 1)).await;
-    assert_eq!(store.claim(params("gone", Utc::now(), 10)).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .claim(params("gone", Utc::now(), 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     store.forget_worker("gone").await.unwrap();
-    assert_eq!(store.claim(params("alive", Utc::now(), 10)).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .claim(params("alive", Utc::now(), 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 3)).await;
     register(&*store, "w").await;
@@ -219,38 +325,81 @@ async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
     assert_eq!(db.status("s-2").await, "ACTIVE");
     assert_eq!(db.ledger("s-0").await, Some(("invalidated".into(), 1)));
     assert_eq!(db.ledger("s-2").await, Some(("pending".into(), 1)));
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE session_token = 's-0'").await, 2);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL").await, 0);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE session_token = 's-0'")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
+            .await,
+        0
+    );
     // Pending and not yet due: not claimable.
-    assert!(store.claim(params("w", Utc::now(), 10)).await.unwrap().is_empty());
+    assert!(
+        store
+            .claim(params("w", Utc::now(), 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Due: claimable again, with its attempts carried over.
-    let due = store.claim(params("w", Utc::now() + Duration::from_secs(31), 10)).await.unwrap();
+    let due = store
+        .claim(params("w", Utc::now() + Duration::from_secs(31), 10))
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].attempts, 1);
 }
 
 async fn a_lost_lease_changes_nothing(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 1)).await;
     register(&*store, "w").await;
     store.claim(params("w", Utc::now(), 10)).await.unwrap();
-    assert_eq!(store.recheck("intruder", "s-0", Utc::now() - Duration::from_secs(1800)).await.unwrap(), Recheck::LeaseLost);
-    assert_eq!(store.record("intruder", Utc::now(), &[settle("s-0", Outcome::Invalidated, 1)]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .recheck("intruder", "s-0", Utc::now() - Duration::from_secs(1800))
+            .await
+            .unwrap(),
+        Recheck::LeaseLost
+    );
+    assert_eq!(
+        store
+            .record(
+                "intruder",
+                Utc::now(),
+                &[settle("s-0", Outcome::Invalidated, 1)]
+            )
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(db.status("s-0").await, "ACTIVE");
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 0)));
 }
 
 async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 2)).await;
     register(&*store, "w").await;
     store.claim(params("w", Utc::now(), 10)).await.unwrap();
     db.touch("s-0").await;
     let idle_before = Utc::now() - Duration::from_secs(1800);
-    assert_eq!(store.recheck("w", "s-0", idle_before).await.unwrap(), Recheck::NoLongerEligible);
-    assert_eq!(store.recheck("w", "s-1", idle_before).await.unwrap(), Recheck::Eligible);
+    assert_eq!(
+        store.recheck("w", "s-0", idle_before).await.unwrap(),
+        Recheck::NoLongerEligible
+    );
+    assert_eq!(
+        store.recheck("w", "s-1", idle_before).await.unwrap(),
+        Recheck::Eligible
+    );
     // s-1 goes pending and comes back to life before its retry: settled as skipped.
     store
         .record(
@@ -270,7 +419,13 @@ async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind
         .await
         .unwrap();
     db.touch("s-1").await;
-    assert_eq!(store.skip_revived(params("w", Utc::now(), 0)).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .skip_revived(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(db.ledger("s-1").await.unwrap().0, "skipped");
     // Idle again past the threshold (seen from 31 minutes later): eligible again.
     let later = Utc::now() + Duration::from_secs(31 * 60);
@@ -281,7 +436,9 @@ async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind
 }
 
 async fn requeue_and_report(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     db.seed(&idle_sessions("s", 4)).await;
     register(&*store, "w").await;
@@ -300,7 +457,12 @@ async fn requeue_and_report(kind: Kind) {
         .record(
             "w",
             Utc::now(),
-            &[failed("s-0", "11"), failed("s-1", "12"), settle("s-2", Outcome::Invalidated, 1), settle("s-3", Outcome::Skipped, 0)],
+            &[
+                failed("s-0", "11"),
+                failed("s-1", "12"),
+                settle("s-2", Outcome::Invalidated, 1),
+                settle("s-3", Outcome::Skipped, 0),
+            ],
         )
         .await
         .unwrap();
@@ -311,16 +473,38 @@ async fn requeue_and_report(kind: Kind) {
     assert_eq!(count(Outcome::Skipped), 1);
     assert_eq!(count(Outcome::AlreadyInvalidated), 0);
     assert_eq!(report.recent_failures.len(), 2);
-    assert!(report.recent_failures.iter().all(|f| !f.session.starts_with("s-")), "tokens are fingerprinted");
-    let n = store.requeue(&RequeueFilter { error_code: Some("11".into()) }, Utc::now()).await.unwrap();
+    assert!(
+        report
+            .recent_failures
+            .iter()
+            .all(|f| !f.session.starts_with("s-")),
+        "tokens are fingerprinted"
+    );
+    let n = store
+        .requeue(
+            &RequeueFilter {
+                error_code: Some("11".into()),
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 0)));
     assert_eq!(db.ledger("s-1").await.unwrap().0, "failed");
-    assert_eq!(store.requeue(&RequeueFilter::default(), Utc::now()).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .requeue(&RequeueFilter::default(), Utc::now())
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let store = db.store().await;
     // 1,000,000 rows, 1% of them active and idle.
     match kind {
@@ -342,12 +526,27 @@ async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
             .await;
         }
     }
-    let plan = store.explain_claim(params("w", Utc::now(), 500)).await.unwrap();
+    let plan = store
+        .explain_claim(params("w", Utc::now(), 500))
+        .await
+        .unwrap();
     println!("{plan}");
-    assert!(plan.contains("checkout_sessions_idle"), "the plan must use the (status, last activity) index:\n{plan}");
+    assert!(
+        plan.contains("checkout_sessions_idle"),
+        "the plan must use the (status, last activity) index:\n{plan}"
+    );
     assert!(!plan.contains("Seq Scan on checkout_sessions"), "{plan}");
-    assert!(!plan.lines().any(|l| l.trim() == "SCAN s"), "a full scan of the source table:\n{plan}");
-    assert!(store.count_eligible(params("w", Utc::now(), 0)).await.unwrap() > 9000);
+    assert!(
+        !plan.lines().any(|l| l.trim() == "SCAN s"),
+        "a full scan of the source table:\n{plan}"
+    );
+    assert!(
+        store
+            .count_eligible(params("w", Utc::now(), 0))
+            .await
+            .unwrap()
+            > 9000
+    );
 }
 
 both_backends!(
@@ -367,10 +566,30 @@ both_backends!(
 #[tokio::test]
 async fn sqlite_timestamp_formats_select_the_same_sessions() {
     for (format, column_type, idle, fresh) in [
-        ("rfc3339", "TEXT", "'2020-01-01T00:00:00Z'", "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"),
-        ("unix_seconds", "INTEGER", "1577836800", "CAST(strftime('%s', 'now') AS INTEGER)"),
-        ("unix_millis", "INTEGER", "1577836800000", "CAST(strftime('%s', 'now') AS INTEGER) * 1000"),
-        ("sqlite_text", "TEXT", "'2020-01-01 00:00:00'", "CURRENT_TIMESTAMP"),
+        (
+            "rfc3339",
+            "TEXT",
+            "'2020-01-01T00:00:00Z'",
+            "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
+        ),
+        (
+            "unix_seconds",
+            "INTEGER",
+            "1577836800",
+            "CAST(strftime('%s', 'now') AS INTEGER)",
+        ),
+        (
+            "unix_millis",
+            "INTEGER",
+            "1577836800000",
+            "CAST(strftime('%s', 'now') AS INTEGER) * 1000",
+        ),
+        (
+            "sqlite_text",
+            "TEXT",
+            "'2020-01-01 00:00:00'",
+            "CURRENT_TIMESTAMP",
+        ),
     ] {
         let db = TestDb::new(Kind::Sqlite).await.unwrap();
         db.exec(&format!(
@@ -380,12 +599,19 @@ async fn sqlite_timestamp_formats_select_the_same_sessions() {
              INSERT INTO checkout_sessions VALUES ('old', 'm', 'ACTIVE', {idle}), ('new', 'm', 'ACTIVE', {fresh});"
         ))
         .await;
-        let config = db.config("http://127.0.0.1:9", &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", format)]);
+        let config = db.config(
+            "http://127.0.0.1:9",
+            &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", format)],
+        );
         let store = session_sweeper::store::open(&config).await.unwrap();
         store.migrate().await.unwrap();
         let eligible = store.eligible(params("w", Utc::now(), 10)).await.unwrap();
         let tokens: Vec<_> = eligible.iter().map(|s| s.token.as_str()).collect();
         assert_eq!(tokens, ["old"], "format {format}");
-        assert!(eligible[0].idle_for > Duration::from_secs(86400 * 365), "format {format}: {:?}", eligible[0].idle_for);
+        assert!(
+            eligible[0].idle_for > Duration::from_secs(86400 * 365),
+            "format {format}: {:?}",
+            eligible[0].idle_for
+        );
     }
 }

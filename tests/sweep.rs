@@ -13,7 +13,9 @@ use session_sweeper::store::{ClaimParams, WorkerInfo};
 use session_sweeper::sweep::SweepError;
 
 async fn every_outcome_end_to_end(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
         always_fail: HashSet::from(["bad-0".to_string()]),
         ..SimulatorConfig::default()
@@ -37,7 +39,12 @@ async fn every_outcome_end_to_end(kind: Kind) {
             Default::default(),
         )
         .unwrap();
-        assert!(c.invalidate("done-0", "m", &Default::default()).await.result.is_ok());
+        assert!(
+            c.invalidate("done-0", "m", &Default::default())
+                .await
+                .result
+                .is_ok()
+        );
     }
     let summary = sweep_once(&config).await.unwrap();
     assert_eq!(summary.invalidated, 20, "{summary:?}");
@@ -55,56 +62,98 @@ async fn every_outcome_end_to_end(kind: Kind) {
         db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE session_token = 'bad-0' AND error_code = '11'").await,
         1
     );
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL").await, 0);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_workers").await, 0, "the worker deregistered");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_workers").await,
+        0,
+        "the worker deregistered"
+    );
 }
 
 async fn a_second_sweep_right_after_sends_nothing(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig::default()).await;
     db.seed(&idle_sessions("s", 120)).await;
-    let config = db.config(&sim.base_url(), &[("SWEEPER_SOURCE__MARK_PASSIVE", "false")]);
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_SOURCE__MARK_PASSIVE", "false")],
+    );
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 120);
     let calls = sim.stats.requests.load(Ordering::SeqCst);
     let again = sweep_once(&config).await.unwrap();
     assert_eq!(again.processed(), 0, "{again:?}");
-    assert_eq!(sim.stats.requests.load(Ordering::SeqCst), calls, "nothing sent twice");
-    assert_eq!(db.status("s-0").await, "ACTIVE", "mark_passive = false leaves the source alone");
+    assert_eq!(
+        sim.stats.requests.load(Ordering::SeqCst),
+        calls,
+        "nothing sent twice"
+    );
+    assert_eq!(
+        db.status("s-0").await,
+        "ACTIVE",
+        "mark_passive = false leaves the source alone"
+    );
 }
 
 async fn calls_in_flight_never_exceed_concurrency(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
         latency: Duration::from_millis(25),
         ..SimulatorConfig::default()
     })
     .await;
     db.seed(&idle_sessions("s", 300)).await;
-    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "6"), ("SWEEPER_SWEEP__BATCH_SIZE", "40")]);
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_SWEEP__CONCURRENCY", "6"),
+            ("SWEEPER_SWEEP__BATCH_SIZE", "40"),
+        ],
+    );
     let summary = sweep_once(&config).await.unwrap();
     assert_eq!(summary.invalidated, 300);
     let max = sim.stats.max_in_flight.load(Ordering::SeqCst);
     assert!(max <= 6, "{max} calls in flight with concurrency 6");
-    assert!(max >= 5, "{max}: the pipe should stay (nearly) full across batch boundaries");
+    assert!(
+        max >= 5,
+        "{max}: the pipe should stay (nearly) full across batch boundaries"
+    );
 }
 
 async fn once_max_stops_after_n(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig::default()).await;
     db.seed(&idle_sessions("s", 30)).await;
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__BATCH_SIZE", "7")]);
     let store = session_sweeper::store::open(&config).await.unwrap();
     store.migrate().await.unwrap();
-    let mut engine = session_sweeper::cli::Engine::start(store, &config, Default::default()).await.unwrap();
+    let mut engine = session_sweeper::cli::Engine::start(store, &config, Default::default())
+        .await
+        .unwrap();
     engine.sweeper.settings_mut().max_sessions = Some(10);
-    let summary = engine.sweeper.run_once(&Default::default(), Default::default()).await.unwrap();
+    let summary = engine
+        .sweeper
+        .run_once(&Default::default(), Default::default())
+        .await
+        .unwrap();
     engine.membership.leave().await;
     assert_eq!(summary.invalidated, 10);
     assert_eq!(db.count_state("invalidated").await, 10);
 }
 
 async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
         faults: Faults {
             unavailable: 1.0,
@@ -125,7 +174,11 @@ async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
     );
     let first = sweep_once(&config).await.unwrap();
     assert_eq!(first.pending, 3);
-    assert_eq!(sim.stats.requests.load(Ordering::SeqCst), 6, "1 call + 1 immediate retry each");
+    assert_eq!(
+        sim.stats.requests.load(Ordering::SeqCst),
+        6,
+        "1 call + 1 immediate retry each"
+    );
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 1)));
     // Not due yet: nothing is sent.
     assert_eq!(sweep_once(&config).await.unwrap().processed(), 0);
@@ -135,25 +188,38 @@ async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 2)));
     // The second delay doubles to 800 ms.
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(sweep_once(&config).await.unwrap().processed(), 0, "retry_base doubles per attempt");
+    assert_eq!(
+        sweep_once(&config).await.unwrap().processed(),
+        0,
+        "retry_base doubles per attempt"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let last = sweep_once(&config).await.unwrap();
     assert_eq!(last.failed, 3, "{last:?}");
     assert_eq!(db.ledger("s-0").await, Some(("failed".into(), 3)));
-    assert_eq!(sim.stats.requests.load(Ordering::SeqCst), 18, "3 attempts × 2 calls × 3 sessions");
+    assert_eq!(
+        sim.stats.requests.load(Ordering::SeqCst),
+        18,
+        "3 attempts × 2 calls × 3 sessions"
+    );
     let per_token = sim.stats.calls_per_token();
     assert!(per_token.values().all(|&n| n == 6), "{per_token:?}");
 }
 
 async fn an_auth_failure_stops_the_sweep_and_marks_nothing_failed(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
         latency: Duration::from_millis(5),
         ..SimulatorConfig::default()
     })
     .await;
     db.seed(&idle_sessions("s", 200)).await;
-    let config = db.config(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "not-the-secret")]);
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_IYZICO__SECRET_KEY", "not-the-secret")],
+    );
     match sweep_once(&config).await {
         Err(SweepError::Auth { code, .. }) => assert_eq!(code, "1000"),
         other => panic!("expected an auth failure, got {other:?}"),
@@ -162,21 +228,42 @@ async fn an_auth_failure_stops_the_sweep_and_marks_nothing_failed(kind: Kind) {
     assert!(calls < 50, "{calls} calls: the sweep should stop at once");
     assert_eq!(db.count_state("failed").await, 0);
     assert_eq!(db.count_state("invalidated").await, 0);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL").await, 0, "leases released");
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE attempts > 0").await, 0, "no attempt counted");
-    assert!(db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE outcome = 'auth'").await >= 1, "the calls are logged");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
+            .await,
+        0,
+        "leases released"
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE attempts > 0")
+            .await,
+        0,
+        "no attempt counted"
+    );
+    assert!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_attempts WHERE outcome = 'auth'")
+            .await
+            >= 1,
+        "the calls are logged"
+    );
     // With the right secret, everything goes through.
     let fixed = db.config(&sim.base_url(), &[]);
     assert_eq!(sweep_once(&fixed).await.unwrap().invalidated, 200);
 }
 
 async fn a_dead_workers_sessions_are_rescued_without_waiting_for_the_lease(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig::default()).await;
     db.seed(&idle_sessions("s", 10)).await;
     let store = db.store().await;
     // A worker claimed everything with a one-hour lease, then died: its last heartbeat is old.
-    let dead = WorkerInfo { id: "dead-host:1:abc".into(), hostname: "dead-host".into(), pid: 1 };
+    let dead = WorkerInfo {
+        id: "dead-host:1:abc".into(),
+        hostname: "dead-host".into(),
+        pid: 1,
+    };
     let then = Utc::now() - Duration::from_secs(10);
     store.heartbeat(&dead, then).await.unwrap();
     let claimed = store
@@ -197,21 +284,42 @@ async fn a_dead_workers_sessions_are_rescued_without_waiting_for_the_lease(kind:
 }
 
 async fn a_session_revived_while_pending_is_skipped_and_never_sent(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else { return };
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
-        faults: Faults { unavailable: 1.0, ..Faults::default() },
+        faults: Faults {
+            unavailable: 1.0,
+            ..Faults::default()
+        },
         ..SimulatorConfig::default()
     })
     .await;
     db.seed(&idle_sessions("s", 2)).await;
-    let flaky = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__RETRY_BASE", "10ms"), ("SWEEPER_IYZICO__RETRIES", "0")]);
+    let flaky = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_SWEEP__RETRY_BASE", "10ms"),
+            ("SWEEPER_IYZICO__RETRIES", "0"),
+        ],
+    );
     assert_eq!(sweep_once(&flaky).await.unwrap().pending, 2);
     db.touch("s-0").await;
     let healthy = simulator(SimulatorConfig::default()).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let summary = sweep_once(&db.config(&healthy.base_url(), &[])).await.unwrap();
-    assert_eq!((summary.skipped, summary.invalidated), (1, 1), "{summary:?}");
-    assert_eq!(healthy.stats.calls_per_token().get("s-0"), None, "a revived session is never sent");
+    let summary = sweep_once(&db.config(&healthy.base_url(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.skipped, summary.invalidated),
+        (1, 1),
+        "{summary:?}"
+    );
+    assert_eq!(
+        healthy.stats.calls_per_token().get("s-0"),
+        None,
+        "a revived session is never sent"
+    );
     assert_eq!(db.ledger("s-0").await.unwrap().0, "skipped");
     assert_eq!(db.status("s-0").await, "ACTIVE");
 }
@@ -230,7 +338,9 @@ both_backends!(
 /// Three `once` processes on one PostgreSQL database send every session exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_on_one_postgres_send_every_session_exactly_once() {
-    let Some(db) = TestDb::new(Kind::Postgres).await else { return };
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
     let sim = simulator(SimulatorConfig {
         latency: Duration::from_millis(3),
         ..SimulatorConfig::default()
@@ -264,6 +374,9 @@ async fn three_processes_on_one_postgres_send_every_session_exactly_once() {
     assert_eq!(total, 900);
     let per_token = sim.stats.calls_per_token();
     assert_eq!(per_token.len(), 900);
-    assert!(per_token.values().all(|&n| n == 1), "a session was sent twice");
+    assert!(
+        per_token.values().all(|&n| n == 1),
+        "a session was sent twice"
+    );
     assert_eq!(db.count_state("invalidated").await, 900);
 }

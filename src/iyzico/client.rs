@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::limiter::SharedLimiter;
-use super::{ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing};
+use super::{
+    ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing,
+};
 use crate::config::{IyzicoConfig, Locale};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{Metrics, fingerprint};
@@ -176,10 +178,15 @@ pub fn classify(
     };
     let parsed = match serde_json::from_slice::<ResponseBody>(body) {
         Ok(p) => p,
-        Err(_) if http_status == 429 => return Err(retryable("HTTP 429 too many requests".into(), None)),
+        Err(_) if http_status == 429 => {
+            return Err(retryable("HTTP 429 too many requests".into(), None));
+        }
         Err(_) if http_status >= 500 => return Err(retryable(format!("HTTP {http_status}"), None)),
         Err(e) => {
-            return Err(retryable(format!("HTTP {http_status}, body is not iyzico's JSON: {e}"), None));
+            return Err(retryable(
+                format!("HTTP {http_status}, body is not iyzico's JSON: {e}"),
+                None,
+            ));
         }
     };
     let code = parsed.error_code.as_ref().map(code_string);
@@ -203,9 +210,14 @@ pub fn classify(
     }
     match parsed.status.as_str() {
         "success" if (200..300).contains(&http_status) => Ok(()),
-        "success" => Err(retryable(format!("HTTP {http_status} with status success"), code)),
+        "success" => Err(retryable(
+            format!("HTTP {http_status} with status success"),
+            code,
+        )),
         "failure" => match code {
-            Some(c) if c == ALREADY_INVALIDATED_CODE => Err(ApiError::AlreadyInvalidated { message }),
+            Some(c) if c == ALREADY_INVALIDATED_CODE => {
+                Err(ApiError::AlreadyInvalidated { message })
+            }
             Some(c) if RETRYABLE_ERROR_CODES.contains(&c.as_str()) => {
                 Err(retryable(format!("iyzico error {c}: {message}"), Some(c)))
             }
@@ -299,7 +311,12 @@ impl Client {
     /// transient failure. Every call waits for the rate limiter (without holding a concurrency
     /// slot) and then for a slot. Waiting and backoff end at once on stop; a call in flight is
     /// given until the abort.
-    pub async fn invalidate(&self, session_token: &str, member_identifier: &str, shutdown: &Shutdown) -> Invalidation {
+    pub async fn invalidate(
+        &self,
+        session_token: &str,
+        member_identifier: &str,
+        shutdown: &Shutdown,
+    ) -> Invalidation {
         let mut calls = Vec::new();
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(self.retry_min_delay)
@@ -335,11 +352,16 @@ impl Client {
                     http_status: None,
                     class: "interrupted",
                     error_code: None,
-                    error_message: Some("call abandoned at the end of the shutdown grace period".into()),
+                    error_message: Some(
+                        "call abandoned at the end of the shutdown grace period".into(),
+                    ),
                     started_at,
                     latency,
                 });
-                return Invalidation { calls, result: Err(InvalidateError::Interrupted) };
+                return Invalidation {
+                    calls,
+                    result: Err(InvalidateError::Interrupted),
+                };
             };
             let class = match &result {
                 Ok(()) => "invalidated",
@@ -349,23 +371,36 @@ impl Client {
             let fp = fingerprint(session_token);
             match &result {
                 Ok(()) => tracing::debug!(session = %fp, ?http_status, ?latency, "invalidated"),
-                Err(e) => tracing::debug!(session = %fp, ?http_status, ?latency, class, error = %e, "call failed"),
+                Err(e) => {
+                    tracing::debug!(session = %fp, ?http_status, ?latency, class, error = %e, "call failed")
+                }
             }
             calls.push(CallRecord {
                 conversation_id,
                 http_status,
                 class,
-                error_code: result.as_ref().err().and_then(|e| e.code().map(str::to_owned)),
+                error_code: result
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.code().map(str::to_owned)),
                 error_message: result.as_ref().err().map(|e| e.message().to_owned()),
                 started_at,
                 latency,
             });
             let retry_after = match result {
                 Err(ApiError::Retryable { retry_after, .. }) => retry_after,
-                other => return Invalidation { calls, result: other.map_err(InvalidateError::Api) },
+                other => {
+                    return Invalidation {
+                        calls,
+                        result: other.map_err(InvalidateError::Api),
+                    };
+                }
             };
             let Some(delay) = backoff.next() else {
-                return Invalidation { calls, result: result.map_err(InvalidateError::Api) };
+                return Invalidation {
+                    calls,
+                    result: result.map_err(InvalidateError::Api),
+                };
             };
             let delay = delay.max(retry_after.unwrap_or_default());
             tokio::select! {
@@ -423,7 +458,9 @@ impl Client {
                         return (
                             Some(status),
                             Err(ApiError::Retryable {
-                                reason: format!("response body larger than {MAX_RESPONSE_BYTES} bytes"),
+                                reason: format!(
+                                    "response body larger than {MAX_RESPONSE_BYTES} bytes"
+                                ),
                                 code: None,
                                 retry_after,
                             }),
@@ -435,7 +472,10 @@ impl Client {
                 Err(e) => return (Some(status), Err(transport_error(&e))),
             }
         }
-        (Some(status), classify(status, retry_after, &body, conversation_id))
+        (
+            Some(status),
+            classify(status, retry_after, &body, conversation_id),
+        )
     }
 }
 
@@ -481,10 +521,18 @@ mod tests {
 
     #[test]
     fn already_invalidated_is_its_own_class() {
-        let b = body(serde_json::json!({"status":"failure","errorCode":"260030","errorMessage":"x","conversationId":CID}));
-        assert_eq!(classify(400, None, &b, CID).unwrap_err().class(), "already_invalidated");
+        let b = body(
+            serde_json::json!({"status":"failure","errorCode":"260030","errorMessage":"x","conversationId":CID}),
+        );
+        assert_eq!(
+            classify(400, None, &b, CID).unwrap_err().class(),
+            "already_invalidated"
+        );
         let b = body(serde_json::json!({"status":"failure","errorCode":260030}));
-        assert_eq!(classify(400, None, &b, CID).unwrap_err().class(), "already_invalidated");
+        assert_eq!(
+            classify(400, None, &b, CID).unwrap_err().class(),
+            "already_invalidated"
+        );
     }
 
     #[test]
@@ -492,10 +540,17 @@ mod tests {
         for code in ["1000", "1001", "1007"] {
             for status in [200, 400, 401, 500] {
                 let b = body(serde_json::json!({"status":"failure","errorCode":code}));
-                assert_eq!(classify(status, None, &b, CID).unwrap_err().class(), "auth", "{code} {status}");
+                assert_eq!(
+                    classify(status, None, &b, CID).unwrap_err().class(),
+                    "auth",
+                    "{code} {status}"
+                );
             }
         }
-        assert_eq!(classify(403, None, b"<html>", CID).unwrap_err().class(), "auth");
+        assert_eq!(
+            classify(403, None, b"<html>", CID).unwrap_err().class(),
+            "auth"
+        );
     }
 
     #[test]
@@ -509,11 +564,25 @@ mod tests {
             (429, b"".to_vec()),
             (400, rl),
             (200, sys),
-            (502, body(serde_json::json!({"status":"failure","errorCode":"11"}))),
+            (
+                502,
+                body(serde_json::json!({"status":"failure","errorCode":"11"})),
+            ),
         ] {
             let e = classify(status, Some(Duration::from_secs(2)), &b, CID).unwrap_err();
-            assert_eq!(e.class(), "retryable", "{status} {:?}", String::from_utf8_lossy(&b));
-            assert!(matches!(e, ApiError::Retryable { retry_after: Some(_), .. }));
+            assert_eq!(
+                e.class(),
+                "retryable",
+                "{status} {:?}",
+                String::from_utf8_lossy(&b)
+            );
+            assert!(matches!(
+                e,
+                ApiError::Retryable {
+                    retry_after: Some(_),
+                    ..
+                }
+            ));
         }
     }
 
@@ -527,10 +596,15 @@ mod tests {
 
     #[test]
     fn other_failures_are_permanent_and_keep_code_and_message() {
-        let b = body(serde_json::json!({"status":"failure","errorCode":"11","errorMessage":"Geçersiz istek"}));
+        let b = body(
+            serde_json::json!({"status":"failure","errorCode":"11","errorMessage":"Geçersiz istek"}),
+        );
         assert_eq!(
             classify(400, None, &b, CID),
-            Err(ApiError::Permanent { code: "11".into(), message: "Geçersiz istek".into() })
+            Err(ApiError::Permanent {
+                code: "11".into(),
+                message: "Geçersiz istek".into()
+            })
         );
     }
 
@@ -541,7 +615,10 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(3)));
         h.insert(reqwest::header::RETRY_AFTER, "99999".parse().unwrap());
         assert_eq!(parse_retry_after(&h), Some(MAX_RETRY_AFTER));
-        h.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
     }
 }

@@ -36,7 +36,10 @@ impl SharedLimiter {
             return;
         }
         let share = |v: NonZeroU32| NonZeroU32::new((v.get() / replicas).max(1)).expect("max(1)");
-        *guard = (replicas, Arc::new(Self::build(share(self.rate), share(self.burst))));
+        *guard = (
+            replicas,
+            Arc::new(Self::build(share(self.rate), share(self.burst))),
+        );
     }
 
     /// The replica count the current share is based on.
@@ -65,7 +68,10 @@ mod tests {
         for _ in 0..5 {
             l.acquire().await;
         }
-        assert!(start.elapsed() < Duration::from_millis(15), "burst should not wait");
+        assert!(
+            start.elapsed() < Duration::from_millis(15),
+            "burst should not wait"
+        );
         for _ in 0..5 {
             l.acquire().await;
         }

@@ -5,7 +5,7 @@ pub mod limiter;
 pub mod signing;
 pub mod simulator;
 
-pub use client::{ApiError, CallRecord, Client, Invalidation, InvalidateError};
+pub use client::{ApiError, CallRecord, Client, InvalidateError, Invalidation};
 
 /// The invalidate endpoint's path.
 pub const INVALIDATE_PATH: &str = "/v1/pay-with-iyzico/third-party-session/invalidate/session";

@@ -24,7 +24,8 @@ pub fn random_key() -> String {
 /// Lower-case hex HMAC-SHA256 signature over `random_key + path (no query) + body`.
 pub fn signature(secret_key: &str, random_key: &str, request_path: &str, body: &[u8]) -> String {
     let path = request_path.split('?').next().unwrap_or_default();
-    let mut mac = HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
     mac.update(random_key.as_bytes());
     mac.update(path.as_bytes());
     mac.update(body);
@@ -73,7 +74,9 @@ pub fn verify(
         .strip_prefix(AUTH_SCHEME)
         .and_then(|r| r.strip_prefix(' '))
         .ok_or(VerifyError::Missing)?;
-    let decoded = BASE64.decode(encoded.trim()).map_err(|_| VerifyError::Missing)?;
+    let decoded = BASE64
+        .decode(encoded.trim())
+        .map_err(|_| VerifyError::Missing)?;
     let decoded = String::from_utf8(decoded).map_err(|_| VerifyError::Missing)?;
     let mut api_key = None;
     let mut random_key = None;
@@ -98,11 +101,13 @@ pub fn verify(
     }
     let sig = hex::decode(sig).map_err(|_| VerifyError::BadSignature)?;
     let path = request_path.split('?').next().unwrap_or_default();
-    let mut mac = HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
     mac.update(random_key.as_bytes());
     mac.update(path.as_bytes());
     mac.update(body);
-    mac.verify_slice(&sig).map_err(|_| VerifyError::BadSignature)
+    mac.verify_slice(&sig)
+        .map_err(|_| VerifyError::BadSignature)
 }
 
 #[cfg(test)]
@@ -132,8 +137,18 @@ mod tests {
         let vectors: Vectors = serde_json::from_str(VECTORS).unwrap();
         assert!(vectors.vectors.len() >= 4);
         for v in &vectors.vectors {
-            let got = authorization(&v.api_key, &v.secret_key, &v.random_key, &v.request_path, v.body.as_bytes());
-            assert_eq!(got, v.authorization, "vector with random key {}", v.random_key);
+            let got = authorization(
+                &v.api_key,
+                &v.secret_key,
+                &v.random_key,
+                &v.request_path,
+                v.body.as_bytes(),
+            );
+            assert_eq!(
+                got, v.authorization,
+                "vector with random key {}",
+                v.random_key
+            );
             verify(
                 Some(&got),
                 Some(&v.random_key),
@@ -150,12 +165,27 @@ mod tests {
     fn verify_refuses_tampering() {
         let (k, s, r, p, b) = ("key", "secret", "rnd", "/v1/x", br#"{"a":1}"#.as_slice());
         let good = authorization(k, s, r, p, b);
-        assert_eq!(verify(Some(&good), Some(r), k, s, p, br#"{"a":2}"#), Err(VerifyError::BadSignature));
-        assert_eq!(verify(Some(&good), Some(r), k, "other", p, b), Err(VerifyError::BadSignature));
-        assert_eq!(verify(Some(&good), Some("rnd2"), k, s, p, b), Err(VerifyError::BadSignature));
-        assert_eq!(verify(Some(&good), Some(r), "key2", s, p, b), Err(VerifyError::UnknownApiKey));
+        assert_eq!(
+            verify(Some(&good), Some(r), k, s, p, br#"{"a":2}"#),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            verify(Some(&good), Some(r), k, "other", p, b),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            verify(Some(&good), Some("rnd2"), k, s, p, b),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            verify(Some(&good), Some(r), "key2", s, p, b),
+            Err(VerifyError::UnknownApiKey)
+        );
         assert_eq!(verify(None, Some(r), k, s, p, b), Err(VerifyError::Missing));
-        assert_eq!(verify(Some("IYZWSv2 !!"), Some(r), k, s, p, b), Err(VerifyError::Missing));
+        assert_eq!(
+            verify(Some("IYZWSv2 !!"), Some(r), k, s, p, b),
+            Err(VerifyError::Missing)
+        );
     }
 
     #[test]

@@ -203,7 +203,13 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn failure(status: StatusCode, code: &str, message: &str, locale: &str, cid: Option<&str>) -> Response {
+fn failure(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    locale: &str,
+    cid: Option<&str>,
+) -> Response {
     let body = json!({
         "status": "failure",
         "errorCode": code,
@@ -215,7 +221,11 @@ fn failure(status: StatusCode, code: &str, message: &str, locale: &str, cid: Opt
     (status, axum::Json(body)).into_response()
 }
 
-async fn invalidate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn invalidate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let stats = &state.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(stats);
@@ -242,8 +252,16 @@ async fn invalidate(State(state): State<Arc<AppState>>, headers: HeaderMap, body
     let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
     let cid = request.conversation_id.as_deref();
     {
-        stats.started.lock().expect("stats lock").get_or_insert_with(Instant::now);
-        stats.arrivals.lock().expect("stats lock").push(Instant::now());
+        stats
+            .started
+            .lock()
+            .expect("stats lock")
+            .get_or_insert_with(Instant::now);
+        stats
+            .arrivals
+            .lock()
+            .expect("stats lock")
+            .push(Instant::now());
         *stats
             .calls_per_token
             .lock()
@@ -262,23 +280,51 @@ async fn invalidate(State(state): State<Arc<AppState>>, headers: HeaderMap, body
         h
     };
     if hit(faults.unavailable) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Unavailable</body></html>").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<html><body>503 Service Unavailable</body></html>",
+        )
+            .into_response();
     }
     if hit(faults.too_many_requests) {
-        let mut r = failure(StatusCode::TOO_MANY_REQUESTS, "50000", "Too many requests", &locale, cid);
-        r.headers_mut().insert(header::RETRY_AFTER, faults.retry_after_secs.into());
+        let mut r = failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            "50000",
+            "Too many requests",
+            &locale,
+            cid,
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, faults.retry_after_secs.into());
         return r;
     }
     if hit(faults.slow) {
         // Fault decided before the work: a slow answer never invalidates (the client gave up).
         tokio::time::sleep(faults.slow_delay).await;
-        return failure(StatusCode::GATEWAY_TIMEOUT, "100001", "Sistem hatası", &locale, cid);
+        return failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            "100001",
+            "Sistem hatası",
+            &locale,
+            cid,
+        );
     }
     if hit(faults.malformed) {
-        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"succ").into_response();
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"status\":\"succ",
+        )
+            .into_response();
     }
     if hit(faults.permanent) || state.config.always_fail.contains(&request.session_token) {
-        return failure(StatusCode::BAD_REQUEST, "11", "Geçersiz istek", &locale, cid);
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "11",
+            "Geçersiz istek",
+            &locale,
+            cid,
+        );
     }
     let first = state
         .invalidated

@@ -76,7 +76,10 @@ pub struct IdleSession {
     pub idle_for: Duration,
 }
 
-fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn serialize_secs<S: serde::Serializer>(
+    d: &Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_secs())
 }
 
@@ -279,7 +282,12 @@ pub trait Store: Send + Sync {
     /// Settles as `skipped` the due pending sessions whose source row is no longer eligible.
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64>;
     /// Checks, right before its call, that a leased session is still eligible and ours.
-    async fn recheck(&self, worker: &str, token: &str, idle_before: DateTime<Utc>) -> Result<Recheck>;
+    async fn recheck(
+        &self,
+        worker: &str,
+        token: &str,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Recheck>;
     /// Writes a batch of settlements in one transaction: attempt log, ledger, source status.
     /// Returns how many ledger rows changed (those whose lease we still held).
     async fn record(&self, worker: &str, now: DateTime<Utc>, batch: &[Settlement]) -> Result<u64>;
@@ -312,10 +320,12 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
 pub async fn open_with(db: &DatabaseConfig, source: &SourceConfig) -> Result<Arc<dyn Store>> {
     let url = db.url.expose_secret();
     Ok(match db.backend {
-        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(url, db.max_connections.get(), source.clone()).await?),
-        Backend::Postgres => {
-            Arc::new(postgres::PgStore::connect(url, db.max_connections.get(), source.clone()).await?)
-        }
+        Backend::Sqlite => Arc::new(
+            sqlite::SqliteStore::connect(url, db.max_connections.get(), source.clone()).await?,
+        ),
+        Backend::Postgres => Arc::new(
+            postgres::PgStore::connect(url, db.max_connections.get(), source.clone()).await?,
+        ),
     })
 }
 

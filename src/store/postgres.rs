@@ -12,8 +12,9 @@ use tokio::sync::OnceCell;
 
 use super::sqlite::{column_keys, count_rows, index_findings, migration_finding};
 use super::{
-    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome, PendingSummary, Recheck,
-    Report, RequeueFilter, Result, Settlement, Store, StoreError, WorkerInfo, WorkerRow, ledger_blocks,
+    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome,
+    PendingSummary, Recheck, Report, RequeueFilter, Result, Settlement, Store, StoreError,
+    WorkerInfo, WorkerRow, ledger_blocks,
 };
 use crate::config::SourceConfig;
 use crate::telemetry::fingerprint;
@@ -21,7 +22,7 @@ use crate::telemetry::fingerprint;
 /// How long to wait for a pooled connection before reporting the database unreachable.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serialises concurrent `migrate` runs (an arbitrary constant: "sweeper" on a phone keypad).
-const MIGRATION_LOCK: i64 = 793_373_7;
+const MIGRATION_LOCK: i64 = 7_933_737;
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -103,7 +104,8 @@ impl Statements {
 fn safe_type_name(t: &str) -> bool {
     !t.is_empty()
         && t.len() < 64
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || " _(),".contains(c))
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _(),".contains(c))
 }
 
 impl PgStore {
@@ -186,15 +188,19 @@ impl PgStore {
         .await
         .op("creating the migrations table")?;
         for m in MIGRATIONS {
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM sweeper_schema_migrations WHERE version = $1")
-                .bind(m.version)
-                .fetch_optional(&mut *tx)
-                .await
-                .op("reading applied migrations")?;
+            let done: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM sweeper_schema_migrations WHERE version = $1",
+            )
+            .bind(m.version)
+            .fetch_optional(&mut *tx)
+            .await
+            .op("reading applied migrations")?;
             if done.is_some() {
                 continue;
             }
-            sqlx::Executor::execute(&mut *tx, m.sql).await.op("applying a migration")?;
+            sqlx::Executor::execute(&mut *tx, m.sql)
+                .await
+                .op("applying a migration")?;
             sqlx::query("INSERT INTO sweeper_schema_migrations (version, name) VALUES ($1, $2)")
                 .bind(m.version)
                 .bind(m.name)
@@ -213,10 +219,11 @@ impl Store for PgStore {
     }
 
     async fn pending_migrations(&self) -> Result<Vec<String>> {
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('sweeper_schema_migrations')::text")
-            .fetch_one(&self.pool)
-            .await
-            .op("looking for the migrations table")?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('sweeper_schema_migrations')::text")
+                .fetch_one(&self.pool)
+                .await
+                .op("looking for the migrations table")?;
         let applied: Vec<i64> = if exists.is_some() {
             sqlx::query_scalar("SELECT version FROM sweeper_schema_migrations")
                 .fetch_all(&self.pool)
@@ -243,17 +250,26 @@ impl Store for PgStore {
         .await
         .op("reading the source table's columns")?;
         if columns.is_empty() {
-            findings.push(Finding::Error(format!("source.table: table {} does not exist", self.source.table)));
+            findings.push(Finding::Error(format!(
+                "source.table: table {} does not exist",
+                self.source.table
+            )));
             return Ok(findings);
         }
-        findings.push(Finding::Ok(format!("source table {} exists", self.source.table)));
+        findings.push(Finding::Ok(format!(
+            "source table {} exists",
+            self.source.table
+        )));
         let mut missing = false;
         for (key, col) in column_keys(&self.source) {
             if columns.iter().any(|c| c == col.name()) {
                 findings.push(Finding::Ok(format!("column {col} exists")));
             } else {
                 missing = true;
-                findings.push(Finding::Error(format!("{key}: column {col} does not exist in {}", self.source.table)));
+                findings.push(Finding::Error(format!(
+                    "{key}: column {col} does not exist in {}",
+                    self.source.table
+                )));
             }
         }
         if !missing {
@@ -338,7 +354,10 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .op("explaining the claim")?;
-        Ok(rows.iter().map(|r| format!("{}\n", r.get::<String, _>(0))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| format!("{}\n", r.get::<String, _>(0)))
+            .collect())
     }
 
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
@@ -351,7 +370,12 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn recheck(&self, worker: &str, token: &str, idle_before: DateTime<Utc>) -> Result<Recheck> {
+    async fn recheck(
+        &self,
+        worker: &str,
+        token: &str,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Recheck> {
         let sql = self.sql().await?;
         let row = sqlx::query(&sql.recheck)
             .bind(worker)
@@ -374,7 +398,9 @@ impl Store for PgStore {
             return Ok(0);
         }
         let sql = self.sql().await?;
-        let calls = batch.iter().flat_map(|s| s.calls.iter().map(move |c| (s, c)));
+        let calls = batch
+            .iter()
+            .flat_map(|s| s.calls.iter().map(move |c| (s, c)));
         let mut a_token = Vec::new();
         let mut a_attempt = Vec::new();
         let mut a_cid = Vec::new();
@@ -528,11 +554,12 @@ impl Store for PgStore {
     }
 
     async fn live_workers(&self, stale_before: DateTime<Utc>) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_workers WHERE heartbeat_at > $1")
-            .bind(stale_before)
-            .fetch_one(&self.pool)
-            .await
-            .op("counting live workers")?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_workers WHERE heartbeat_at > $1")
+                .bind(stale_before)
+                .fetch_one(&self.pool)
+                .await
+                .op("counting live workers")?;
         Ok(n as u32)
     }
 
@@ -565,7 +592,10 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .op("counting outcomes")?;
-        let counts = count_rows(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))));
+        let counts = count_rows(
+            rows.iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
+        );
         let p = sqlx::query(
             "SELECT COUNT(*), MIN(next_attempt_at), \
              COUNT(*) FILTER (WHERE next_attempt_at IS NULL OR next_attempt_at <= $1) \
@@ -575,10 +605,12 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await
         .op("summarising pending sessions")?;
-        let leased: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await
-            .op("counting leases")?;
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .op("counting leases")?;
         let recent = sqlx::query(
             "SELECT session_token, last_error_code, last_error_message, attempts, settled_at \
              FROM sweeper_sessions WHERE state = 'failed' ORDER BY settled_at DESC LIMIT $1",
@@ -622,7 +654,10 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.op("pinging the database")?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .op("pinging the database")?;
         Ok(())
     }
 

@@ -11,8 +11,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome, PendingSummary, Recheck,
-    Report, RequeueFilter, Result, Settlement, Store, WorkerInfo, WorkerRow, ledger_blocks, suggested_index,
+    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome,
+    PendingSummary, Recheck, Report, RequeueFilter, Result, Settlement, Store, WorkerInfo,
+    WorkerRow, ledger_blocks, suggested_index,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -86,7 +87,9 @@ impl Statements {
                  AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = l.session_token \
                    AND s.{status} = ?1 AND s.{last} < ?2)"
             ),
-            mark_passive: format!("UPDATE {table} SET {status} = ?1 WHERE {tok} = ?2 AND {status} = ?3"),
+            mark_passive: format!(
+                "UPDATE {table} SET {status} = ?1 WHERE {tok} = ?2 AND {status} = ?3"
+            ),
         }
     }
 }
@@ -139,14 +142,20 @@ impl SqliteStore {
         match self.source.last_activity_format {
             TimestampFormat::SqliteText => {
                 let s: String = row.try_get(idx).ok()?;
-                NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f").ok().map(|n| n.and_utc())
+                NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f")
+                    .ok()
+                    .map(|n| n.and_utc())
             }
             TimestampFormat::Rfc3339 => {
                 let s: String = row.try_get(idx).ok()?;
-                DateTime::parse_from_rfc3339(&s).ok().map(|d| d.with_timezone(&Utc))
+                DateTime::parse_from_rfc3339(&s)
+                    .ok()
+                    .map(|d| d.with_timezone(&Utc))
             }
             TimestampFormat::UnixSeconds => Utc.timestamp_opt(row.try_get(idx).ok()?, 0).single(),
-            TimestampFormat::UnixMillis => Utc.timestamp_millis_opt(row.try_get(idx).ok()?).single(),
+            TimestampFormat::UnixMillis => {
+                Utc.timestamp_millis_opt(row.try_get(idx).ok()?).single()
+            }
         }
     }
 
@@ -192,14 +201,22 @@ impl SqliteStore {
                 .fetch_all(&self.pool)
                 .await
                 .op("reading an index of the source table")?;
-            out.push(cols.iter().map(|r| r.get::<Option<String>, _>(0).unwrap_or_default()).collect());
+            out.push(
+                cols.iter()
+                    .map(|r| r.get::<Option<String>, _>(0).unwrap_or_default())
+                    .collect(),
+            );
         }
         // An INTEGER PRIMARY KEY is the rowid and has no index entry; a token column never is one.
         Ok(out)
     }
 
     async fn apply_migrations(&self) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.op("starting the migration")?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .op("starting the migration")?;
         sqlx::Executor::execute(
             &mut *tx,
             "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version INTEGER PRIMARY KEY, \
@@ -208,15 +225,19 @@ impl SqliteStore {
         .await
         .op("creating the migrations table")?;
         for m in MIGRATIONS {
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM sweeper_schema_migrations WHERE version = ?1")
-                .bind(m.version)
-                .fetch_optional(&mut *tx)
-                .await
-                .op("reading applied migrations")?;
+            let done: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM sweeper_schema_migrations WHERE version = ?1",
+            )
+            .bind(m.version)
+            .fetch_optional(&mut *tx)
+            .await
+            .op("reading applied migrations")?;
             if done.is_some() {
                 continue;
             }
-            sqlx::Executor::execute(&mut *tx, m.sql).await.op("applying a migration")?;
+            sqlx::Executor::execute(&mut *tx, m.sql)
+                .await
+                .op("applying a migration")?;
             sqlx::query("INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)")
                 .bind(m.version)
                 .bind(m.name)
@@ -261,21 +282,34 @@ impl Store for SqliteStore {
         let mut findings = Vec::new();
         let columns = self.table_columns().await?;
         if columns.is_empty() {
-            findings.push(Finding::Error(format!("source.table: table {} does not exist", self.source.table)));
+            findings.push(Finding::Error(format!(
+                "source.table: table {} does not exist",
+                self.source.table
+            )));
             return Ok(findings);
         }
-        findings.push(Finding::Ok(format!("source table {} exists", self.source.table)));
+        findings.push(Finding::Ok(format!(
+            "source table {} exists",
+            self.source.table
+        )));
         let mut missing = false;
         for (key, col) in column_keys(&self.source) {
             if columns.iter().any(|c| c == col.name()) {
                 findings.push(Finding::Ok(format!("column {col} exists")));
             } else {
                 missing = true;
-                findings.push(Finding::Error(format!("{key}: column {col} does not exist in {}", self.source.table)));
+                findings.push(Finding::Error(format!(
+                    "{key}: column {col} does not exist in {}",
+                    self.source.table
+                )));
             }
         }
         if !missing {
-            findings.extend(index_findings(&self.source, &self.table_indexes().await?, false));
+            findings.extend(index_findings(
+                &self.source,
+                &self.table_indexes().await?,
+                false,
+            ));
         }
         findings.push(migration_finding(self.pending_migrations().await?));
         Ok(findings)
@@ -312,7 +346,11 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.op("starting a claim")?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .op("starting a claim")?;
         let rows = self
             .bind_eligible(&self.sql.claim, &p)
             .bind(i64::from(p.limit))
@@ -342,11 +380,18 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .op("explaining the claim")?;
-        Ok(rows.iter().map(|r| format!("{}\n", r.get::<String, _>(3))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| format!("{}\n", r.get::<String, _>(3)))
+            .collect())
     }
 
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.op("starting a skip")?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .op("starting a skip")?;
         let done = self
             .bind_eligible(&self.sql.skip_revived, &p)
             .execute(&mut *tx)
@@ -356,13 +401,24 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn recheck(&self, worker: &str, token: &str, idle_before: DateTime<Utc>) -> Result<Recheck> {
-        let q = sqlx::query(&self.sql.recheck).bind(worker).bind(self.source.active_value.clone());
+    async fn recheck(
+        &self,
+        worker: &str,
+        token: &str,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Recheck> {
+        let q = sqlx::query(&self.sql.recheck)
+            .bind(worker)
+            .bind(self.source.active_value.clone());
         let q = match self.cutoff(idle_before) {
             Cutoff::Text(t) => q.bind(t),
             Cutoff::Int(i) => q.bind(i),
         };
-        let row = q.bind(token).fetch_optional(&self.pool).await.op("rechecking a session")?;
+        let row = q
+            .bind(token)
+            .fetch_optional(&self.pool)
+            .await
+            .op("rechecking a session")?;
         Ok(match row {
             None => Recheck::LeaseLost,
             Some(r) if r.get::<Option<i64>, _>(0) != Some(1) => Recheck::LeaseLost,
@@ -372,7 +428,11 @@ impl Store for SqliteStore {
     }
 
     async fn record(&self, worker: &str, now: DateTime<Utc>, batch: &[Settlement]) -> Result<u64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.op("starting to record")?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .op("starting to record")?;
         let mut changed = 0;
         for s in batch {
             for c in &s.calls {
@@ -429,7 +489,8 @@ impl Store for SqliteStore {
             .await
             .op("settling a session")?;
             changed += done.rows_affected();
-            let passive = matches!(&s.decision, Decision::Settle { outcome, .. } if outcome.marks_passive());
+            let passive =
+                matches!(&s.decision, Decision::Settle { outcome, .. } if outcome.marks_passive());
             if done.rows_affected() == 1 && passive && self.source.mark_passive {
                 sqlx::query(&self.sql.mark_passive)
                     .bind(&self.source.passive_value)
@@ -472,11 +533,12 @@ impl Store for SqliteStore {
     }
 
     async fn live_workers(&self, stale_before: DateTime<Utc>) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_workers WHERE heartbeat_at > ?1")
-            .bind(ms(stale_before))
-            .fetch_one(&self.pool)
-            .await
-            .op("counting live workers")?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_workers WHERE heartbeat_at > ?1")
+                .bind(ms(stale_before))
+                .fetch_one(&self.pool)
+                .await
+                .op("counting live workers")?;
         Ok(n as u32)
     }
 
@@ -509,7 +571,10 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .op("counting outcomes")?;
-        let counts = count_rows(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))));
+        let counts = count_rows(
+            rows.iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
+        );
         let p = sqlx::query(
             "SELECT COUNT(*), MIN(next_attempt_at), \
              COALESCE(SUM(CASE WHEN next_attempt_at IS NULL OR next_attempt_at <= ?1 THEN 1 ELSE 0 END), 0) \
@@ -519,10 +584,12 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await
         .op("summarising pending sessions")?;
-        let leased: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await
-            .op("counting leases")?;
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .op("counting leases")?;
         let recent = sqlx::query(
             "SELECT session_token, last_error_code, last_error_message, attempts, settled_at \
              FROM sweeper_sessions WHERE state = 'failed' ORDER BY settled_at DESC LIMIT ?1",
@@ -566,7 +633,10 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.op("pinging the database")?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .op("pinging the database")?;
         Ok(())
     }
 
@@ -586,8 +656,19 @@ pub(crate) fn column_keys(src: &SourceConfig) -> [(&'static str, &crate::config:
 }
 
 /// Index advice from the source table's index column lists.
-pub(crate) fn index_findings(src: &SourceConfig, indexes: &[Vec<String>], postgres: bool) -> Vec<Finding> {
-    let starts_with = |cols: &[&str]| indexes.iter().any(|ix| ix.iter().map(String::as_str).take(cols.len()).eq(cols.iter().copied()));
+pub(crate) fn index_findings(
+    src: &SourceConfig,
+    indexes: &[Vec<String>],
+    postgres: bool,
+) -> Vec<Finding> {
+    let starts_with = |cols: &[&str]| {
+        indexes.iter().any(|ix| {
+            ix.iter()
+                .map(String::as_str)
+                .take(cols.len())
+                .eq(cols.iter().copied())
+        })
+    };
     let mut out = Vec::new();
     if starts_with(&[src.status_column.name(), src.last_activity_column.name()]) {
         out.push(Finding::Ok(format!(
@@ -603,7 +684,10 @@ pub(crate) fn index_findings(src: &SourceConfig, indexes: &[Vec<String>], postgr
         )));
     }
     if starts_with(&[src.token_column.name()]) {
-        out.push(Finding::Ok(format!("an index on {} serves status updates", src.token_column)));
+        out.push(Finding::Ok(format!(
+            "an index on {} serves status updates",
+            src.token_column
+        )));
     } else {
         out.push(Finding::Warning(format!(
             "no index on {}: each status update scans the table. Create one: CREATE UNIQUE INDEX {}{}_token_idx ON {} ({});",

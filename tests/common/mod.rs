@@ -37,7 +37,10 @@ pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            let level = session_sweeper::config::LogConfig { level: "debug".into(), ..Default::default() };
+            let level = session_sweeper::config::LogConfig {
+                level: "debug".into(),
+                ..Default::default()
+            };
             session_sweeper::telemetry::init_logging(&level, std::io::stderr);
         }
     });
@@ -47,7 +50,9 @@ pub fn init_tracing() {
 pub fn pg_admin_url() -> Option<String> {
     match std::env::var(PG_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => panic!("{PG_ENV} must be set in CI: PostgreSQL tests never skip there"),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{PG_ENV} must be set in CI: PostgreSQL tests never skip there")
+        }
         _ => {
             eprintln!("notice: {PG_ENV} is not set; skipping the PostgreSQL variant of this test");
             None
@@ -118,18 +123,28 @@ impl TestDb {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = match kind {
             Kind::Sqlite => {
-                let url = format!("sqlite://{}?mode=rwc", dir.path().join("sweeper.db").display());
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("sweeper.db").display()
+                );
                 let opts: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
                 let pool = sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(2)
                     .connect_with(opts.busy_timeout(Duration::from_secs(30)))
                     .await
                     .unwrap();
-                TestDb { kind, url, pool: Pool::Sqlite(pool), dir }
+                TestDb {
+                    kind,
+                    url,
+                    pool: Pool::Sqlite(pool),
+                    dir,
+                }
             }
             Kind::Postgres => {
                 let admin_url = pg_admin_url()?;
-                let admin = PgPool::connect(&admin_url).await.expect("connect to TEST_POSTGRES_URL");
+                let admin = PgPool::connect(&admin_url)
+                    .await
+                    .expect("connect to TEST_POSTGRES_URL");
                 let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
                 sqlx::query(&format!("CREATE DATABASE {name}"))
                     .execute(&admin)
@@ -139,8 +154,17 @@ impl TestDb {
                 let mut url: url::Url = admin_url.parse().unwrap();
                 url.set_path(&name);
                 let url = url.to_string();
-                let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-                TestDb { kind, url, pool: Pool::Pg(pool), dir }
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&url)
+                    .await
+                    .unwrap();
+                TestDb {
+                    kind,
+                    url,
+                    pool: Pool::Pg(pool),
+                    dir,
+                }
             }
         };
         db.exec(match kind {
@@ -216,20 +240,24 @@ impl TestDb {
         let now = Utc::now();
         match &self.pool {
             Pool::Sqlite(p) => {
-                sqlx::query("UPDATE checkout_sessions SET last_activity_at = ?1 WHERE session_token = ?2")
-                    .bind(now.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .bind(token)
-                    .execute(p)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "UPDATE checkout_sessions SET last_activity_at = ?1 WHERE session_token = ?2",
+                )
+                .bind(now.format("%Y-%m-%d %H:%M:%S").to_string())
+                .bind(token)
+                .execute(p)
+                .await
+                .unwrap();
             }
             Pool::Pg(p) => {
-                sqlx::query("UPDATE checkout_sessions SET last_activity_at = $1 WHERE session_token = $2")
-                    .bind(now)
-                    .bind(token)
-                    .execute(p)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "UPDATE checkout_sessions SET last_activity_at = $1 WHERE session_token = $2",
+                )
+                .bind(now)
+                .bind(token)
+                .execute(p)
+                .await
+                .unwrap();
             }
         }
     }
@@ -237,8 +265,16 @@ impl TestDb {
     /// A single integer from a query.
     pub async fn scalar(&self, sql: &str) -> i64 {
         match &self.pool {
-            Pool::Sqlite(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get::<i64, _>(0),
-            Pool::Pg(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get::<i64, _>(0),
+            Pool::Sqlite(p) => sqlx::query(sql)
+                .fetch_one(p)
+                .await
+                .unwrap()
+                .get::<i64, _>(0),
+            Pool::Pg(p) => sqlx::query(sql)
+                .fetch_one(p)
+                .await
+                .unwrap()
+                .get::<i64, _>(0),
         }
     }
 
@@ -246,15 +282,24 @@ impl TestDb {
     pub async fn status(&self, token: &str) -> String {
         let sql = "SELECT status FROM checkout_sessions WHERE session_token = ";
         match &self.pool {
-            Pool::Sqlite(p) => sqlx::query_scalar(&format!("{sql}?1")).bind(token).fetch_one(p).await.unwrap(),
-            Pool::Pg(p) => sqlx::query_scalar(&format!("{sql}$1")).bind(token).fetch_one(p).await.unwrap(),
+            Pool::Sqlite(p) => sqlx::query_scalar(&format!("{sql}?1"))
+                .bind(token)
+                .fetch_one(p)
+                .await
+                .unwrap(),
+            Pool::Pg(p) => sqlx::query_scalar(&format!("{sql}$1"))
+                .bind(token)
+                .fetch_one(p)
+                .await
+                .unwrap(),
         }
     }
 
     /// The ledger state and attempts of a session, if it has a row.
     pub async fn ledger(&self, token: &str) -> Option<(String, i64)> {
-        let sql = "SELECT state, CAST(attempts AS BIGINT) FROM sweeper_sessions WHERE session_token = ";
-        let row = match &self.pool {
+        let sql =
+            "SELECT state, CAST(attempts AS BIGINT) FROM sweeper_sessions WHERE session_token = ";
+        match &self.pool {
             Pool::Sqlite(p) => sqlx::query(&format!("{sql}?1"))
                 .bind(token)
                 .fetch_optional(p)
@@ -267,13 +312,15 @@ impl TestDb {
                 .await
                 .unwrap()
                 .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
-        };
-        row
+        }
     }
 
     /// How many ledger rows are in `state`.
     pub async fn count_state(&self, state: &str) -> i64 {
-        self.scalar(&format!("SELECT COUNT(*) FROM sweeper_sessions WHERE state = '{state}'")).await
+        self.scalar(&format!(
+            "SELECT COUNT(*) FROM sweeper_sessions WHERE state = '{state}'"
+        ))
+        .await
     }
 
     /// A store on this database with the test source config.
@@ -286,8 +333,13 @@ impl TestDb {
 
     /// The test config pointing at this database and `api_url`, with `SWEEPER_*`-style overrides.
     pub fn config(&self, api_url: &str, overrides: &[(&str, &str)]) -> Config {
-        Config::from_toml_str(&self.config_toml(api_url), overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .expect("test config is valid")
+        Config::from_toml_str(
+            &self.config_toml(api_url),
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .expect("test config is valid")
     }
 
     /// The test config's TOML text.
@@ -343,7 +395,9 @@ pub async fn simulator(config: SimulatorConfig) -> Simulator {
         secret_key: SECRET.into(),
         ..config
     };
-    Simulator::start("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
+    Simulator::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
 }
 
 /// Runs one sweep in-process, as `once` does.
@@ -352,11 +406,21 @@ pub async fn sweep_once(config: &Config) -> Result<SweepSummary, SweepError> {
 }
 
 /// Runs one sweep in-process with a given shutdown handle and metrics.
-pub async fn sweep_once_with(config: &Config, shutdown: &Shutdown, metrics: Metrics) -> Result<SweepSummary, SweepError> {
+pub async fn sweep_once_with(
+    config: &Config,
+    shutdown: &Shutdown,
+    metrics: Metrics,
+) -> Result<SweepSummary, SweepError> {
     let store = store::open(config).await.unwrap();
     store.migrate().await.unwrap();
-    let engine = Engine::start(store.clone(), config, metrics).await.map_err(|e| panic!("{e}")).unwrap();
-    let result = engine.sweeper.run_once(shutdown, Arc::new(Progress::default())).await;
+    let engine = Engine::start(store.clone(), config, metrics)
+        .await
+        .map_err(|e| panic!("{e}"))
+        .unwrap();
+    let result = engine
+        .sweeper
+        .run_once(shutdown, Arc::new(Progress::default()))
+        .await;
     engine.membership.leave().await;
     store.close().await;
     result

@@ -1,0 +1,516 @@
+//! The binary as users run it: config rules and their messages, exit codes, and the output of
+//! `migrate`, `check`, `dry-run`, `once`, `report` and `requeue`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Kind, SECRET, TestDb, fresh_session, idle_sessions, simulator};
+use session_sweeper::config::Config;
+use session_sweeper::iyzico::simulator::SimulatorConfig;
+
+fn run(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("SWEEPER_CONFIG")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A valid config file for a SQLite database inside `dir`, with `edit` applied to its text.
+fn config_file(
+    dir: &Path,
+    edit: impl Fn(String) -> String,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let db = dir.join("app.db");
+    let text = format!(
+        r#"
+[database]
+url = "sqlite://{}?mode=rwc"
+max_connections = 4
+
+[source]
+table = "checkout_sessions"
+token_column = "session_token"
+member_column = "member_identifier"
+status_column = "status"
+last_activity_column = "last_activity_at"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+mark_passive = true
+
+[sweep]
+interval = "1m"
+batch_size = 500
+concurrency = 16
+lease = "5m"
+max_attempts = 10
+retry_base = "30s"
+retry_max = "1h"
+shutdown_grace = "25s"
+
+[iyzico]
+base_url = "https://sandbox-api.iyzipay.com"
+api_key = "key"
+secret_key = "{SECRET}"
+locale = "tr"
+timeout = "10s"
+rate_per_second = 10
+burst = 10
+retries = 3
+
+[server]
+listen = "127.0.0.1:9464"
+
+[log]
+format = "text"
+level = "info"
+"#,
+        db.display()
+    );
+    let path = dir.join("sweeper.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    (path, db)
+}
+
+#[test]
+fn the_contract_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    Config::load(&path, []).unwrap();
+}
+
+/// Each bad config: exit 2, a message naming the key, and nothing touched (no database file).
+#[test]
+fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
+    type Edit = Box<dyn Fn(String) -> String>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "injection in table",
+            Box::new(|t| {
+                t.replace(
+                    "table = \"checkout_sessions\"",
+                    "table = \"x; DROP TABLE y\"",
+                )
+            }),
+            "source.table: \"x; DROP TABLE y\" is not an SQL identifier",
+        ),
+        (
+            "quote in column",
+            Box::new(|t| {
+                t.replace(
+                    "status_column = \"status\"",
+                    "status_column = \"st\\\"atus\"",
+                )
+            }),
+            "source.status_column",
+        ),
+        (
+            "three-part name",
+            Box::new(|t| t.replace("table = \"checkout_sessions\"", "table = \"a.b.c\"")),
+            "source.table",
+        ),
+        (
+            "schema on a column",
+            Box::new(|t| {
+                t.replace(
+                    "token_column = \"session_token\"",
+                    "token_column = \"s.session_token\"",
+                )
+            }),
+            "source.token_column",
+        ),
+        (
+            "typo",
+            Box::new(|t| t.replace("batch_size", "bach_size")),
+            "unknown key `bach_size`",
+        ),
+        (
+            "unknown section",
+            Box::new(|t| format!("{t}\n[extra]\nx = 1\n")),
+            "unknown key `extra`",
+        ),
+        (
+            "http base url",
+            Box::new(|t| t.replace("https://sandbox-api.iyzipay.com", "http://api.iyzipay.com")),
+            "iyzico.base_url",
+        ),
+        (
+            "base url with a path",
+            Box::new(|t| {
+                t.replace(
+                    "https://sandbox-api.iyzipay.com",
+                    "https://api.iyzipay.com/v1",
+                )
+            }),
+            "iyzico.base_url",
+        ),
+        (
+            "no secret",
+            Box::new(|t| t.replace(&format!("secret_key = \"{SECRET}\""), "")),
+            "iyzico.secret_key: a secret is required",
+        ),
+        (
+            "both secrets",
+            Box::new(|t| {
+                t.replace(
+                    &format!("secret_key = \"{SECRET}\""),
+                    &format!("secret_key = \"{SECRET}\"\nsecret_key_file = \"/x\""),
+                )
+            }),
+            "iyzico.secret_key",
+        ),
+        (
+            "missing secret file",
+            Box::new(|t| {
+                t.replace(
+                    &format!("secret_key = \"{SECRET}\""),
+                    "secret_key_file = \"/nonexistent/secret\"",
+                )
+            }),
+            "iyzico.secret_key_file",
+        ),
+        (
+            "zero batch",
+            Box::new(|t| t.replace("batch_size = 500", "batch_size = 0")),
+            "sweep.batch_size: must be positive",
+        ),
+        (
+            "negative concurrency",
+            Box::new(|t| t.replace("concurrency = 16", "concurrency = -4")),
+            "sweep.concurrency: must be positive",
+        ),
+        (
+            "zero rate",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = 0")),
+            "iyzico.rate_per_second",
+        ),
+        (
+            "zero idle",
+            Box::new(|t| t.replace("idle_after = \"30m\"", "idle_after = \"0s\"")),
+            "source.idle_after",
+        ),
+        (
+            "bad duration",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"5 parsecs\"")),
+            "sweep.lease",
+        ),
+        (
+            "bad locale",
+            Box::new(|t| t.replace("locale = \"tr\"", "locale = \"de\"")),
+            "iyzico.locale: \"de\" must be \"tr\" or \"en\"",
+        ),
+        (
+            "interval and schedule",
+            Box::new(|t| {
+                t.replace(
+                    "interval = \"1m\"",
+                    "interval = \"1m\"\nschedule = \"0 */5 * * * *\"",
+                )
+            }),
+            "sweep.schedule: set either",
+        ),
+        (
+            "bad cron",
+            Box::new(|t| t.replace("interval = \"1m\"", "schedule = \"every five minutes\"")),
+            "sweep.schedule",
+        ),
+        (
+            "cron without seconds",
+            Box::new(|t| t.replace("interval = \"1m\"", "schedule = \"*/5 * * * *\"")),
+            "sweep.schedule",
+        ),
+        (
+            "retry max below base",
+            Box::new(|t| t.replace("retry_max = \"1h\"", "retry_max = \"1s\"")),
+            "sweep.retry_max",
+        ),
+        (
+            "bad listen",
+            Box::new(|t| t.replace("127.0.0.1:9464", "localhost")),
+            "server.listen",
+        ),
+        (
+            "bad database url",
+            Box::new(|t| t.replace("url = \"sqlite://", "url = \"mysql://")),
+            "database.url",
+        ),
+        (
+            "same active and passive",
+            Box::new(|t| t.replace("passive_value = \"PASSIVE\"", "passive_value = \"ACTIVE\"")),
+            "source.passive_value",
+        ),
+        (
+            "wrong type",
+            Box::new(|t| t.replace("mark_passive = true", "mark_passive = \"yes\"")),
+            "source.mark_passive",
+        ),
+        (
+            "numeric secret",
+            Box::new(|t| t.replace(&format!("secret_key = \"{SECRET}\""), "secret_key = 424242")),
+            "iyzico.secret_key: must be a string",
+        ),
+        (
+            "not toml",
+            Box::new(|t| t.replace("[sweep]", "[sweep")),
+            "not valid TOML",
+        ),
+        (
+            "bad log level",
+            Box::new(|t| t.replace("level = \"info\"", "level = \"sweeper=loudest\"")),
+            "log.level",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, db) = config_file(dir.path(), edit);
+        let out = run(&path, &["check"], &[]);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {all}");
+        assert!(
+            all.contains(expected),
+            "{name}: expected {expected:?} in: {all}"
+        );
+        assert!(!all.contains(SECRET), "{name}: the secret leaked: {all}");
+        assert!(!all.contains("424242"), "{name}: the secret leaked: {all}");
+        assert!(!db.exists(), "{name}: the database was touched");
+    }
+}
+
+#[test]
+fn environment_overrides_win_and_can_be_wrong_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    let env = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let c = Config::load(
+        &path,
+        env(&[
+            ("SWEEPER_SWEEP__BATCH_SIZE", "50"),
+            ("SWEEPER_SOURCE__MARK_PASSIVE", "false"),
+            ("SWEEPER_IYZICO__BASE_URL", "http://127.0.0.1:8089"),
+            ("SWEEPER_SWEEP__SCHEDULE", "0 */5 * * * *"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.sweep.batch_size.get(), 50);
+    assert!(!c.source.mark_passive);
+    assert_eq!(c.iyzico.base_url.as_str(), "http://127.0.0.1:8089/");
+    assert!(
+        matches!(c.sweep.schedule, session_sweeper::config::Schedule::Cron(_)),
+        "schedule from env replaces the file's interval"
+    );
+    let err = Config::load(&path, env(&[("SWEEPER_SWEEP__BACH_SIZE", "50")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown key `bach_size`"), "{err}");
+    let err = Config::load(&path, env(&[("SWEEPER_SWEEP__BATCH_SIZE", "lots")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("sweep.batch_size"), "{err}");
+    // Variables that are not overrides are ignored.
+    Config::load(
+        &path,
+        env(&[("SWEEPER_CONFIG", "/x"), ("SWEEPER_TEST_NOTHING", "1")]),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_secret_can_come_from_a_file_and_never_shows_in_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_path = dir.path().join("secret");
+    std::fs::write(&secret_path, "from-a-file-123\n").unwrap();
+    let (path, _) = config_file(dir.path(), |t| {
+        t.replace(
+            &format!("secret_key = \"{SECRET}\""),
+            &format!("secret_key_file = \"{}\"", secret_path.display()),
+        )
+    });
+    let c = Config::load(&path, []).unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        c.iyzico.secret_key.expose_secret(),
+        "from-a-file-123",
+        "trailing newline trimmed"
+    );
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("from-a-file-123"), "{debug}");
+    // An env override of secret_key replaces the file setting.
+    let c = Config::load(
+        &path,
+        [(
+            "SWEEPER_IYZICO__SECRET_KEY".to_string(),
+            "env-secret".to_string(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.iyzico.secret_key.expose_secret(), "env-secret");
+    let with_password = Config::load(
+        &path,
+        [(
+            "SWEEPER_DATABASE__URL".to_string(),
+            "postgres://u:hunter2@db/x".to_string(),
+        )],
+    )
+    .unwrap();
+    assert!(!format!("{with_password:?}").contains("hunter2"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    assert_eq!(run(&path, &["frobnicate"], &[]).status.code(), Some(2));
+    assert_eq!(
+        run(&path, &["dry-run", "--format", "xml"], &[])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&path, &["requeue"], &[]).status.code(),
+        Some(2),
+        "requeue needs --all or --error-code"
+    );
+    let missing = run(&dir.path().join("nope.toml"), &["check"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).contains("nope.toml"), "{}", text(&missing));
+}
+
+#[test]
+fn an_unreachable_database_is_a_runtime_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| {
+        t.replace("max_connections = 4", "max_connections = 1")
+    });
+    let out = run(
+        &path,
+        &["check"],
+        &[(
+            "SWEEPER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+async fn the_commands_tell_a_consistent_story(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig {
+        always_fail: ["s-1".to_string()].into(),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let mut rows = idle_sessions("s", 5);
+    rows.push(fresh_session("fresh"));
+    db.seed(&rows).await;
+    let path = db.dir.path().join("sweeper.toml");
+    std::fs::write(&path, db.config_toml(&sim.base_url())).unwrap();
+
+    // Before migrate: check says so, once refuses.
+    let check = run(&path, &["check"], &[]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("run `session-sweeper migrate`"),
+        "{}",
+        text(&check)
+    );
+    let once = run(&path, &["once"], &[]);
+    assert_eq!(once.status.code(), Some(1));
+    assert!(text(&once).contains("migrate"), "{}", text(&once));
+
+    assert!(run(&path, &["migrate"], &[]).status.success());
+    assert!(
+        run(&path, &["migrate"], &[]).status.success(),
+        "migrate is idempotent"
+    );
+    let check = run(&path, &["check"], &[]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    let dry = run(&path, &["dry-run", "--format", "json"], &[]);
+    assert!(dry.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(doc["eligible"], 5);
+    assert!(
+        doc["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["idle_for"].as_u64().unwrap() >= 7190)
+    );
+    let table = run(&path, &["dry-run"], &[]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("s-4"));
+    assert_eq!(
+        sim.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "dry-run sends nothing"
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions").await,
+        0,
+        "dry-run writes nothing"
+    );
+
+    let once = run(&path, &["once"], &[]);
+    assert!(once.status.success(), "{}", text(&once));
+    let line = String::from_utf8_lossy(&once.stdout);
+    assert!(
+        line.contains("invalidated=4") && line.contains("failed=1"),
+        "{line}"
+    );
+
+    let report = run(&path, &["report", "--format", "json"], &[]);
+    let doc: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    for key in [
+        "invalidated",
+        "already_invalidated",
+        "skipped",
+        "pending",
+        "failed",
+    ] {
+        assert!(doc[key].is_u64(), "report JSON lacks integer {key}: {doc}");
+    }
+    assert_eq!(
+        (doc["invalidated"].as_u64(), doc["failed"].as_u64()),
+        (Some(4), Some(1))
+    );
+    assert_eq!(doc["recent_failures"][0]["error_code"], "11");
+
+    let requeue = run(
+        &path,
+        &["requeue", "--error-code", "11", "--format", "json"],
+        &[],
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&requeue.stdout).unwrap();
+    assert_eq!(doc["requeued"], 1);
+    assert_eq!(db.ledger("s-1").await, Some(("pending".into(), 0)));
+    let table = String::from_utf8_lossy(&run(&path, &["report"], &[]).stdout).to_string();
+    assert!(
+        table.contains("pending") && table.contains("due now"),
+        "{table}"
+    );
+}
+
+both_backends!(the_commands_tell_a_consistent_story);
