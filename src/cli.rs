@@ -176,6 +176,7 @@ impl SimulateArgs {
                 permanent: self.permanent,
             },
             always_fail: Default::default(),
+            already_invalidated: Default::default(),
         })
     }
 }
@@ -224,7 +225,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo { sessions } => {
             init_logging(
                 &LogConfig {
-                    level: "warn".into(),
+                    level: "error".into(),
                     ..LogConfig::default()
                 },
                 std::io::stderr,

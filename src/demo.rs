@@ -1,4 +1,212 @@
-//! placeholder
-pub async fn run(_n: u32) -> anyhow::Result<()> {
-    anyhow::bail!("demo arrives with the deploy issue")
+//! `demo`: a one-command trial on a fresh machine, with no config and no network. A temporary
+//! SQLite database gets a few hundred sample sessions, the simulator runs in-process with some
+//! latency and injected faults, one sweep runs with its progress bar, and the report is printed.
+
+use std::collections::HashSet;
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+
+use crate::cli::{Engine, Format, print_report, report_progress};
+use crate::config::Config;
+use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
+use crate::shutdown::{Shutdown, listen_for_signals};
+use crate::store;
+use crate::sweep::Progress;
+use crate::telemetry::Metrics;
+
+const API_KEY: &str = "demo-api-key";
+const SECRET: &str = "demo-secret-key";
+
+/// A sample session: what it is for, and how long ago it was last active.
+struct Sample {
+    token: String,
+    status: &'static str,
+    idle: Duration,
+}
+
+fn samples(n: u32) -> (Vec<Sample>, HashSet<String>, HashSet<String>) {
+    let mut rows = Vec::new();
+    let mut rejected = HashSet::new();
+    let mut already = HashSet::new();
+    for i in 0..n {
+        let token = uuid::Uuid::new_v4().to_string();
+        let (status, idle) = match i % 20 {
+            // Fresh: the shopper is still there.
+            0..=3 => ("ACTIVE", Duration::from_secs(120 + u64::from(i))),
+            // Finished checkouts: not ours to touch.
+            4 => ("PASSIVE", Duration::from_secs(7200)),
+            // Abandoned: idle for hours.
+            _ => ("ACTIVE", Duration::from_secs(3600 + u64::from(i) * 37)),
+        };
+        if status == "ACTIVE" && idle > Duration::from_secs(3600) {
+            match i % 50 {
+                7 => drop(rejected.insert(token.clone())),
+                13 | 31 => drop(already.insert(token.clone())),
+                _ => {}
+            }
+        }
+        rows.push(Sample {
+            token,
+            status,
+            idle,
+        });
+    }
+    (rows, rejected, already)
+}
+
+/// Runs the demo.
+pub async fn run(sessions: u32) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!(
+        "session-sweeper-demo-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = demo_in(&dir, sessions).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn demo_in(dir: &std::path::Path, sessions: u32) -> anyhow::Result<()> {
+    let (rows, rejected, already) = samples(sessions);
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().expect("valid"),
+        SimulatorConfig {
+            api_key: API_KEY.into(),
+            secret_key: SECRET.into(),
+            latency: Duration::from_millis(15),
+            faults: Faults {
+                unavailable: 0.05,
+                too_many_requests: 0.03,
+                retry_after_secs: 1,
+                malformed: 0.02,
+                ..Faults::default()
+            },
+            always_fail: rejected,
+            already_invalidated: already,
+        },
+    )
+    .await
+    .context("starting the simulator")?;
+    let db_path = dir.join("demo.db");
+    let toml = format!(
+        r#"
+[database]
+url = "sqlite://{db}?mode=rwc"
+[source]
+table = "checkout_sessions"
+token_column = "session_token"
+member_column = "member_identifier"
+status_column = "status"
+last_activity_column = "last_activity_at"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+[sweep]
+batch_size = 100
+concurrency = 16
+retry_base = "1m"
+[iyzico]
+base_url = "{url}"
+api_key = "{API_KEY}"
+secret_key = "{SECRET}"
+rate_per_second = 200
+burst = 20
+retries = 3
+retry_min_delay = "100ms"
+retry_max_delay = "1s"
+timeout = "3s"
+"#,
+        db = db_path.display(),
+        url = sim.base_url()
+    );
+    let config = Config::from_toml_str(&toml, std::iter::empty()).context("the demo config")?;
+
+    println!("session-sweeper demo");
+    println!("  database:  {} (temporary SQLite)", db_path.display());
+    println!(
+        "  simulator: {} (15 ms latency; 5% 503s, 3% 429s, 2% malformed answers)",
+        sim.base_url()
+    );
+    let store = store::open(&config).await?;
+    seed(&store, &db_path, &rows).await?;
+    let idle = rows
+        .iter()
+        .filter(|r| r.status == "ACTIVE" && r.idle > Duration::from_secs(1800))
+        .count();
+    println!(
+        "  sessions:  {} in all: {idle} abandoned (idle > 30m), {} still in use, {} finished\n",
+        rows.len(),
+        rows.iter()
+            .filter(|r| r.status == "ACTIVE" && r.idle <= Duration::from_secs(1800))
+            .count(),
+        rows.iter().filter(|r| r.status == "PASSIVE").count()
+    );
+    store.migrate().await?;
+
+    let shutdown = Shutdown::new();
+    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)?;
+    let engine = Engine::start(store.clone(), &config, Metrics::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let progress = Arc::new(Progress::default());
+    let reporter = tokio::spawn(report_progress(
+        progress.clone(),
+        std::io::stderr().is_terminal(),
+    ));
+    let result = tokio::select! {
+        r = engine.sweeper.run_once(&shutdown, progress) => r,
+        _ = forced => anyhow::bail!("stopped by a second signal"),
+    };
+    reporter.abort();
+    let _ = reporter.await;
+    engine.membership.leave().await;
+    let summary = result?;
+    println!("\n{}\n", summary.line());
+    println!(
+        "The simulator saw {} calls; the retries absorbed its injected faults.\n",
+        sim.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    print_report(&store.report(Utc::now(), 5).await?, Format::Table);
+    println!("\nNext: write a session-sweeper.toml for your database (see the README), then");
+    println!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
+    store.close().await;
+    Ok(())
+}
+
+async fn seed(
+    store: &Arc<dyn store::Store>,
+    db_path: &std::path::Path,
+    rows: &[Sample],
+) -> anyhow::Result<()> {
+    // The application's table, as an application would have it.
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db_path.display())).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
+         status TEXT NOT NULL, last_activity_at TEXT NOT NULL); \
+         CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);",
+    )
+    .execute(&pool)
+    .await?;
+    let now = Utc::now();
+    let mut tx = pool.begin().await?;
+    for r in rows {
+        sqlx::query("INSERT INTO checkout_sessions VALUES (?1, ?2, ?3, ?4)")
+            .bind(&r.token)
+            .bind(format!("member-{}", &r.token[..8]))
+            .bind(r.status)
+            .bind((now - r.idle).format("%Y-%m-%d %H:%M:%S").to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    pool.close().await;
+    let _ = store;
+    Ok(())
 }

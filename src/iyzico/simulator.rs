@@ -50,6 +50,8 @@ pub struct SimulatorConfig {
     pub faults: Faults,
     /// Tokens for which it answers a permanent failure every time (for deterministic tests).
     pub always_fail: HashSet<String>,
+    /// Tokens it treats as invalidated before it started (answered `260030`).
+    pub already_invalidated: HashSet<String>,
 }
 
 impl Default for SimulatorConfig {
@@ -60,6 +62,7 @@ impl Default for SimulatorConfig {
             latency: Duration::ZERO,
             faults: Faults::default(),
             always_fail: HashSet::new(),
+            already_invalidated: HashSet::new(),
         }
     }
 }
@@ -167,8 +170,8 @@ impl Drop for Simulator {
 
 fn router(config: SimulatorConfig, stats: Arc<Stats>) -> axum::Router {
     let state = Arc::new(AppState {
+        invalidated: Mutex::new(config.already_invalidated.clone()),
         config,
-        invalidated: Mutex::new(HashSet::new()),
         stats,
     });
     axum::Router::new()

@@ -1,0 +1,396 @@
+//! The daemon: graceful stop on signals, crash recovery, database trouble, metrics and health,
+//! and the fleet-wide rate budget.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{Kind, TestDb, idle_sessions, simulator};
+use session_sweeper::fleet::Membership;
+use session_sweeper::iyzico::limiter::SharedLimiter;
+use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
+use session_sweeper::shutdown::Shutdown;
+use session_sweeper::store::WorkerInfo;
+use session_sweeper::telemetry::Metrics;
+
+fn spawn(db: &TestDb, command: &str, env: &[(&str, &str)]) -> tokio::process::Child {
+    let path = db.dir.path().join("sweeper.toml");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(&path)
+        .arg(command)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn setup(kind: Kind, sessions: usize, latency_ms: u64) -> Option<(TestDb, Simulator)> {
+    let db = TestDb::new(kind).await?;
+    let sim = simulator(SimulatorConfig {
+        latency: Duration::from_millis(latency_ms),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    db.seed(&idle_sessions("s", sessions)).await;
+    db.store().await;
+    std::fs::write(
+        db.dir.path().join("sweeper.toml"),
+        db.config_toml(&sim.base_url()),
+    )
+    .unwrap();
+    Some((db, sim))
+}
+
+async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) {
+    let Some((db, sim)) = setup(kind, 40, 600).await else {
+        return;
+    };
+    let mut child = spawn(
+        &db,
+        "run",
+        &[
+            ("SWEEPER_SWEEP__CONCURRENCY", "4"),
+            ("SWEEPER_SWEEP__SHUTDOWN_GRACE", "5s"),
+        ],
+    );
+    wait_for("calls in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    let stopped_at = Instant::now();
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(stopped_at.elapsed() < Duration::from_secs(6));
+    let sent = sim.stats.invalidated.load(Ordering::SeqCst) as i64;
+    assert!(sent >= 4 && sent < 40, "{sent}");
+    assert_eq!(
+        db.count_state("invalidated").await,
+        sent,
+        "every session the API invalidated is recorded"
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM sweeper_workers").await, 0);
+    // The rest is claimable at once by anyone.
+    let store = db.store().await;
+    let now = chrono::Utc::now();
+    let p = session_sweeper::store::ClaimParams {
+        worker: "other",
+        now,
+        idle_before: now - Duration::from_secs(1800),
+        stale_before: now - Duration::from_secs(3),
+        lease_until: now + Duration::from_secs(60),
+        limit: 100,
+    };
+    assert_eq!(store.count_eligible(p).await.unwrap() as i64, 40 - sent);
+}
+
+async fn a_second_signal_stops_at_once(kind: Kind) {
+    let Some((db, sim)) = setup(kind, 10, 10_000).await else {
+        return;
+    };
+    let mut child = spawn(&db, "once", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s")]);
+    wait_for("a call in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child, "-INT");
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .expect("a forced stop is immediate")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+}
+
+async fn after_sigkill_a_restart_settles_everything_at_most_twice(kind: Kind) {
+    let Some((db, sim)) = setup(kind, 60, 150).await else {
+        return;
+    };
+    let mut victim = spawn(&db, "run", &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
+    wait_for("some progress", Duration::from_secs(20), || {
+        sim.stats.invalidated.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    signal(&victim, "-KILL");
+    victim.wait().await.unwrap();
+    // The restarted process forgets its dead predecessor on this host: no waiting on its leases.
+    let started = Instant::now();
+    let out = spawn(&db, "once", &[]).wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let settled = db.count_state("invalidated").await + db.count_state("already_invalidated").await;
+    assert_eq!(settled, 60, "everything settles");
+    let calls: HashMap<String, u32> = sim.stats.calls_per_token();
+    assert!(calls.values().all(|&n| n <= 2), "{calls:?}");
+    // A call cut off by the kill may or may not have reached iyzico; when it did, the repeat is
+    // answered 260030 and recorded as already_invalidated, never as a failure.
+    let repeats = sim.stats.already_invalidated.load(Ordering::SeqCst) as i64;
+    assert_eq!(
+        db.count_state("already_invalidated").await,
+        repeats,
+        "a repeat is recognised through 260030"
+    );
+    assert_eq!(db.count_state("failed").await, 0);
+}
+
+both_backends!(
+    sigterm_mid_sweep_records_every_call_and_releases_the_rest,
+    a_second_signal_stops_at_once,
+    after_sigkill_a_restart_settles_everything_at_most_twice,
+);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_skipped_ticks() {
+    let Some((db, _sim)) = setup(Kind::Sqlite, 20, 100).await else {
+        return;
+    };
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = db.config(
+        &_sim.base_url(),
+        &[
+            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
+            ("SWEEPER_SWEEP__INTERVAL", "100ms"),
+            ("SWEEPER_SWEEP__CONCURRENCY", "2"),
+        ],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let shutdown = Shutdown::new();
+    let daemon = tokio::spawn(session_sweeper::daemon::serve(
+        store,
+        config,
+        Metrics::new(),
+        shutdown.clone(),
+    ));
+    let base = format!("http://{listen}");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/metrics")).await {
+            let text = r.text().await.unwrap();
+            if text.contains("sweeper_sweeps_total{result=\"ok\"} 1") {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no successful sweep"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, metrics) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for needle in [
+        "sweeper_sessions_total{outcome=\"invalidated\"} 20",
+        "sweeper_api_calls_total{class=\"invalidated\",status=\"200\"} 20",
+        "sweeper_api_latency_seconds_count 20",
+        "sweeper_sweep_duration_seconds_count",
+        "sweeper_backlog_sessions",
+        "sweeper_rate_limit_wait_seconds_total",
+        "sweeper_fleet_replicas",
+        "sweeper_ready 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
+    let last_ok = metrics
+        .lines()
+        .find(|l| l.starts_with("sweeper_last_successful_sweep_timestamp_seconds "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(last_ok > 1.7e9, "{last_ok}");
+    let skipped: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sweeper_skipped_ticks_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        skipped >= 3,
+        "a 1 s sweep with a 100 ms interval skips ticks: {skipped}"
+    );
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+    shutdown.begin(Duration::from_secs(5));
+    tokio::time::timeout(Duration::from_secs(5), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_database_connections_do_not_stop_the_daemon() {
+    let Some((db, sim)) = setup(Kind::Postgres, 400, 15).await else {
+        return;
+    };
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_SWEEP__INTERVAL", "200ms"),
+            ("SWEEPER_SWEEP__CONCURRENCY", "4"),
+            ("SWEEPER_SWEEP__BATCH_SIZE", "20"),
+        ],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let shutdown = Shutdown::new();
+    let metrics = Metrics::new();
+    let daemon = tokio::spawn(session_sweeper::daemon::serve(
+        store,
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    wait_for("the sweep to start", Duration::from_secs(20), || {
+        sim.stats.invalidated.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    for _ in 0..5 {
+        db.exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'session-sweeper'",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = Instant::now();
+    loop {
+        let done =
+            db.count_state("invalidated").await + db.count_state("already_invalidated").await;
+        if done == 400 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {done} of 400 settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.len(), 400);
+    assert!(calls.values().all(|&n| n <= 2), "at most twice");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions").await,
+        400,
+        "one ledger row per session"
+    );
+    assert!(!daemon.is_finished(), "the daemon kept running");
+    shutdown.begin(Duration::from_secs(5));
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_split_the_rate_budget_and_take_it_back() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let store = db.store().await;
+    let rate = std::num::NonZeroU32::new(20).unwrap();
+    let worker = |n: u32| WorkerInfo {
+        id: format!("host:{n}:x"),
+        hostname: format!("host-{n}"),
+        pid: n,
+    };
+    let limiter_a = Arc::new(SharedLimiter::new(rate, rate));
+    let limiter_b = Arc::new(SharedLimiter::new(rate, rate));
+    let beat = Duration::from_millis(100);
+    let a = Membership::join(
+        store.clone(),
+        worker(1),
+        beat,
+        limiter_a.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let b = Membership::join(
+        store.clone(),
+        worker(2),
+        beat,
+        limiter_b.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    wait_for("both to see two replicas", Duration::from_secs(5), || {
+        limiter_a.replicas() == 2 && limiter_b.replicas() == 2
+    })
+    .await;
+    // Two replicas: each gets 10/s, so 25 requests take a replica more than a second.
+    let start = Instant::now();
+    for _ in 0..25 {
+        limiter_a.acquire().await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
+    b.leave().await;
+    wait_for(
+        "the survivor to take the whole budget",
+        Duration::from_secs(5),
+        || limiter_a.replicas() == 1,
+    )
+    .await;
+    a.leave().await;
+}
