@@ -23,6 +23,9 @@ use crate::telemetry::{Metrics, fingerprint};
 pub const RECORD_BATCH: usize = 512;
 /// How many times a failing batch write is retried before the sweep gives up.
 pub const RECORD_RETRIES: usize = 5;
+/// A lease older than this when its turn comes is re-checked against the source first; a
+/// younger one was checked by the claim itself, moments ago.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// What a sweep needs to know, as typed values.
 #[derive(Debug, Clone)]
@@ -284,6 +287,7 @@ impl Sweeper {
             if leases.is_empty() {
                 break;
             }
+            let claimed_at = Instant::now();
             claimed_total += leases.len() as u64;
             progress
                 .claimed
@@ -304,7 +308,7 @@ impl Sweeper {
                     settle: settle_tx.clone(),
                 };
                 tasks.spawn(async move {
-                    job.run(lease).await;
+                    job.run(lease, claimed_at).await;
                     drop(permit);
                 });
                 // Reap finished tasks so the set stays small on long sweeps.
@@ -353,7 +357,7 @@ struct Job {
 
 impl Job {
     #[tracing::instrument(name = "attempt", skip_all, fields(session = %fingerprint(&lease.token), attempt = lease.attempts + 1))]
-    async fn run(self, lease: Lease) {
+    async fn run(self, lease: Lease, claimed_at: Instant) {
         let attempt = lease.attempts + 1;
         let idle_before = Utc::now() - self.settings.idle_after;
         let decision_skip = |calls| Settlement {
@@ -368,14 +372,17 @@ impl Job {
                 error_message: None,
             },
         };
+        let recheck = if claimed_at.elapsed() < RECHECK_AFTER {
+            Ok(Recheck::Eligible)
+        } else {
+            self.store
+                .recheck(&self.worker, &lease.token, idle_before)
+                .await
+        };
         let settlement = if self.shutdown.is_stopping() {
             release(&lease, attempt, Vec::new())
         } else {
-            match self
-                .store
-                .recheck(&self.worker, &lease.token, idle_before)
-                .await
-            {
+            match recheck {
                 Ok(Recheck::LeaseLost) => {
                     tracing::info!("lease taken over by another worker; leaving it");
                     return;

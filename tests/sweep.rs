@@ -324,7 +324,48 @@ async fn a_session_revived_while_pending_is_skipped_and_never_sent(kind: Kind) {
     assert_eq!(db.status("s-0").await, "ACTIVE");
 }
 
+async fn a_session_that_comes_back_while_queued_is_skipped_and_never_sent(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    // Oldest first: s-0 is sent first, s-5 last, about 2.5 s later at 2 requests per second.
+    let rows: Vec<common::Seed> = (0..6)
+        .map(|i| common::Seed {
+            token: format!("s-{i}"),
+            member: "m".into(),
+            status: "ACTIVE",
+            idle: Duration::from_secs(7200 - i * 60),
+        })
+        .collect();
+    db.seed(&rows).await;
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_IYZICO__RATE_PER_SECOND", "2"),
+            ("SWEEPER_IYZICO__BURST", "1"),
+            ("SWEEPER_SWEEP__CONCURRENCY", "1"),
+        ],
+    );
+    let sweep = tokio::spawn(async move { sweep_once(&config).await });
+    let start = std::time::Instant::now();
+    while sim.stats.requests.load(Ordering::SeqCst) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.touch("s-5").await;
+    let summary = sweep.await.unwrap().unwrap();
+    assert_eq!(
+        (summary.invalidated, summary.skipped),
+        (5, 1),
+        "{summary:?}"
+    );
+    assert_eq!(sim.stats.calls_per_token().get("s-5"), None, "never sent");
+    assert_eq!(db.ledger("s-5").await.unwrap().0, "skipped");
+}
+
 both_backends!(
+    a_session_that_comes_back_while_queued_is_skipped_and_never_sent,
     every_outcome_end_to_end,
     a_second_sweep_right_after_sends_nothing,
     calls_in_flight_never_exceed_concurrency,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{
     ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome,
@@ -17,6 +17,9 @@ use super::{
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
+
+/// Sessions per multi-row statement (11 parameters each stays far below SQLite's limit).
+const RECORD_CHUNK: usize = 80;
 
 /// How long a statement waits for another process's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +44,10 @@ struct Statements {
     count: String,
     recheck: String,
     skip_revived: String,
-    mark_passive: String,
+    /// `UPDATE table SET status = `; the caller appends the value and the token list.
+    mark_passive_many: String,
+    token_column: String,
+    status_column: String,
 }
 
 impl Statements {
@@ -87,9 +93,9 @@ impl Statements {
                  AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = l.session_token \
                    AND s.{status} = ?1 AND s.{last} < ?2)"
             ),
-            mark_passive: format!(
-                "UPDATE {table} SET {status} = ?1 WHERE {tok} = ?2 AND {status} = ?3"
-            ),
+            mark_passive_many: format!("UPDATE {table} SET {status} = "),
+            token_column: tok.clone(),
+            status_column: status.clone(),
         }
     }
 }
@@ -434,71 +440,105 @@ impl Store for SqliteStore {
             .await
             .op("starting to record")?;
         let mut changed = 0;
-        for s in batch {
-            for c in &s.calls {
-                sqlx::query(
+        // Multi-row statements: a handful per chunk instead of three per session.
+        for chunk in batch.chunks(RECORD_CHUNK) {
+            let calls: Vec<_> = chunk
+                .iter()
+                .flat_map(|s| s.calls.iter().map(move |c| (s, c)))
+                .collect();
+            for calls in calls.chunks(RECORD_CHUNK) {
+                let mut q = QueryBuilder::<Sqlite>::new(
                     "INSERT INTO sweeper_attempts (session_token, attempt, worker_id, conversation_id, outcome, \
-                     http_status, error_code, error_message, latency_ms, started_at, finished_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )
-                .bind(&s.token)
-                .bind(i64::from(s.attempt))
-                .bind(worker)
-                .bind(&c.conversation_id)
-                .bind(c.class)
-                .bind(c.http_status.map(i64::from))
-                .bind(&c.error_code)
-                .bind(&c.error_message)
-                .bind(c.latency.as_millis() as i64)
-                .bind(ms(c.started_at))
-                .bind(ms(c.started_at) + c.latency.as_millis() as i64)
-                .execute(&mut *tx)
-                .await
-                .op("recording an attempt")?;
+                     http_status, error_code, error_message, latency_ms, started_at, finished_at) ",
+                );
+                q.push_values(calls, |mut row, (s, c)| {
+                    let latency = c.latency.as_millis() as i64;
+                    row.push_bind(&s.token)
+                        .push_bind(i64::from(s.attempt))
+                        .push_bind(worker)
+                        .push_bind(&c.conversation_id)
+                        .push_bind(c.class)
+                        .push_bind(c.http_status.map(i64::from))
+                        .push_bind(&c.error_code)
+                        .push_bind(&c.error_message)
+                        .push_bind(latency)
+                        .push_bind(ms(c.started_at))
+                        .push_bind(ms(c.started_at) + latency);
+                });
+                q.build().execute(&mut *tx).await.op("recording attempts")?;
             }
-            let done = match &s.decision {
+            // A NULL state releases the lease and leaves everything else as it was.
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE sweeper_sessions SET \
+                 state = COALESCE(u.column2, state), attempts = COALESCE(u.column3, attempts), \
+                 next_attempt_at = CASE WHEN u.column2 IS NULL THEN next_attempt_at ELSE u.column4 END, \
+                 last_error_code = CASE WHEN u.column2 IS NULL THEN last_error_code ELSE u.column5 END, \
+                 last_error_message = CASE WHEN u.column2 IS NULL THEN last_error_message ELSE u.column6 END, \
+                 lease_owner = NULL, lease_expires_at = NULL, updated_at = ",
+            );
+            q.push_bind(ms(now));
+            q.push(", settled_at = CASE WHEN u.column2 IS NULL THEN settled_at WHEN u.column2 = 'pending' THEN NULL ELSE ");
+            q.push_bind(ms(now));
+            q.push(" END FROM (");
+            q.push_values(chunk, |mut row, s| match &s.decision {
                 Decision::Settle {
                     outcome,
                     attempts,
                     next_attempt_at,
                     error_code,
                     error_message,
-                } => sqlx::query(
-                    "UPDATE sweeper_sessions SET state = ?1, attempts = ?2, next_attempt_at = ?3, \
-                     last_error_code = ?4, last_error_message = ?5, lease_owner = NULL, lease_expires_at = NULL, \
-                     updated_at = ?6, settled_at = CASE WHEN ?1 = 'pending' THEN NULL ELSE ?6 END \
-                     WHERE session_token = ?7 AND lease_owner = ?8",
-                )
-                .bind(outcome.as_str())
-                .bind(i64::from(*attempts))
-                .bind(next_attempt_at.map(ms))
-                .bind(error_code)
-                .bind(error_message)
-                .bind(ms(now))
-                .bind(&s.token)
-                .bind(worker),
-                Decision::Release => sqlx::query(
-                    "UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1 \
-                     WHERE session_token = ?2 AND lease_owner = ?3",
-                )
-                .bind(ms(now))
-                .bind(&s.token)
-                .bind(worker),
-            }
-            .execute(&mut *tx)
-            .await
-            .op("settling a session")?;
-            changed += done.rows_affected();
-            let passive =
-                matches!(&s.decision, Decision::Settle { outcome, .. } if outcome.marks_passive());
-            if done.rows_affected() == 1 && passive && self.source.mark_passive {
-                sqlx::query(&self.sql.mark_passive)
-                    .bind(&self.source.passive_value)
-                    .bind(&s.token)
-                    .bind(&self.source.active_value)
-                    .execute(&mut *tx)
-                    .await
-                    .op("marking a session passive")?;
+                } => {
+                    row.push_bind(&s.token)
+                        .push_bind(Some(outcome.as_str()))
+                        .push_bind(Some(i64::from(*attempts)))
+                        .push_bind(next_attempt_at.map(ms))
+                        .push_bind(error_code)
+                        .push_bind(error_message);
+                }
+                Decision::Release => {
+                    row.push_bind(&s.token)
+                        .push_bind(None::<&str>)
+                        .push_bind(None::<i64>)
+                        .push_bind(None::<i64>)
+                        .push_bind(None::<String>)
+                        .push_bind(None::<String>);
+                }
+            });
+            q.push(") AS u WHERE sweeper_sessions.session_token = u.column1 AND sweeper_sessions.lease_owner = ");
+            q.push_bind(worker);
+            q.push(" RETURNING session_token");
+            let settled: Vec<String> = q
+                .build_query_scalar()
+                .fetch_all(&mut *tx)
+                .await
+                .op("settling sessions")?;
+            changed += settled.len() as u64;
+            if self.source.mark_passive {
+                let passive: Vec<&str> = chunk
+                    .iter()
+                    .filter(|s| matches!(&s.decision, Decision::Settle { outcome, .. } if outcome.marks_passive()))
+                    .map(|s| s.token.as_str())
+                    .filter(|t| settled.iter().any(|x| x == t))
+                    .collect();
+                if !passive.is_empty() {
+                    let mut q = QueryBuilder::<Sqlite>::new(&self.sql.mark_passive_many);
+                    q.push_bind(&self.source.passive_value);
+                    q.push(" WHERE ");
+                    q.push(&self.sql.token_column);
+                    q.push(" IN (");
+                    let mut list = q.separated(", ");
+                    for t in passive {
+                        list.push_bind(t);
+                    }
+                    q.push(") AND ");
+                    q.push(&self.sql.status_column);
+                    q.push(" = ");
+                    q.push_bind(&self.source.active_value);
+                    q.build()
+                        .execute(&mut *tx)
+                        .await
+                        .op("marking sessions passive")?;
+                }
             }
         }
         tx.commit().await.op("committing recorded outcomes")?;
