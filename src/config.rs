@@ -543,7 +543,13 @@ impl Config {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
                 // toml appends "in `section`"; the key path already says where.
-                let inner = e.into_inner().to_string().lines().next().unwrap_or_default().to_owned();
+                let inner = e
+                    .into_inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
                 let key = if path == "." { String::new() } else { path };
                 // A type error on a secret would echo the value: never let it through.
                 let message = if key.ends_with("secret_key") || key.ends_with("api_key") {

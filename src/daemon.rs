@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::cli::{CliError, Engine};
 use crate::config::{Config, Schedule};
@@ -172,13 +173,14 @@ fn spawn_sweep(
     sweeper: Arc<crate::sweep::Sweeper>,
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<Result<crate::sweep::SweepSummary, SweepError>> {
-    tokio::spawn(async move {
-        let span = tracing::info_span!("sweep");
-        let _ = span.enter();
-        sweeper
-            .run_once(&shutdown, Arc::new(Progress::default()))
-            .await
-    })
+    tokio::spawn(
+        async move {
+            sweeper
+                .run_once(&shutdown, Arc::new(Progress::default()))
+                .await
+        }
+        .instrument(tracing::info_span!("sweep")),
+    )
 }
 
 /// Whether a start-up error is worth retrying (the database is down, not misconfigured).

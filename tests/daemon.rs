@@ -394,3 +394,153 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
     .await;
     a.leave().await;
 }
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_drives_sweeps() {
+    let Some((db, sim)) = setup(Kind::Sqlite, 3, 0).await else {
+        return;
+    };
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_SWEEP__SCHEDULE", "* * * * * *")],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let shutdown = Shutdown::new();
+    let metrics = Metrics::new();
+    let daemon = tokio::spawn(session_sweeper::daemon::serve(
+        store,
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let m = metrics.clone();
+    wait_for(
+        "three sweeps (start + two cron ticks)",
+        Duration::from_secs(10),
+        move || metric(&m.render(), "sweeper_sweeps_total{result=\"ok\"}") >= 3.0,
+    )
+    .await;
+    assert_eq!(db.count_state("invalidated").await, 3);
+    shutdown.begin(Duration::from_secs(5));
+    tokio::time::timeout(Duration::from_secs(5), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_1_when_iyzico_rejects_the_credentials() {
+    let Some((db, sim)) = setup(Kind::Sqlite, 20, 0).await else {
+        return;
+    };
+    let config = db.config(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "wrong")]);
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        session_sweeper::daemon::serve(store, config, Metrics::new(), Shutdown::new()),
+    )
+    .await
+    .expect("the daemon stops on its own");
+    let err = result.unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    assert!(format!("{err:#}").contains("credentials"), "{err:#}");
+    assert_eq!(db.count_state("failed").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[
+            (
+                "SWEEPER_DATABASE__URL",
+                "postgres://postgres@127.0.0.1:1/nowhere",
+            ),
+            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
+        ],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let shutdown = Shutdown::new();
+    let daemon = tokio::spawn(session_sweeper::daemon::serve(
+        store,
+        config,
+        Metrics::new(),
+        shutdown.clone(),
+    ));
+    let base = format!("http://{listen}");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let start = Instant::now();
+    while reqwest::get(format!("{base}/healthz")).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
+    assert!(!daemon.is_finished(), "it keeps trying instead of exiting");
+    shutdown.begin(Duration::from_secs(1));
+    tokio::time::timeout(Duration::from_secs(15), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// `run` under a systemd-like notify socket: READY=1, watchdog pings, STOPPING=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_ready_watchdog_and_stopping() {
+    let Some((db, _sim)) = setup(Kind::Sqlite, 2, 0).await else {
+        return;
+    };
+    let socket_path = db.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let socket_env = socket_path.to_str().unwrap().to_owned();
+    let mut child = spawn(
+        &db,
+        "run",
+        &[
+            ("NOTIFY_SOCKET", socket_env.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let read = |seen: &mut Vec<String>, until: &str| {
+        let start = Instant::now();
+        let mut buf = [0u8; 512];
+        while !seen.iter().any(|m| m.contains(until)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {until} in {seen:?}"
+            );
+            if let Ok(n) = socket.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    read(&mut seen, "READY=1");
+    read(&mut seen, "WATCHDOG=1");
+    signal(&child, "-TERM");
+    read(&mut seen, "STOPPING=1");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

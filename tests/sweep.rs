@@ -166,8 +166,8 @@ async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
     let config = db.config(
         &sim.base_url(),
         &[
-            ("SWEEPER_SWEEP__RETRY_BASE", "400ms"),
-            ("SWEEPER_SWEEP__RETRY_MAX", "800ms"),
+            ("SWEEPER_SWEEP__RETRY_BASE", "1s"),
+            ("SWEEPER_SWEEP__RETRY_MAX", "2s"),
             ("SWEEPER_SWEEP__MAX_ATTEMPTS", "3"),
             ("SWEEPER_IYZICO__RETRIES", "1"),
         ],
@@ -183,17 +183,17 @@ async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
     // Not due yet: nothing is sent.
     assert_eq!(sweep_once(&config).await.unwrap().processed(), 0);
     assert_eq!(sim.stats.requests.load(Ordering::SeqCst), 6);
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(sweep_once(&config).await.unwrap().pending, 3);
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 2)));
-    // The second delay doubles to 800 ms.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // The second delay doubles to 2 s.
+    tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(
         sweep_once(&config).await.unwrap().processed(),
         0,
         "retry_base doubles per attempt"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let last = sweep_once(&config).await.unwrap();
     assert_eq!(last.failed, 3, "{last:?}");
     assert_eq!(db.ledger("s-0").await, Some(("failed".into(), 3)));
@@ -365,6 +365,7 @@ async fn a_session_that_comes_back_while_queued_is_skipped_and_never_sent(kind: 
 }
 
 both_backends!(
+    processes_sharing_one_database_send_every_session_exactly_once,
     a_session_that_comes_back_while_queued_is_skipped_and_never_sent,
     every_outcome_end_to_end,
     a_second_sweep_right_after_sends_nothing,
@@ -376,12 +377,13 @@ both_backends!(
     a_session_revived_while_pending_is_skipped_and_never_sent,
 );
 
-/// Three `once` processes on one PostgreSQL database send every session exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_on_one_postgres_send_every_session_exactly_once() {
-    let Some(db) = TestDb::new(Kind::Postgres).await else {
+/// Several `once` processes on one database send every session exactly once: three on
+/// PostgreSQL, two on a SQLite file (immediate transactions, WAL, busy timeout).
+async fn processes_sharing_one_database_send_every_session_exactly_once(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
         return;
     };
+    let processes = if kind == Kind::Postgres { 3 } else { 2 };
     let sim = simulator(SimulatorConfig {
         latency: Duration::from_millis(3),
         ..SimulatorConfig::default()
@@ -402,7 +404,7 @@ async fn three_processes_on_one_postgres_send_every_session_exactly_once() {
             .spawn()
             .unwrap()
     };
-    let procs = [spawn(), spawn(), spawn()];
+    let procs: Vec<_> = (0..processes).map(|_| spawn()).collect();
     let mut total = 0;
     for p in procs {
         let out = p.wait_with_output().await.unwrap();
