@@ -160,7 +160,7 @@ pub fn classify(
     sent_conversation_id: &str,
 ) -> Result<(), ApiError> {
     if matches!(http_status, 401 | 403) {
-        let parsed = serde_json::from_slice::<ResponseBody>(body).ok();
+        let parsed = parse_body(body).ok();
         return Err(ApiError::Auth {
             code: parsed
                 .as_ref()
@@ -176,7 +176,7 @@ pub fn classify(
         code,
         retry_after,
     };
-    let parsed = match serde_json::from_slice::<ResponseBody>(body) {
+    let parsed = match parse_body(body) {
         Ok(p) => p,
         Err(_) if http_status == 429 => {
             return Err(retryable("HTTP 429 too many requests".into(), None));
@@ -225,6 +225,23 @@ pub fn classify(
             None => Err(retryable("failure without an errorCode".into(), None)),
         },
         other => Err(retryable(format!("unknown status {other:?}"), code)),
+    }
+}
+
+/// iyzico's answer as a typed body: a JSON object (serde would also accept an array for a
+/// struct, so that is checked first) whose `errorCode`, if any, is a string or a number.
+fn parse_body(body: &[u8]) -> Result<ResponseBody, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if !value.is_object() {
+        return Err("the body is not a JSON object".into());
+    }
+    let parsed: ResponseBody = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    match &parsed.error_code {
+        None
+        | Some(
+            serde_json::Value::Null | serde_json::Value::String(_) | serde_json::Value::Number(_),
+        ) => Ok(parsed),
+        Some(_) => Err("errorCode is neither a string nor a number".into()),
     }
 }
 
