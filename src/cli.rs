@@ -495,7 +495,7 @@ async fn once(store: Arc<dyn Store>, config: &Config, max: Option<u64>) -> Resul
     engine.sweeper.settings_mut().max_sessions = max;
     let progress = Arc::new(Progress::default());
     let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
-    let reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
+    let mut reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
     let result = tokio::select! {
         r = engine.sweeper.run_once(&shutdown, progress.clone()) => r,
         code = forced => {
@@ -503,8 +503,13 @@ async fn once(store: Arc<dyn Store>, config: &Config, max: Option<u64>) -> Resul
             return Err(CliError::Forced(code));
         }
     };
-    reporter.abort();
-    let _ = reporter.await;
+    // The bar draws its last state and returns; log lines stop at the next tick.
+    if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
+        .await
+        .is_err()
+    {
+        reporter.abort();
+    }
     engine.membership.leave().await;
     finish_sweep(result)
 }
@@ -522,32 +527,40 @@ pub fn finish_sweep(result: Result<SweepSummary, SweepError>) -> Result<(), CliE
 
 /// A progress bar on a terminal; otherwise a progress log line every few seconds.
 pub async fn report_progress(progress: Arc<Progress>, bar: bool) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     if bar {
-        let pb = indicatif::ProgressBar::new(progress.eligible_at_start.load(Ordering::Relaxed));
+        let pb = indicatif::ProgressBar::new(load(&progress.eligible_at_start));
         pb.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sessions ({per_sec}, eta {eta})",
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sessions ({rate}, eta {eta})",
             )
-            .expect("valid template"),
+            .expect("valid template")
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            ),
         );
         loop {
-            pb.set_length(
-                progress
-                    .eligible_at_start
-                    .load(Ordering::Relaxed)
-                    .max(progress.claimed.load(Ordering::Relaxed)),
-            );
-            pb.set_position(progress.done.load(Ordering::Relaxed));
+            let finished = progress.finished.load(Ordering::Relaxed);
+            pb.set_length(load(&progress.eligible_at_start).max(load(&progress.claimed)));
+            pb.set_position(load(&progress.done));
+            if finished {
+                pb.finish();
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     } else {
         let mut ticker = tokio::time::interval(Duration::from_secs(5));
         ticker.tick().await;
-        loop {
+        while !progress.finished.load(Ordering::Relaxed) {
             ticker.tick().await;
             tracing::info!(
-                claimed = progress.claimed.load(Ordering::Relaxed),
-                eligible_at_start = progress.eligible_at_start.load(Ordering::Relaxed),
+                done = load(&progress.done),
+                claimed = load(&progress.claimed),
+                eligible_at_start = load(&progress.eligible_at_start),
                 "sweep progress"
             );
         }

@@ -153,7 +153,7 @@ timeout = "3s"
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let progress = Arc::new(Progress::default());
-    let reporter = tokio::spawn(report_progress(
+    let mut reporter = tokio::spawn(report_progress(
         progress.clone(),
         std::io::stderr().is_terminal(),
     ));
@@ -161,8 +161,12 @@ timeout = "3s"
         r = engine.sweeper.run_once(&shutdown, progress) => r,
         _ = forced => anyhow::bail!("stopped by a second signal"),
     };
-    reporter.abort();
-    let _ = reporter.await;
+    if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
+        .await
+        .is_err()
+    {
+        reporter.abort();
+    }
     engine.membership.leave().await;
     let summary = result?;
     println!("\n{}\n", summary.line());

@@ -86,6 +86,8 @@ pub struct Progress {
     pub claimed: AtomicU64,
     /// Sessions settled or released.
     pub done: AtomicU64,
+    /// Set once the sweep has ended.
+    pub finished: std::sync::atomic::AtomicBool,
 }
 
 /// What one sweep did.
@@ -320,6 +322,7 @@ impl Sweeper {
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let mut summary = recorder.await.unwrap_or_default();
         summary.skipped += skipped;
+        progress.finished.store(true, Ordering::Relaxed);
         // Whatever we claimed but never started (stop, auth failure) goes back at once.
         let leftover = self.store.release_all(&self.worker).await;
         summary.duration = started.elapsed();
