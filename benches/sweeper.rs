@@ -306,10 +306,16 @@ async fn throughput(backend: Backend) {
         .scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE state = 'invalidated'")
         .await;
     assert_eq!(settled as u64, N);
+    // tokio's timer rounds a 20 ms sleep up to the next millisecond tick and beyond: the bound
+    // with the latency the simulator really served is the fair one to compare with too.
+    let served = sim.stats.mean_service_time().as_secs_f64();
     println!(
-        "| throughput | {} | {N} sessions, 20 ms latency, concurrency 64 | {rate:.0} sessions/s ({:.3} of {bound:.0}); sweep {secs:.2} s, process {:.2} s | {:.0} µs CPU/session | {:.1} MiB peak RSS |",
+        "| throughput | {} | {N} sessions, 20 ms latency, concurrency 64 | {rate:.0} sessions/s = {:.3} of {bound:.0} (nominal); served latency {:.2} ms, so {:.3} of {:.0} (served) | sweep {secs:.2} s, process {:.2} s; {:.0} µs CPU/session | {:.1} MiB peak RSS |",
         backend.name(),
         rate / bound,
+        served * 1000.0,
+        rate / (64.0 / served),
+        64.0 / served,
         r.wall.as_secs_f64(),
         r.cpu.as_micros() as f64 / N as f64,
         r.max_rss_kib as f64 / 1024.0

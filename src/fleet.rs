@@ -12,6 +12,12 @@ use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, WorkerInfo};
 use crate::telemetry::Metrics;
 
+/// Extra looks at the fleet right after joining, so simultaneous starts share the budget
+/// within a quarter second instead of a whole heartbeat period.
+const FAST_DISCOVERY: [Duration; 2] = [Duration::from_millis(250), Duration::from_millis(500)];
+/// How long `join` waits before its first count of the fleet.
+const FIRST_LOOK: Duration = Duration::from_millis(100);
+
 /// This process's identity: unique per start, so a restarted process never waits on the
 /// leases of its dead predecessor.
 pub fn this_worker() -> WorkerInfo {
@@ -63,6 +69,12 @@ impl Membership {
         }
         store.heartbeat(&worker, Utc::now()).await?;
         let stale_after = period * 3;
+        // Give replicas starting together a moment to register, then take our share before
+        // the first request, so a simultaneous start does not spend the budget several times.
+        tokio::time::sleep(FIRST_LOOK).await;
+        let live = store.live_workers(Utc::now() - stale_after).await?;
+        limiter.set_replicas(live);
+        metrics.set_replicas(live);
         let stop = Shutdown::new();
         let task = tokio::spawn(beat(
             store.clone(),
@@ -105,13 +117,19 @@ async fn beat(
     metrics: Metrics,
     stop: Shutdown,
 ) {
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Replicas that start together only see each other once each has registered: look again
+    // soon after joining, then settle into the regular period.
+    let mut delays = FAST_DISCOVERY
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(period));
+    let mut next = delays.next().expect("endless");
     loop {
         tokio::select! {
             _ = stop.stopping() => return,
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(next) => {}
         }
+        next = delays.next().expect("endless");
         let now = Utc::now();
         let result = async {
             store.heartbeat(&worker, now).await?;

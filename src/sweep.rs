@@ -147,7 +147,7 @@ impl SweepSummary {
             0.0
         };
         format!(
-            "swept {} sessions in {:.1}s ({:.0}/s): invalidated={} already_invalidated={} skipped={} pending={} failed={} released={}",
+            "swept {} sessions in {:.2}s ({:.0}/s): invalidated={} already_invalidated={} skipped={} pending={} failed={} released={}",
             self.processed(),
             secs,
             rate,

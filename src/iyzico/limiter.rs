@@ -36,10 +36,11 @@ impl SharedLimiter {
             return;
         }
         let share = |v: NonZeroU32| NonZeroU32::new((v.get() / replicas).max(1)).expect("max(1)");
-        *guard = (
-            replicas,
-            Arc::new(Self::build(share(self.rate), share(self.burst))),
-        );
+        let limiter = Self::build(share(self.rate), share(self.burst));
+        // A replacement starts with an empty bucket: the old one's burst was already ours to
+        // spend, and a fresh one at every fleet change would let the fleet exceed its budget.
+        let _ = limiter.check_n(share(self.burst));
+        *guard = (replicas, Arc::new(limiter));
     }
 
     /// The replica count the current share is based on.
@@ -80,8 +81,8 @@ mod tests {
         let l = SharedLimiter::new(NonZeroU32::new(10).unwrap(), NonZeroU32::new(10).unwrap());
         l.set_replicas(4);
         assert_eq!(l.replicas(), 4);
-        // 10 / 4 rounds down to a burst of 2.
-        assert!(l.try_acquire() && l.try_acquire() && !l.try_acquire());
+        // A new share starts with an empty bucket: no fresh burst at every fleet change.
+        assert!(!l.try_acquire());
         l.set_replicas(0);
         assert_eq!(l.replicas(), 1);
     }

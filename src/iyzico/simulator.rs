@@ -82,9 +82,10 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     /// The most requests handled at once.
     pub max_in_flight: AtomicUsize,
+    /// Total time spent answering signed requests, in microseconds (for the mean service time).
+    pub service_micros: AtomicU64,
     calls_per_token: Mutex<HashMap<String, u32>>,
     arrivals: Mutex<Vec<Instant>>,
-    started: Mutex<Option<Instant>>,
 }
 
 impl Stats {
@@ -105,6 +106,17 @@ impl Stats {
             best = best.max(hi - lo + 1);
         }
         best
+    }
+
+    /// Mean time to answer a signed request (the latency the client sees, less the network).
+    pub fn mean_service_time(&self) -> Duration {
+        let n = self.arrivals.lock().expect("stats lock").len() as u64;
+        Duration::from_micros(
+            self.service_micros
+                .load(Ordering::Relaxed)
+                .checked_div(n)
+                .unwrap_or(0),
+        )
     }
 
     /// Arrival times of signed requests, in order.
@@ -192,6 +204,17 @@ struct Request {
 
 struct InFlight<'a>(&'a Stats);
 
+/// Adds the time until it is dropped to the service time.
+struct Timed<'a>(&'a Stats, Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.0
+            .service_micros
+            .fetch_add(self.1.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 impl<'a> InFlight<'a> {
     fn enter(stats: &'a Stats) -> Self {
         let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -254,12 +277,8 @@ async fn invalidate(
     };
     let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
     let cid = request.conversation_id.as_deref();
+    let _timed = Timed(stats, Instant::now());
     {
-        stats
-            .started
-            .lock()
-            .expect("stats lock")
-            .get_or_insert_with(Instant::now);
         stats
             .arrivals
             .lock()
