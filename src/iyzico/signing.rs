@@ -23,13 +23,22 @@ pub fn random_key() -> String {
 
 /// Lower-case hex HMAC-SHA256 signature over `random_key + path (no query) + body`.
 pub fn signature(secret_key: &str, random_key: &str, request_path: &str, body: &[u8]) -> String {
+    hex::encode(
+        mac(secret_key, random_key, request_path, body)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// The HMAC over the signed message, ready to finalize or verify.
+fn mac(secret_key: &str, random_key: &str, request_path: &str, body: &[u8]) -> HmacSha256 {
     let path = request_path.split('?').next().unwrap_or_default();
     let mut mac =
         HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
     mac.update(random_key.as_bytes());
     mac.update(path.as_bytes());
     mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    mac
 }
 
 /// The full `Authorization` header value.
@@ -100,13 +109,8 @@ pub fn verify(
         return Err(VerifyError::BadSignature);
     }
     let sig = hex::decode(sig).map_err(|_| VerifyError::BadSignature)?;
-    let path = request_path.split('?').next().unwrap_or_default();
-    let mut mac =
-        HmacSha256::new_from_slice(secret_key.as_bytes()).expect("HMAC takes any key length");
-    mac.update(random_key.as_bytes());
-    mac.update(path.as_bytes());
-    mac.update(body);
-    mac.verify_slice(&sig)
+    mac(secret_key, random_key, request_path, body)
+        .verify_slice(&sig)
         .map_err(|_| VerifyError::BadSignature)
 }
 

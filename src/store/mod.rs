@@ -212,6 +212,13 @@ pub enum Finding {
     Error(String),
 }
 
+impl Finding {
+    /// Whether this finding means the sweeper cannot work.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Finding::Error(_))
+    }
+}
+
 /// A worker's identity, as the heartbeat table records it.
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
@@ -360,4 +367,107 @@ pub(crate) fn suggested_index(source: &SourceConfig, concurrently: bool) -> Stri
         source.status_column.quoted(),
         source.last_activity_column.quoted(),
     )
+}
+
+/// Findings about the source table from its column names (none: the table does not exist).
+pub(crate) fn column_findings(src: &SourceConfig, columns: &[String]) -> Vec<Finding> {
+    if columns.is_empty() {
+        return vec![Finding::Error(format!(
+            "source.table: table {} does not exist",
+            src.table
+        ))];
+    }
+    let mut findings = vec![Finding::Ok(format!("source table {} exists", src.table))];
+    for (key, col) in column_keys(src) {
+        findings.push(if columns.iter().any(|c| c == col.name()) {
+            Finding::Ok(format!("column {col} exists"))
+        } else {
+            Finding::Error(format!(
+                "{key}: column {col} does not exist in {}",
+                src.table
+            ))
+        });
+    }
+    findings
+}
+
+/// The config keys of the source columns, for messages that name the key.
+fn column_keys(src: &SourceConfig) -> [(&'static str, &crate::config::SqlIdent); 4] {
+    [
+        ("source.token_column", &src.token_column),
+        ("source.member_column", &src.member_column),
+        ("source.status_column", &src.status_column),
+        ("source.last_activity_column", &src.last_activity_column),
+    ]
+}
+
+/// Index advice from the source table's index column lists.
+pub(crate) fn index_findings(
+    src: &SourceConfig,
+    indexes: &[Vec<String>],
+    postgres: bool,
+) -> Vec<Finding> {
+    let starts_with = |cols: &[&str]| {
+        indexes.iter().any(|ix| {
+            ix.iter()
+                .map(String::as_str)
+                .take(cols.len())
+                .eq(cols.iter().copied())
+        })
+    };
+    let mut out = Vec::new();
+    if starts_with(&[src.status_column.name(), src.last_activity_column.name()]) {
+        out.push(Finding::Ok(format!(
+            "an index on ({}, {}) serves the eligibility query",
+            src.status_column, src.last_activity_column
+        )));
+    } else {
+        out.push(Finding::Warning(format!(
+            "no index on ({}, {}): every sweep scans the table. Create one: {}",
+            src.status_column,
+            src.last_activity_column,
+            suggested_index(src, postgres)
+        )));
+    }
+    if starts_with(&[src.token_column.name()]) {
+        out.push(Finding::Ok(format!(
+            "an index on {} serves status updates",
+            src.token_column
+        )));
+    } else {
+        out.push(Finding::Warning(format!(
+            "no index on {}: each status update scans the table. Create one: CREATE UNIQUE INDEX {}{}_token_idx ON {} ({});",
+            src.token_column,
+            if postgres { "CONCURRENTLY " } else { "" },
+            src.table.name(),
+            src.table.quoted(),
+            src.token_column.quoted()
+        )));
+    }
+    out
+}
+
+/// The finding for the own tables' migrations.
+pub(crate) fn migration_finding(pending: Vec<String>) -> Finding {
+    if pending.is_empty() {
+        Finding::Ok("the sweeper's own tables are migrated".into())
+    } else {
+        Finding::Error(format!(
+            "the sweeper's own tables need migrations {}: run `session-sweeper migrate`",
+            pending.join(", ")
+        ))
+    }
+}
+
+/// Counts per outcome with every outcome present.
+pub(crate) fn count_rows(rows: impl Iterator<Item = (String, i64)>) -> Vec<(Outcome, u64)> {
+    let mut counts: Vec<(Outcome, u64)> = Outcome::ALL.iter().map(|o| (*o, 0)).collect();
+    for (state, n) in rows {
+        if let Some(o) = Outcome::parse(&state)
+            && let Some(slot) = counts.iter_mut().find(|(k, _)| *k == o)
+        {
+            slot.1 = n as u64;
+        }
+    }
+    counts
 }

@@ -10,11 +10,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::OnceCell;
 
-use super::sqlite::{column_keys, count_rows, index_findings, migration_finding};
 use super::{
     ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome,
     PendingSummary, Recheck, Report, RequeueFilter, Result, Settlement, Store, StoreError,
-    WorkerInfo, WorkerRow, ledger_blocks,
+    WorkerInfo, WorkerRow, column_findings, count_rows, index_findings, ledger_blocks,
+    migration_finding,
 };
 use crate::config::SourceConfig;
 use crate::telemetry::fingerprint;
@@ -240,39 +240,14 @@ impl Store for PgStore {
     }
 
     async fn check(&self) -> Result<Vec<Finding>> {
-        let mut findings = Vec::new();
         let table = self.source.table.quoted();
-        let columns: Vec<String> = sqlx::query_scalar(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
-        )
+        let columns: Vec<String> = sqlx::query_scalar("SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",)
         .bind(&table)
         .fetch_all(&self.pool)
         .await
         .op("reading the source table's columns")?;
-        if columns.is_empty() {
-            findings.push(Finding::Error(format!(
-                "source.table: table {} does not exist",
-                self.source.table
-            )));
-            return Ok(findings);
-        }
-        findings.push(Finding::Ok(format!(
-            "source table {} exists",
-            self.source.table
-        )));
-        let mut missing = false;
-        for (key, col) in column_keys(&self.source) {
-            if columns.iter().any(|c| c == col.name()) {
-                findings.push(Finding::Ok(format!("column {col} exists")));
-            } else {
-                missing = true;
-                findings.push(Finding::Error(format!(
-                    "{key}: column {col} does not exist in {}",
-                    self.source.table
-                )));
-            }
-        }
-        if !missing {
+        let mut findings = column_findings(&self.source, &columns);
+        if !findings.iter().any(Finding::is_error) {
             let indexes: Vec<Vec<String>> = sqlx::query_scalar(
                 "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i \
                  CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \

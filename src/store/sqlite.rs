@@ -11,9 +11,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{
-    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, Outcome,
-    PendingSummary, Recheck, Report, RequeueFilter, Result, Settlement, Store, WorkerInfo,
-    WorkerRow, ledger_blocks, suggested_index,
+    ClaimParams, Decision, FailureRow, Finding, IdleSession, Lease, Migration, Op, PendingSummary,
+    Recheck, Report, RequeueFilter, Result, Settlement, Store, WorkerInfo, WorkerRow,
+    column_findings, count_rows, index_findings, ledger_blocks, migration_finding,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -285,32 +285,8 @@ impl Store for SqliteStore {
     }
 
     async fn check(&self) -> Result<Vec<Finding>> {
-        let mut findings = Vec::new();
-        let columns = self.table_columns().await?;
-        if columns.is_empty() {
-            findings.push(Finding::Error(format!(
-                "source.table: table {} does not exist",
-                self.source.table
-            )));
-            return Ok(findings);
-        }
-        findings.push(Finding::Ok(format!(
-            "source table {} exists",
-            self.source.table
-        )));
-        let mut missing = false;
-        for (key, col) in column_keys(&self.source) {
-            if columns.iter().any(|c| c == col.name()) {
-                findings.push(Finding::Ok(format!("column {col} exists")));
-            } else {
-                missing = true;
-                findings.push(Finding::Error(format!(
-                    "{key}: column {col} does not exist in {}",
-                    self.source.table
-                )));
-            }
-        }
-        if !missing {
+        let mut findings = column_findings(&self.source, &self.table_columns().await?);
+        if !findings.iter().any(Finding::is_error) {
             findings.extend(index_findings(
                 &self.source,
                 &self.table_indexes().await?,
@@ -683,85 +659,4 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-/// The config keys of the source columns, for messages that name the key.
-pub(crate) fn column_keys(src: &SourceConfig) -> [(&'static str, &crate::config::SqlIdent); 4] {
-    [
-        ("source.token_column", &src.token_column),
-        ("source.member_column", &src.member_column),
-        ("source.status_column", &src.status_column),
-        ("source.last_activity_column", &src.last_activity_column),
-    ]
-}
-
-/// Index advice from the source table's index column lists.
-pub(crate) fn index_findings(
-    src: &SourceConfig,
-    indexes: &[Vec<String>],
-    postgres: bool,
-) -> Vec<Finding> {
-    let starts_with = |cols: &[&str]| {
-        indexes.iter().any(|ix| {
-            ix.iter()
-                .map(String::as_str)
-                .take(cols.len())
-                .eq(cols.iter().copied())
-        })
-    };
-    let mut out = Vec::new();
-    if starts_with(&[src.status_column.name(), src.last_activity_column.name()]) {
-        out.push(Finding::Ok(format!(
-            "an index on ({}, {}) serves the eligibility query",
-            src.status_column, src.last_activity_column
-        )));
-    } else {
-        out.push(Finding::Warning(format!(
-            "no index on ({}, {}): every sweep scans the table. Create one: {}",
-            src.status_column,
-            src.last_activity_column,
-            suggested_index(src, postgres)
-        )));
-    }
-    if starts_with(&[src.token_column.name()]) {
-        out.push(Finding::Ok(format!(
-            "an index on {} serves status updates",
-            src.token_column
-        )));
-    } else {
-        out.push(Finding::Warning(format!(
-            "no index on {}: each status update scans the table. Create one: CREATE UNIQUE INDEX {}{}_token_idx ON {} ({});",
-            src.token_column,
-            if postgres { "CONCURRENTLY " } else { "" },
-            src.table.name(),
-            src.table.quoted(),
-            src.token_column.quoted()
-        )));
-    }
-    out
-}
-
-/// The finding for the own tables' migrations.
-pub(crate) fn migration_finding(pending: Vec<String>) -> Finding {
-    if pending.is_empty() {
-        Finding::Ok("the sweeper's own tables are migrated".into())
-    } else {
-        Finding::Error(format!(
-            "the sweeper's own tables need migrations {}: run `session-sweeper migrate`",
-            pending.join(", ")
-        ))
-    }
-}
-
-/// Counts per outcome with every outcome present.
-pub(crate) fn count_rows(rows: impl Iterator<Item = (String, i64)>) -> Vec<(Outcome, u64)> {
-    let mut counts: Vec<(Outcome, u64)> = Outcome::ALL.iter().map(|o| (*o, 0)).collect();
-    for (state, n) in rows {
-        if let Some(o) = Outcome::parse(&state)
-            && let Some(slot) = counts.iter_mut().find(|(k, _)| *k == o)
-        {
-            slot.1 = n as u64;
-        }
-    }
-    counts
 }
