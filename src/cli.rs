@@ -16,7 +16,7 @@ use crate::fleet::{Membership, this_worker};
 use crate::iyzico::Client;
 use crate::iyzico::limiter::SharedLimiter;
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
-use crate::shutdown::{Shutdown, listen_for_signals};
+use crate::shutdown::{Liveness, Shutdown, listen_for_signals};
 use crate::store::{self, ClaimParams, Finding, Outcome, Report, RequeueFilter, Store};
 use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
 use crate::telemetry::{Metrics, init_logging};
@@ -464,12 +464,17 @@ impl Engine {
             metrics.clone(),
         )
         .map_err(|e| CliError::Runtime(e.into()))?;
+        // Stop sending once the heartbeat is half-way to stale: others may take our sessions.
+        let liveness = Liveness::new(config.sweep.stale_after() / 2);
+        let client = client.with_liveness(liveness.clone());
         let membership = Membership::join(
             store.clone(),
             this_worker(),
             config.sweep.heartbeat,
+            config.sweep.lease,
             limiter,
             metrics.clone(),
+            liveness,
         )
         .await?;
         let sweeper = Sweeper::new(

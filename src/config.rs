@@ -654,14 +654,25 @@ impl RawDatabase {
         } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
             Backend::Postgres
         } else {
+            // The value may be a DSN with a password in it: never echo it.
             return Err(ConfigError::invalid(
                 "database.url",
-                format!(
-                    "{:?} must start with sqlite:, postgres:// or postgresql://",
-                    redact_url(&self.url)
-                ),
+                "must start with sqlite:, postgres:// or postgresql://",
             ));
         };
+        // Parse it now, so a malformed URL is bad configuration (exit 2), not a runtime failure.
+        let parsed = match backend {
+            Backend::Sqlite => self
+                .url
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .map(drop),
+            Backend::Postgres => self
+                .url
+                .parse::<sqlx::postgres::PgConnectOptions>()
+                .map(drop),
+        };
+        parsed
+            .map_err(|_| ConfigError::invalid("database.url", "is not a valid connection URL"))?;
         Ok(DatabaseConfig {
             url: SecretString::from(self.url),
             backend,

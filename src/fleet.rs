@@ -8,7 +8,7 @@ use chrono::Utc;
 use tokio::task::JoinHandle;
 
 use crate::iyzico::limiter::SharedLimiter;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Liveness, Shutdown};
 use crate::store::{Store, StoreError, WorkerInfo};
 use crate::telemetry::Metrics;
 
@@ -20,18 +20,29 @@ const FIRST_LOOK: Duration = Duration::from_millis(100);
 
 /// This process's identity: unique per start, so a restarted process never waits on the
 /// leases of its dead predecessor.
+///
+/// The "host" it is grouped under is the hostname plus the boot id and the pid namespace: only
+/// within one of those do pids and `/proc` mean the same thing, so only there may a worker
+/// judge another dead by its pid. Two containers that share a hostname never qualify.
 pub fn this_worker() -> WorkerInfo {
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .ok()
+    };
+    let hostname = read("/proc/sys/kernel/hostname")
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into());
+    let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let pid = std::process::id();
     let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
     WorkerInfo {
         id: format!("{hostname}:{pid}:{nonce}"),
-        hostname,
+        hostname: format!("{hostname}#{}#{pid_ns}", boot.get(..8).unwrap_or(&boot)),
         pid,
     }
 }
@@ -56,8 +67,10 @@ impl Membership {
         store: Arc<dyn Store>,
         worker: WorkerInfo,
         period: Duration,
+        lease: Duration,
         limiter: Arc<SharedLimiter>,
         metrics: Metrics,
+        liveness: Liveness,
     ) -> Result<Self, StoreError> {
         for w in store.workers_on_host(&worker.hostname).await? {
             // Same pid in a fresh process (a restarted container is pid 1 again) or no such
@@ -68,6 +81,7 @@ impl Membership {
             }
         }
         store.heartbeat(&worker, Utc::now()).await?;
+        liveness.beat();
         let stale_after = period * 3;
         // Give replicas starting together a moment to register, then take our share before
         // the first request, so a simultaneous start does not spend the budget several times.
@@ -81,8 +95,10 @@ impl Membership {
             worker.clone(),
             period,
             stale_after,
+            lease,
             limiter,
             metrics,
+            liveness,
             stop.clone(),
         ));
         Ok(Self {
@@ -113,8 +129,10 @@ async fn beat(
     worker: WorkerInfo,
     period: Duration,
     stale_after: Duration,
+    lease: Duration,
     limiter: Arc<SharedLimiter>,
     metrics: Metrics,
+    liveness: Liveness,
     stop: Shutdown,
 ) {
     // Replicas that start together only see each other once each has registered: look again
@@ -133,11 +151,13 @@ async fn beat(
         let now = Utc::now();
         let result = async {
             store.heartbeat(&worker, now).await?;
+            store.renew_leases(&worker.id, now + lease).await?;
             store.live_workers(now - stale_after).await
         }
         .await;
         match result {
             Ok(live) => {
+                liveness.beat();
                 if live != limiter.replicas() {
                     tracing::info!(
                         replicas = live,

@@ -56,6 +56,11 @@ impl Shutdown {
         self.stop.cancelled().await
     }
 
+    /// Whether in-flight work must be dropped.
+    pub fn is_aborted(&self) -> bool {
+        self.abort.is_cancelled()
+    }
+
     /// Resolves once in-flight work must be dropped.
     pub async fn aborted(&self) {
         self.abort.cancelled().await
@@ -68,6 +73,46 @@ impl Shutdown {
             stop: self.stop.child_token(),
             abort: self.abort.child_token(),
         }
+    }
+}
+
+/// Whether this worker may still call the API. Its leases only count while its heartbeat is
+/// fresh, so once the heartbeat is half-way to stale, others may soon take its sessions: from
+/// then on it must not send (self-fencing), and gives its sessions back instead.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    origin: std::time::Instant,
+    last_beat_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    max_age: Duration,
+}
+
+impl Liveness {
+    /// Fresh now; stale once no beat was recorded for `max_age`.
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            last_beat_ms: Default::default(),
+            max_age,
+        }
+    }
+
+    /// Never stale (a client used outside a fleet, as in tests and the simulator's trials).
+    pub fn always() -> Self {
+        Self::new(Duration::MAX)
+    }
+
+    /// Records a successful heartbeat.
+    pub fn beat(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last_beat_ms
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the last heartbeat is recent enough to send.
+    pub fn is_fresh(&self) -> bool {
+        let last =
+            Duration::from_millis(self.last_beat_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last) < self.max_age
     }
 }
 
@@ -115,6 +160,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), child.aborted())
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn liveness_goes_stale_without_beats() {
+        let l = Liveness::new(Duration::from_millis(30));
+        assert!(l.is_fresh());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!l.is_fresh());
+        l.beat();
+        assert!(l.is_fresh());
+        assert!(Liveness::always().is_fresh());
     }
 
     #[tokio::test]

@@ -30,8 +30,12 @@ pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// What a sweep needs to know, as typed values.
 #[derive(Debug, Clone)]
 pub struct SweepSettings {
-    /// Sessions per claim.
+    /// Sessions per claim (at most; see [`SweepSettings::claim_size`]).
     pub batch_size: u32,
+    /// The fleet's requests per second.
+    pub rate_per_second: u32,
+    /// The most calls one attempt makes (the first plus immediate retries).
+    pub calls_per_attempt: u32,
     /// Sessions being worked on at once (API calls in flight are bounded by the client).
     pub concurrency: usize,
     /// Lease length.
@@ -54,11 +58,10 @@ impl SweepSettings {
     /// Settings from the validated config.
     pub fn from_config(config: &Config) -> Self {
         let s: &SweepConfig = &config.sweep;
-        // Never claim more than can be sent well within the lease at the configured rate.
-        let sendable =
-            (f64::from(config.iyzico.rate_per_second.get()) * s.lease.as_secs_f64() / 2.0).max(1.0);
         Self {
-            batch_size: s.batch_size.get().min(sendable as u32),
+            batch_size: s.batch_size.get(),
+            rate_per_second: config.iyzico.rate_per_second.get(),
+            calls_per_attempt: config.iyzico.retries + 1,
             concurrency: s.concurrency.get(),
             lease: s.lease,
             max_attempts: s.max_attempts.get(),
@@ -68,6 +71,16 @@ impl SweepSettings {
             stale_after: s.stale_after(),
             max_sessions: None,
         }
+    }
+
+    /// How many sessions to claim at once with `replicas` sharing the rate: never more than this
+    /// replica can send in half a lease at its share of the rate, even if every call is retried,
+    /// so that claimed work is not hoarded away from other replicas.
+    pub fn claim_size(&self, replicas: u32) -> u32 {
+        let share = f64::from(self.rate_per_second) / f64::from(replicas.max(1));
+        let sendable =
+            share * self.lease.as_secs_f64() / (2.0 * f64::from(self.calls_per_attempt.max(1)));
+        self.batch_size.min(sendable.max(1.0) as u32)
     }
 
     /// The delay before sweep-level attempt `attempts + 1`: `retry_base` doubling, capped.
@@ -253,6 +266,9 @@ impl Sweeper {
         // Our own leases from an earlier, interrupted sweep of this process would block us.
         self.store.release_all(&self.worker).await?;
         let skipped = self.store.skip_revived(self.params(0)).await?;
+        for _ in 0..skipped {
+            self.metrics.session_settled(Outcome::Skipped.as_str());
+        }
         let eligible = self.backlog().await?;
         progress
             .eligible_at_start
@@ -276,8 +292,10 @@ impl Sweeper {
         'claiming: while !sweep.is_stopping() {
             let limit = match self.settings.max_sessions {
                 Some(max) if claimed_total >= max => break,
-                Some(max) => (max - claimed_total).min(u64::from(self.settings.batch_size)) as u32,
-                None => self.settings.batch_size,
+                Some(max) => (max - claimed_total).min(u64::from(
+                    self.settings.claim_size(self.client.limiter().replicas()),
+                )) as u32,
+                None => self.settings.claim_size(self.client.limiter().replicas()),
             };
             let leases = match self.store.claim(self.params(limit)).await {
                 Ok(l) => l,
@@ -453,7 +471,10 @@ impl Job {
                     Decision::Release
                 }
                 ApiError::Retryable { reason, code, .. } => {
-                    if attempt >= self.settings.max_attempts {
+                    if self.shutdown.is_stopping() {
+                        // Cut short by shutdown, not judged by the retry policy: give it back.
+                        Decision::Release
+                    } else if attempt >= self.settings.max_attempts {
                         tracing::warn!(reason, "retryable failure, attempts used up: failed");
                         settle(
                             Outcome::Failed,
@@ -462,18 +483,8 @@ impl Job {
                             Some(reason),
                         )
                     } else {
-                        // A retry cut short by shutdown is due at once; otherwise back off.
-                        let delay = if self.shutdown.is_stopping() {
-                            Duration::ZERO
-                        } else {
-                            self.settings.retry_delay(attempt)
-                        };
-                        settle(
-                            Outcome::Pending,
-                            Some(Utc::now() + delay),
-                            code.as_deref(),
-                            Some(reason),
-                        )
+                        let next = Utc::now() + self.settings.retry_delay(attempt);
+                        settle(Outcome::Pending, Some(next), code.as_deref(), Some(reason))
                     }
                 }
             },
@@ -515,7 +526,15 @@ async fn record_loop(
         loop {
             match store.record(&worker, Utc::now(), &batch).await {
                 Ok(_) => break,
-                Err(e) if tries < RECORD_RETRIES => {
+                // Past the grace period one more try is all the time there is.
+                Err(e)
+                    if tries
+                        < if sweep.is_aborted() {
+                            1
+                        } else {
+                            RECORD_RETRIES
+                        } =>
+                {
                     tries += 1;
                     tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -550,6 +569,8 @@ mod tests {
     fn settings() -> SweepSettings {
         SweepSettings {
             batch_size: 10,
+            rate_per_second: 10,
+            calls_per_attempt: 4,
             concurrency: 2,
             lease: Duration::from_secs(300),
             max_attempts: 10,
@@ -559,6 +580,20 @@ mod tests {
             stale_after: Duration::from_secs(15),
             max_sessions: None,
         }
+    }
+
+    #[test]
+    fn claims_never_exceed_what_this_replica_can_send_in_half_a_lease() {
+        let mut s = settings();
+        s.batch_size = 500;
+        // 10/s × 300 s / 2 / 4 calls = 375; with 8 replicas 1.25/s → 46.
+        assert_eq!(s.claim_size(1), 375);
+        assert_eq!(s.claim_size(8), 46);
+        s.rate_per_second = 100_000;
+        assert_eq!(s.claim_size(1), 500);
+        s.rate_per_second = 1;
+        s.lease = Duration::from_secs(1);
+        assert_eq!(s.claim_size(4), 1, "always at least one");
     }
 
     #[test]

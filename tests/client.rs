@@ -538,3 +538,24 @@ async fn no_log_line_at_any_level_contains_the_secret() {
         "session tokens appear only as fingerprints:\n{logs}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_with_a_stale_heartbeat_does_not_call_the_api() {
+    let sim = common::simulator(SimulatorConfig::default()).await;
+    let liveness = session_sweeper::shutdown::Liveness::new(Duration::from_millis(20));
+    let c = client(&config(&sim.base_url(), &[])).with_liveness(liveness.clone());
+    liveness.beat();
+    assert_eq!(
+        c.invalidate("tok-1", "m", &Shutdown::new()).await.result,
+        Ok(())
+    );
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let fenced = c.invalidate("tok-2", "m", &Shutdown::new()).await;
+    assert_eq!(fenced.result, Err(InvalidateError::Interrupted));
+    assert!(fenced.calls.is_empty());
+    assert_eq!(
+        sim.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "nothing sent while fenced"
+    );
+}

@@ -357,8 +357,10 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(1),
         beat,
+        Duration::from_secs(60),
         limiter_a.clone(),
         Metrics::new(),
+        session_sweeper::shutdown::Liveness::always(),
     )
     .await
     .unwrap();
@@ -366,8 +368,10 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(2),
         beat,
+        Duration::from_secs(60),
         limiter_b.clone(),
         Metrics::new(),
+        session_sweeper::shutdown::Liveness::always(),
     )
     .await
     .unwrap();

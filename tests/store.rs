@@ -549,7 +549,52 @@ async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
     );
 }
 
+async fn renewed_leases_do_not_lapse_while_their_worker_lives(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 3)).await;
+    register(&*store, "w").await;
+    let now = Utc::now();
+    let mut p = params("w", now, 10);
+    p.lease_until = now + Duration::from_secs(1);
+    assert_eq!(store.claim(p).await.unwrap().len(), 3);
+    assert_eq!(
+        store
+            .renew_leases("w", now + Duration::from_secs(300))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .renew_leases("nobody", now + Duration::from_secs(300))
+            .await
+            .unwrap(),
+        0
+    );
+    // Two seconds on, the first expiry has passed, but the renewed leases of a live worker hold.
+    let later = now + Duration::from_secs(2);
+    store
+        .heartbeat(
+            &WorkerInfo {
+                id: "w".into(),
+                hostname: "h".into(),
+                pid: 1,
+            },
+            later,
+        )
+        .await
+        .unwrap();
+    register(&*store, "other").await;
+    let mut q = params("other", later, 10);
+    q.stale_before = later - Duration::from_secs(15);
+    assert!(store.claim(q).await.unwrap().is_empty());
+}
+
 both_backends!(
+    renewed_leases_do_not_lapse_while_their_worker_lives,
     migrate_is_idempotent,
     check_finds_missing_table_column_and_index,
     only_active_idle_unsettled_sessions_are_eligible,

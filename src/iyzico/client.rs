@@ -15,7 +15,7 @@ use super::{
     ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing,
 };
 use crate::config::{IyzicoConfig, Locale};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Liveness, Shutdown};
 use crate::telemetry::{Metrics, fingerprint};
 
 /// The most response body we read; anything longer is not the documented JSON.
@@ -275,6 +275,7 @@ pub struct Client {
     retry_min_delay: Duration,
     retry_max_delay: Duration,
     metrics: Metrics,
+    liveness: Liveness,
 }
 
 /// Why the client could not be built.
@@ -316,7 +317,14 @@ impl Client {
             retry_min_delay: config.retry_min_delay,
             retry_max_delay: config.retry_max_delay,
             metrics,
+            liveness: Liveness::always(),
         })
+    }
+
+    /// Makes every call first check that this worker's heartbeat is fresh (self-fencing).
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
     }
 
     /// The shared rate limiter (the daemon re-sizes it as replicas come and go).
@@ -354,6 +362,13 @@ impl Client {
                 _ = shutdown.stopping() => return Invalidation { calls, result: Err(InvalidateError::Interrupted) },
                 p = self.in_flight.acquire() => p.expect("the semaphore is never closed"),
             };
+            if !self.liveness.is_fresh() {
+                tracing::warn!("heartbeat is stale: not calling the API, giving the session back");
+                return Invalidation {
+                    calls,
+                    result: Err(InvalidateError::Interrupted),
+                };
+            }
             let started_at = Utc::now();
             let started = Instant::now();
             let conversation_id = uuid::Uuid::new_v4().to_string();

@@ -300,6 +300,9 @@ pub trait Store: Send + Sync {
     async fn record(&self, worker: &str, now: DateTime<Utc>, batch: &[Settlement]) -> Result<u64>;
     /// Releases every lease `worker` holds.
     async fn release_all(&self, worker: &str) -> Result<u64>;
+    /// Extends every lease `worker` holds to `until` (called with each heartbeat, so a live
+    /// worker's leases never lapse however long its queue).
+    async fn renew_leases(&self, worker: &str, until: DateTime<Utc>) -> Result<u64>;
     /// Records that `worker` is alive.
     async fn heartbeat(&self, worker: &WorkerInfo, now: DateTime<Utc>) -> Result<()>;
     /// How many workers are alive (heartbeat after `stale_before`).

@@ -112,7 +112,11 @@ impl PgStore {
     /// Opens (lazily) a pool on `url`.
     pub async fn connect(url: &str, max_connections: u32, source: SourceConfig) -> Result<Self> {
         let options: PgConnectOptions = url.parse().op("parsing the PostgreSQL URL")?;
-        let options = options.application_name("session-sweeper");
+        // Never wait forever on the application's row locks or a stuck statement: a failed
+        // write is retried by the recorder, a hung one would stall the sweep and its shutdown.
+        let options = options
+            .application_name("session-sweeper")
+            .options([("lock_timeout", "5s"), ("statement_timeout", "60s")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -509,6 +513,17 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await
         .op("releasing leases")?;
+        Ok(done.rows_affected())
+    }
+
+    async fn renew_leases(&self, worker: &str, until: DateTime<Utc>) -> Result<u64> {
+        let done =
+            sqlx::query("UPDATE sweeper_sessions SET lease_expires_at = $1 WHERE lease_owner = $2")
+                .bind(until)
+                .bind(worker)
+                .execute(&self.pool)
+                .await
+                .op("renewing leases")?;
         Ok(done.rows_affected())
     }
 

@@ -532,6 +532,17 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn renew_leases(&self, worker: &str, until: DateTime<Utc>) -> Result<u64> {
+        let done =
+            sqlx::query("UPDATE sweeper_sessions SET lease_expires_at = ?1 WHERE lease_owner = ?2")
+                .bind(ms(until))
+                .bind(worker)
+                .execute(&self.pool)
+                .await
+                .op("renewing leases")?;
+        Ok(done.rows_affected())
+    }
+
     async fn heartbeat(&self, worker: &WorkerInfo, now: DateTime<Utc>) -> Result<()> {
         sqlx::query(
             "INSERT INTO sweeper_workers (worker_id, hostname, pid, version, started_at, heartbeat_at) \
