@@ -90,17 +90,20 @@ impl Membership {
         limiter.set_replicas(live);
         metrics.set_replicas(live);
         let stop = Shutdown::new();
-        let task = tokio::spawn(beat(
-            store.clone(),
-            worker.clone(),
-            period,
-            stale_after,
-            lease,
-            limiter,
-            metrics,
-            liveness,
-            stop.clone(),
-        ));
+        let task = tokio::spawn(
+            Heartbeat {
+                store: store.clone(),
+                worker: worker.clone(),
+                period,
+                stale_after,
+                lease,
+                limiter,
+                metrics,
+                liveness,
+                stop: stop.clone(),
+            }
+            .run(),
+        );
         Ok(Self {
             worker,
             store,
@@ -124,7 +127,8 @@ impl Membership {
     }
 }
 
-async fn beat(
+/// The background loop of one membership.
+struct Heartbeat {
     store: Arc<dyn Store>,
     worker: WorkerInfo,
     period: Duration,
@@ -134,40 +138,55 @@ async fn beat(
     metrics: Metrics,
     liveness: Liveness,
     stop: Shutdown,
-) {
-    // Replicas that start together only see each other once each has registered: look again
-    // soon after joining, then settle into the regular period.
-    let mut delays = FAST_DISCOVERY
-        .iter()
-        .copied()
-        .chain(std::iter::repeat(period));
-    let mut next = delays.next().expect("endless");
-    loop {
-        tokio::select! {
-            _ = stop.stopping() => return,
-            _ = tokio::time::sleep(next) => {}
-        }
-        next = delays.next().expect("endless");
-        let now = Utc::now();
-        let result = async {
-            store.heartbeat(&worker, now).await?;
-            store.renew_leases(&worker.id, now + lease).await?;
-            store.live_workers(now - stale_after).await
-        }
-        .await;
-        match result {
-            Ok(live) => {
-                liveness.beat();
-                if live != limiter.replicas() {
-                    tracing::info!(
-                        replicas = live,
-                        "fleet size changed; adjusting this worker's share of the rate budget"
-                    );
-                }
-                limiter.set_replicas(live);
-                metrics.set_replicas(live);
+}
+
+impl Heartbeat {
+    async fn run(self) {
+        let Heartbeat {
+            store,
+            worker,
+            period,
+            stale_after,
+            lease,
+            limiter,
+            metrics,
+            liveness,
+            stop,
+        } = self;
+        // Replicas that start together only see each other once each has registered: look again
+        // soon after joining, then settle into the regular period.
+        let mut delays = FAST_DISCOVERY
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(period));
+        let mut next = delays.next().expect("endless");
+        loop {
+            tokio::select! {
+                _ = stop.stopping() => return,
+                _ = tokio::time::sleep(next) => {}
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            next = delays.next().expect("endless");
+            let now = Utc::now();
+            let result = async {
+                store.heartbeat(&worker, now).await?;
+                store.renew_leases(&worker.id, now + lease).await?;
+                store.live_workers(now - stale_after).await
+            }
+            .await;
+            match result {
+                Ok(live) => {
+                    liveness.beat();
+                    if live != limiter.replicas() {
+                        tracing::info!(
+                            replicas = live,
+                            "fleet size changed; adjusting this worker's share of the rate budget"
+                        );
+                    }
+                    limiter.set_replicas(live);
+                    metrics.set_replicas(live);
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
         }
     }
 }
