@@ -86,7 +86,15 @@ impl Membership {
         // Give replicas starting together a moment to register, then take our share before
         // the first request, so a simultaneous start does not spend the budget several times.
         tokio::time::sleep(FIRST_LOOK).await;
-        let live = store.live_workers(Utc::now() - stale_after).await?;
+        let mut live = store.live_workers(Utc::now() - stale_after).await?;
+        if live > 1 {
+            // The others learn of us at their next beat; until then they still spend the
+            // shares they had. Waiting one period keeps the fleet within its budget.
+            tokio::time::sleep(period).await;
+            store.heartbeat(&worker, Utc::now()).await?;
+            liveness.beat();
+            live = store.live_workers(Utc::now() - stale_after).await?;
+        }
         limiter.set_replicas(live);
         metrics.set_replicas(live);
         let stop = Shutdown::new();

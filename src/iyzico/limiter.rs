@@ -56,10 +56,15 @@ impl SharedLimiter {
     /// Waits for one request's turn; returns how long it waited. Cancel-safe: dropping the
     /// future gives nothing back but takes nothing either.
     pub async fn acquire(&self) -> Duration {
-        let limiter = self.current.read().expect("limiter lock").1.clone();
         let start = Instant::now();
-        limiter.until_ready().await;
-        start.elapsed()
+        loop {
+            let limiter = self.current.read().expect("limiter lock").1.clone();
+            limiter.until_ready().await;
+            // Re-shared while we waited: the old share no longer entitles us to send.
+            if Arc::ptr_eq(&limiter, &self.current.read().expect("limiter lock").1) {
+                return start.elapsed();
+            }
+        }
     }
 }
 
@@ -74,6 +79,25 @@ mod tests {
             assert!(l.try_acquire(), "request {i} of the burst");
         }
         assert!(!l.try_acquire(), "the sixth must wait for the rate");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_never_sends_on_a_share_that_was_taken_away() {
+        let l = Arc::new(SharedLimiter::new(
+            NonZeroU32::new(1).unwrap(),
+            NonZeroU32::new(1).unwrap(),
+        ));
+        assert!(l.try_acquire());
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move { l.acquire().await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Re-shared while the waiter waits on the old limiter: it must wait again, on the new
+        // (empty) one, instead of sending when the old one would have let it.
+        l.set_replicas(2);
+        let waited = waiter.await.unwrap();
+        assert!(waited >= Duration::from_millis(1800), "{waited:?}");
     }
 
     #[test]
