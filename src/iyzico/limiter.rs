@@ -83,6 +83,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_never_sends_on_a_share_that_was_taken_away() {
+        let start = Instant::now();
         let l = Arc::new(SharedLimiter::new(
             NonZeroU32::new(1).unwrap(),
             NonZeroU32::new(1).unwrap(),
@@ -93,11 +94,13 @@ mod tests {
             tokio::spawn(async move { l.acquire().await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // Re-shared while the waiter waits on the old limiter: it must wait again, on the new
-        // (empty) one, instead of sending when the old one would have let it.
+        // Re-shared while the waiter waits on the old limiter (next turn at 1.0 s). The new one
+        // starts empty; its first turn comes at 1.1 s and must go to the waiter, so none is left
+        // at 1.25 s. Had the waiter sent on the old share, the new turn would still be free.
         l.set_replicas(2);
-        let waited = waiter.await.unwrap();
-        assert!(waited >= Duration::from_millis(1800), "{waited:?}");
+        waiter.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1250).saturating_sub(start.elapsed())).await;
+        assert!(!l.try_acquire(), "the waiter used the old share");
     }
 
     #[test]
