@@ -8,46 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Kind, TestDb, idle_sessions, simulator};
+use common::{Kind, TestDb, idle_sessions, signal, simulator, spawn_sweeper, wait_for};
 use session_sweeper::fleet::Membership;
 use session_sweeper::iyzico::limiter::SharedLimiter;
 use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::WorkerInfo;
 use session_sweeper::telemetry::Metrics;
-
-fn spawn(db: &TestDb, command: &str, env: &[(&str, &str)]) -> tokio::process::Child {
-    let path = db.dir.path().join("sweeper.toml");
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
-    cmd.arg("--config")
-        .arg(&path)
-        .arg(command)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().unwrap()
-}
-
-fn signal(child: &tokio::process::Child, sig: &str) {
-    let pid = child.id().expect("running").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn setup(kind: Kind, sessions: usize, latency_ms: u64) -> Option<(TestDb, Simulator)> {
     let db = TestDb::new(kind).await?;
@@ -70,7 +37,7 @@ async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) 
     let Some((db, sim)) = setup(kind, 40, 600).await else {
         return;
     };
-    let mut child = spawn(
+    let mut child = spawn_sweeper(
         &db,
         "run",
         &[
@@ -121,7 +88,7 @@ async fn a_second_signal_stops_at_once(kind: Kind) {
     let Some((db, sim)) = setup(kind, 10, 10_000).await else {
         return;
     };
-    let mut child = spawn(&db, "once", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s")]);
+    let mut child = spawn_sweeper(&db, "once", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s")]);
     wait_for("a call in flight", Duration::from_secs(20), || {
         sim.stats.requests.load(Ordering::SeqCst) >= 1
     })
@@ -140,7 +107,7 @@ async fn after_sigkill_a_restart_settles_everything_at_most_twice(kind: Kind) {
     let Some((db, sim)) = setup(kind, 60, 150).await else {
         return;
     };
-    let mut victim = spawn(&db, "run", &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
+    let mut victim = spawn_sweeper(&db, "run", &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
     wait_for("some progress", Duration::from_secs(20), || {
         sim.stats.invalidated.load(Ordering::SeqCst) >= 10
     })
@@ -149,7 +116,10 @@ async fn after_sigkill_a_restart_settles_everything_at_most_twice(kind: Kind) {
     victim.wait().await.unwrap();
     // The restarted process forgets its dead predecessor on this host: no waiting on its leases.
     let started = Instant::now();
-    let out = spawn(&db, "once", &[]).wait_with_output().await.unwrap();
+    let out = spawn_sweeper(&db, "once", &[])
+        .wait_with_output()
+        .await
+        .unwrap();
     assert!(out.status.success());
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -516,7 +486,7 @@ async fn systemd_is_told_ready_watchdog_and_stopping() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let socket_env = socket_path.to_str().unwrap().to_owned();
-    let mut child = spawn(
+    let mut child = spawn_sweeper(
         &db,
         "run",
         &[

@@ -5,11 +5,12 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt as _;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Kind, Pool, TestDb, idle_sessions, simulator, sweep_once};
+use common::{
+    Kind, Pool, TestDb, idle_sessions, signal, simulator, spawn_sweeper, sweep_once, wait_for,
+};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use session_sweeper::iyzico::ApiError;
@@ -250,6 +251,15 @@ enum Sig {
     Kill,
 }
 
+impl Sig {
+    fn flag(self) -> &'static str {
+        match self {
+            Sig::Term => "-TERM",
+            Sig::Kill => "-KILL",
+        }
+    }
+}
+
 /// A database with `sessions` idle sessions, migrated, a simulator answering after `latency`,
 /// and the config file the binary reads.
 struct Scene {
@@ -273,44 +283,6 @@ async fn scene(kind: Kind, sessions: usize, latency: Duration) -> Option<Scene> 
     )
     .unwrap();
     Some(Scene { db, sim, sessions })
-}
-
-fn spawn(db: &TestDb, command: &str, env: &[(&str, &str)]) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
-    cmd.arg("--config")
-        .arg(db.dir.path().join("sweeper.toml"))
-        .arg(command)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().unwrap()
-}
-
-fn send(child: &tokio::process::Child, sig: Sig) {
-    let pid = child.id().expect("running").to_string();
-    let flag = match sig {
-        Sig::Term => "-TERM",
-        Sig::Kill => "-KILL",
-    };
-    assert!(
-        std::process::Command::new("kill")
-            .args([flag, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -380,7 +352,7 @@ async fn follow_up_settles_the_rest(scene: &Scene, sig: Sig, env: &[(&str, &str)
     let started = Instant::now();
     let out = tokio::time::timeout(
         Duration::from_secs(15),
-        spawn(db, "once", env).wait_with_output(),
+        spawn_sweeper(db, "once", env).wait_with_output(),
     )
     .await
     .expect("the follow-up once ends")
@@ -445,7 +417,7 @@ async fn interrupt_while_claiming(kind: Kind, sig: Sig) {
     let Some(scene) = scene(kind, 60, Duration::from_millis(1000)).await else {
         return;
     };
-    let child = spawn(
+    let child = spawn_sweeper(
         &scene.db,
         "once",
         &[
@@ -459,7 +431,7 @@ async fn interrupt_while_claiming(kind: Kind, sig: Sig) {
         assert!(start.elapsed() < Duration::from_secs(15), "no claim");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    send(&child, sig);
+    signal(&child, sig.flag());
     stopped(&scene, child, sig).await;
     if sig == Sig::Term {
         assert!(
@@ -484,7 +456,7 @@ async fn interrupt_mid_flight(kind: Kind, sig: Sig) {
     let Some(scene) = scene(kind, 40, Duration::from_millis(800)).await else {
         return;
     };
-    let child = spawn(
+    let child = spawn_sweeper(
         &scene.db,
         "run",
         &[
@@ -497,7 +469,7 @@ async fn interrupt_mid_flight(kind: Kind, sig: Sig) {
         sim.stats.in_flight.load(Ordering::SeqCst) >= 4
     })
     .await;
-    send(&child, sig);
+    signal(&child, sig.flag());
     stopped(&scene, child, sig).await;
     if sig == Sig::Term {
         let sent = sim.stats.invalidated.load(Ordering::SeqCst);
@@ -523,14 +495,14 @@ async fn interrupt_while_recording(kind: Kind, sig: Sig) {
         let Some(scene) = scene(kind, RECORDING_SESSIONS, Duration::ZERO).await else {
             return;
         };
-        let child = spawn(&scene.db, "run", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "5s")]);
+        let child = spawn_sweeper(&scene.db, "run", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "5s")]);
         let sim = &scene.sim;
         wait_for("the first call", Duration::from_secs(15), || {
             sim.stats.requests.load(Ordering::SeqCst) >= 1
         })
         .await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        send(&child, sig);
+        signal(&child, sig.flag());
         let at_signal = sim.stats.requests.load(Ordering::SeqCst);
         stopped(&scene, child, sig).await;
         eprintln!(

@@ -426,6 +426,42 @@ pub async fn sweep_once_with(
     result
 }
 
+/// Starts the binary with `command` on this database's `sweeper.toml` (written by the test),
+/// output captured, killed if the test drops it.
+pub fn spawn_sweeper(db: &TestDb, command: &str, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(db.dir.path().join("sweeper.toml"))
+        .arg(command)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Sends a signal (`"-TERM"`, `"-INT"`, `"-KILL"`) to a running child.
+pub fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
+/// Polls `done` every few milliseconds until it holds; fails the test after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Declares a test for each backend from one `async fn(Kind)`.
 #[macro_export]
 macro_rules! both_backends {
