@@ -74,35 +74,34 @@ async fn check_finds_missing_table_column_and_index(kind: Kind) {
         "{findings:?}"
     );
 
-    let missing_table = db.config(
-        "http://127.0.0.1:9",
-        &[("SWEEPER_SOURCE__TABLE", "no_such_table")],
-    );
-    let findings = session_sweeper::store::open(&missing_table)
-        .await
-        .unwrap()
-        .check()
-        .await
-        .unwrap();
-    assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.table") && m.contains("no_such_table"))),
-        "{findings:?}"
-    );
-
-    let missing_column = db.config(
-        "http://127.0.0.1:9",
-        &[("SWEEPER_SOURCE__MEMBER_COLUMN", "member_id")],
-    );
-    let findings = session_sweeper::store::open(&missing_column)
-        .await
-        .unwrap()
-        .check()
-        .await
-        .unwrap();
-    assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m) if m.contains("source.member_column") && m.contains("member_id"))),
-        "{findings:?}"
-    );
+    // A missing table or column is an error that names the key and the missing name.
+    for (var, value, key) in [
+        ("SWEEPER_SOURCE__TABLE", "no_such_table", "source.table"),
+        (
+            "SWEEPER_SOURCE__MEMBER_COLUMN",
+            "member_id",
+            "source.member_column",
+        ),
+        (
+            "SWEEPER_SOURCE__LAST_ACTIVITY_COLUMN",
+            "touched_at",
+            "source.last_activity_column",
+        ),
+    ] {
+        let config = db.config("http://127.0.0.1:9", &[(var, value)]);
+        let findings = session_sweeper::store::open(&config)
+            .await
+            .unwrap()
+            .check()
+            .await
+            .unwrap();
+        assert!(
+            findings
+                .iter()
+                .any(|f| matches!(f, Finding::Error(m) if m.contains(key) && m.contains(value))),
+            "{key}: {findings:?}"
+        );
+    }
 
     db.exec("DROP INDEX checkout_sessions_idle").await;
     let findings = store.check().await.unwrap();
