@@ -229,6 +229,23 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Sleeps until `deadline` within a fraction of a millisecond: tokio's timer ticks in whole
+/// milliseconds and rounds up (a 20 ms sleep lasts about 21 ms), so the last stretch is slept
+/// on a blocking thread. The simulated latency is then what `--latency` says.
+async fn precise_sleep(deadline: Instant) {
+    const SLACK: Duration = Duration::from_millis(2);
+    if let Some(coarse) = deadline
+        .checked_duration_since(Instant::now())
+        .and_then(|d| d.checked_sub(SLACK))
+    {
+        tokio::time::sleep(coarse).await;
+    }
+    let rest = deadline.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+}
+
 fn failure(
     status: StatusCode,
     code: &str,
@@ -277,7 +294,8 @@ async fn invalidate(
     };
     let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
     let cid = request.conversation_id.as_deref();
-    let _timed = Timed(stats, Instant::now());
+    let arrived = Instant::now();
+    let _timed = Timed(stats, arrived);
     {
         stats
             .arrivals
@@ -292,7 +310,7 @@ async fn invalidate(
             .or_default() += 1;
     }
     if !state.config.latency.is_zero() {
-        tokio::time::sleep(state.config.latency).await;
+        precise_sleep(arrived + state.config.latency).await;
     }
     let faults = &state.config.faults;
     let mut roll = fastrand::f64();
