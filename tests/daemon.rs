@@ -8,33 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Kind, TestDb, idle_sessions, signal, simulator, spawn_sweeper, wait_for};
+use common::{Kind, TestDb, sessions_and_simulator, signal, spawn_sweeper, wait_for};
 use session_sweeper::fleet::Membership;
 use session_sweeper::iyzico::limiter::SharedLimiter;
-use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::WorkerInfo;
 use session_sweeper::telemetry::Metrics;
 
-async fn setup(kind: Kind, sessions: usize, latency_ms: u64) -> Option<(TestDb, Simulator)> {
-    let db = TestDb::new(kind).await?;
-    let sim = simulator(SimulatorConfig {
-        latency: Duration::from_millis(latency_ms),
-        ..SimulatorConfig::default()
-    })
-    .await;
-    db.seed(&idle_sessions("s", sessions)).await;
-    db.store().await;
-    std::fs::write(
-        db.dir.path().join("sweeper.toml"),
-        db.config_toml(&sim.base_url()),
-    )
-    .unwrap();
-    Some((db, sim))
-}
-
 async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) {
-    let Some((db, sim)) = setup(kind, 40, 600).await else {
+    let Some((db, sim)) = sessions_and_simulator(kind, 40, Duration::from_millis(600)).await else {
         return;
     };
     let mut child = spawn_sweeper(
@@ -85,7 +67,8 @@ async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) 
 }
 
 async fn a_second_signal_stops_at_once(kind: Kind) {
-    let Some((db, sim)) = setup(kind, 10, 10_000).await else {
+    let Some((db, sim)) = sessions_and_simulator(kind, 10, Duration::from_millis(10_000)).await
+    else {
         return;
     };
     let mut child = spawn_sweeper(&db, "once", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s")]);
@@ -104,7 +87,7 @@ async fn a_second_signal_stops_at_once(kind: Kind) {
 }
 
 async fn after_sigkill_a_restart_settles_everything_at_most_twice(kind: Kind) {
-    let Some((db, sim)) = setup(kind, 60, 150).await else {
+    let Some((db, sim)) = sessions_and_simulator(kind, 60, Duration::from_millis(150)).await else {
         return;
     };
     let mut victim = spawn_sweeper(&db, "run", &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
@@ -163,7 +146,9 @@ async fn get(url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_skipped_ticks() {
-    let Some((db, _sim)) = setup(Kind::Sqlite, 20, 100).await else {
+    let Some((db, _sim)) =
+        sessions_and_simulator(Kind::Sqlite, 20, Duration::from_millis(100)).await
+    else {
         return;
     };
     let port = free_port();
@@ -246,7 +231,9 @@ async fn metrics_health_and_skipped_ticks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_database_connections_do_not_stop_the_daemon() {
-    let Some((db, sim)) = setup(Kind::Postgres, 400, 15).await else {
+    let Some((db, sim)) =
+        sessions_and_simulator(Kind::Postgres, 400, Duration::from_millis(15)).await
+    else {
         return;
     };
     let config = db.config(
@@ -379,7 +366,8 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cron_schedule_drives_sweeps() {
-    let Some((db, sim)) = setup(Kind::Sqlite, 3, 0).await else {
+    let Some((db, sim)) = sessions_and_simulator(Kind::Sqlite, 3, Duration::from_millis(0)).await
+    else {
         return;
     };
     let config = db.config(
@@ -413,7 +401,8 @@ async fn a_cron_schedule_drives_sweeps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_exits_1_when_iyzico_rejects_the_credentials() {
-    let Some((db, sim)) = setup(Kind::Sqlite, 20, 0).await else {
+    let Some((db, sim)) = sessions_and_simulator(Kind::Sqlite, 20, Duration::from_millis(0)).await
+    else {
         return;
     };
     let config = db.config(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "wrong")]);
@@ -477,7 +466,8 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
 /// `run` under a systemd-like notify socket: READY=1, watchdog pings, STOPPING=1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_is_told_ready_watchdog_and_stopping() {
-    let Some((db, _sim)) = setup(Kind::Sqlite, 2, 0).await else {
+    let Some((db, _sim)) = sessions_and_simulator(Kind::Sqlite, 2, Duration::from_millis(0)).await
+    else {
         return;
     };
     let socket_path = db.dir.path().join("notify.sock");

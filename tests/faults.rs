@@ -269,19 +269,7 @@ struct Scene {
 }
 
 async fn scene(kind: Kind, sessions: usize, latency: Duration) -> Option<Scene> {
-    let db = TestDb::new(kind).await?;
-    let sim = simulator(SimulatorConfig {
-        latency,
-        ..SimulatorConfig::default()
-    })
-    .await;
-    db.seed(&idle_sessions("s", sessions)).await;
-    db.store().await;
-    std::fs::write(
-        db.dir.path().join("sweeper.toml"),
-        db.config_toml(&sim.base_url()),
-    )
-    .unwrap();
+    let (db, sim) = common::sessions_and_simulator(kind, sessions, latency).await?;
     Some(Scene { db, sim, sessions })
 }
 

@@ -400,6 +400,29 @@ pub async fn simulator(config: SimulatorConfig) -> Simulator {
         .unwrap()
 }
 
+/// A migrated database with `sessions` idle sessions (`s-0`…), a simulator answering after
+/// `latency`, and the `sweeper.toml` the binary reads; `None` to skip.
+pub async fn sessions_and_simulator(
+    kind: Kind,
+    sessions: usize,
+    latency: Duration,
+) -> Option<(TestDb, Simulator)> {
+    let db = TestDb::new(kind).await?;
+    let sim = simulator(SimulatorConfig {
+        latency,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    db.seed(&idle_sessions("s", sessions)).await;
+    db.store().await;
+    std::fs::write(
+        db.dir.path().join("sweeper.toml"),
+        db.config_toml(&sim.base_url()),
+    )
+    .unwrap();
+    Some((db, sim))
+}
+
 /// Runs one sweep in-process, as `once` does.
 pub async fn sweep_once(config: &Config) -> Result<SweepSummary, SweepError> {
     sweep_once_with(config, &Shutdown::new(), Metrics::new()).await
