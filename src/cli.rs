@@ -435,8 +435,6 @@ pub struct Engine {
     pub sweeper: Sweeper,
     /// The heartbeat.
     pub membership: Membership,
-    /// Shared metrics.
-    pub metrics: Metrics,
 }
 
 impl Engine {
@@ -487,7 +485,6 @@ impl Engine {
         Ok(Self {
             sweeper,
             membership,
-            metrics,
         })
     }
 }

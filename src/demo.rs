@@ -132,7 +132,7 @@ timeout = "3s"
         sim.base_url()
     );
     let store = store::open(&config).await?;
-    seed(&store, &db_path, &rows).await?;
+    seed(&db_path, &rows).await?;
     let idle = rows
         .iter()
         .filter(|r| r.status == "ACTIVE" && r.idle > Duration::from_secs(1800))
@@ -183,11 +183,7 @@ timeout = "3s"
     Ok(())
 }
 
-async fn seed(
-    store: &Arc<dyn store::Store>,
-    db_path: &std::path::Path,
-    rows: &[Sample],
-) -> anyhow::Result<()> {
+async fn seed(db_path: &std::path::Path, rows: &[Sample]) -> anyhow::Result<()> {
     // The application's table, as an application would have it.
     let pool =
         sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db_path.display())).await?;
@@ -211,6 +207,5 @@ async fn seed(
     }
     tx.commit().await?;
     pool.close().await;
-    let _ = store;
     Ok(())
 }

@@ -381,10 +381,10 @@ impl Job {
     async fn run(self, lease: Lease, claimed_at: Instant) {
         let attempt = lease.attempts + 1;
         let idle_before = Utc::now() - self.settings.idle_after;
-        let decision_skip = |calls| Settlement {
+        let skipped = || Settlement {
             token: lease.token.clone(),
             attempt,
-            calls,
+            calls: Vec::new(),
             decision: Decision::Settle {
                 outcome: Outcome::Skipped,
                 attempts: lease.attempts,
@@ -401,7 +401,7 @@ impl Job {
                 .await
         };
         let settlement = if self.shutdown.is_stopping() {
-            release(&lease, attempt, Vec::new())
+            release(&lease, attempt)
         } else {
             match recheck {
                 Ok(Recheck::LeaseLost) => {
@@ -410,11 +410,11 @@ impl Job {
                 }
                 Ok(Recheck::NoLongerEligible) => {
                     tracing::info!("active again since it was claimed; skipped");
-                    decision_skip(Vec::new())
+                    skipped()
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "recheck failed; releasing");
-                    release(&lease, attempt, Vec::new())
+                    release(&lease, attempt)
                 }
                 Ok(Recheck::Eligible) => {
                     let inv = self
@@ -498,11 +498,12 @@ impl Job {
     }
 }
 
-fn release(lease: &Lease, attempt: u32, calls: Vec<crate::iyzico::CallRecord>) -> Settlement {
+/// Gives a session back untouched, before any call was made.
+fn release(lease: &Lease, attempt: u32) -> Settlement {
     Settlement {
         token: lease.token.clone(),
         attempt,
-        calls,
+        calls: Vec::new(),
         decision: Decision::Release,
     }
 }

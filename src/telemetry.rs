@@ -254,11 +254,6 @@ impl Metrics {
     pub fn is_ready(&self) -> bool {
         self.inner.ready.get() == 1
     }
-
-    /// Skipped ticks so far.
-    pub fn skipped_ticks(&self) -> u64 {
-        self.inner.skipped_ticks.get()
-    }
 }
 
 #[cfg(test)]

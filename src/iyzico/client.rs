@@ -400,12 +400,14 @@ impl Client {
                 Err(e) => e.class(),
             };
             self.metrics.api_call(class, http_status, latency);
-            let fp = fingerprint(session_token);
+            // Field values are only computed when the line is emitted: no hashing on the hot path.
             match &result {
-                Ok(()) => tracing::debug!(session = %fp, ?http_status, ?latency, "invalidated"),
-                Err(e) => {
-                    tracing::debug!(session = %fp, ?http_status, ?latency, class, error = %e, "call failed")
+                Ok(()) => {
+                    tracing::debug!(session = %fingerprint(session_token), ?http_status, ?latency, "invalidated")
                 }
+                Err(e) => tracing::debug!(
+                    session = %fingerprint(session_token), ?http_status, ?latency, class, error = %e, "call failed"
+                ),
             }
             calls.push(CallRecord {
                 conversation_id,

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use crate::config::{Backend, Config, DatabaseConfig, SourceConfig};
+use crate::config::{Backend, Config, SourceConfig};
 use crate::iyzico::CallRecord;
 
 /// Ledger states. `Pending` is the only non-terminal one.
@@ -323,11 +323,7 @@ pub trait Store: Send + Sync {
 
 /// Opens the configured backend (connecting lazily checks nothing; call `ping` or `check`).
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
-    open_with(&config.database, &config.source).await
-}
-
-/// Opens a store from its two config sections.
-pub async fn open_with(db: &DatabaseConfig, source: &SourceConfig) -> Result<Arc<dyn Store>> {
+    let (db, source) = (&config.database, &config.source);
     let url = db.url.expose_secret();
     Ok(match db.backend {
         Backend::Sqlite => Arc::new(

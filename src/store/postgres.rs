@@ -129,11 +129,6 @@ impl PgStore {
         })
     }
 
-    /// The pool, for tests and tools that seed data.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     async fn sql(&self) -> Result<&Statements> {
         self.sql
             .get_or_try_init(|| async {

@@ -130,11 +130,6 @@ impl SqliteStore {
         Ok(Self { pool, source, sql })
     }
 
-    /// The pool, for tests and tools that seed data.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
     fn cutoff(&self, t: DateTime<Utc>) -> Cutoff {
         match self.source.last_activity_format {
             TimestampFormat::SqliteText => Cutoff::Text(t.format("%Y-%m-%d %H:%M:%S").to_string()),
