@@ -161,14 +161,7 @@ async fn metrics_health_and_skipped_ticks() {
             ("SWEEPER_SWEEP__CONCURRENCY", "2"),
         ],
     );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let shutdown = Shutdown::new();
-    let daemon = tokio::spawn(session_sweeper::daemon::serve(
-        store,
-        config,
-        Metrics::new(),
-        shutdown.clone(),
-    ));
+    let daemon = common::Daemon::start(config).await;
     let base = format!("http://{listen}");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let start = Instant::now();
@@ -221,12 +214,9 @@ async fn metrics_health_and_skipped_ticks() {
     );
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
-    shutdown.begin(Duration::from_secs(5));
-    tokio::time::timeout(Duration::from_secs(5), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,15 +234,7 @@ async fn killed_database_connections_do_not_stop_the_daemon() {
             ("SWEEPER_SWEEP__BATCH_SIZE", "20"),
         ],
     );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let shutdown = Shutdown::new();
-    let metrics = Metrics::new();
-    let daemon = tokio::spawn(session_sweeper::daemon::serve(
-        store,
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let daemon = common::Daemon::start(config).await;
     wait_for("the sweep to start", Duration::from_secs(20), || {
         sim.stats.invalidated.load(Ordering::SeqCst) >= 20
     })
@@ -286,13 +268,10 @@ async fn killed_database_connections_do_not_stop_the_daemon() {
         400,
         "one ledger row per session"
     );
-    assert!(!daemon.is_finished(), "the daemon kept running");
-    shutdown.begin(Duration::from_secs(5));
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    assert!(!daemon.task.is_finished(), "the daemon kept running");
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,15 +353,8 @@ async fn a_cron_schedule_drives_sweeps() {
         &sim.base_url(),
         &[("SWEEPER_SWEEP__SCHEDULE", "* * * * * *")],
     );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let shutdown = Shutdown::new();
-    let metrics = Metrics::new();
-    let daemon = tokio::spawn(session_sweeper::daemon::serve(
-        store,
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let daemon = common::Daemon::start(config).await;
+    let metrics = daemon.metrics.clone();
     let m = metrics.clone();
     wait_for(
         "three sweeps (start + two cron ticks)",
@@ -391,12 +363,9 @@ async fn a_cron_schedule_drives_sweeps() {
     )
     .await;
     assert_eq!(db.count_state("invalidated").await, 3);
-    shutdown.begin(Duration::from_secs(5));
-    tokio::time::timeout(Duration::from_secs(5), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,14 +405,7 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
             ("SWEEPER_SERVER__LISTEN", listen.as_str()),
         ],
     );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let shutdown = Shutdown::new();
-    let daemon = tokio::spawn(session_sweeper::daemon::serve(
-        store,
-        config,
-        Metrics::new(),
-        shutdown.clone(),
-    ));
+    let daemon = common::Daemon::start(config).await;
     let base = format!("http://{listen}");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let start = Instant::now();
@@ -454,13 +416,13 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
-    assert!(!daemon.is_finished(), "it keeps trying instead of exiting");
-    shutdown.begin(Duration::from_secs(1));
-    tokio::time::timeout(Duration::from_secs(15), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    assert!(
+        !daemon.task.is_finished(),
+        "it keeps trying instead of exiting"
+    );
+    daemon
+        .stop(Duration::from_secs(1), Duration::from_secs(15))
+        .await;
 }
 
 /// `run` under a systemd-like notify socket: READY=1, watchdog pings, STOPPING=1.

@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use session_sweeper::iyzico::ApiError;
 use session_sweeper::iyzico::client::classify;
 use session_sweeper::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
-use session_sweeper::shutdown::Shutdown;
 use session_sweeper::telemetry::Metrics;
 use sqlx::Row;
 
@@ -899,16 +898,14 @@ async fn resource_use_over_a_hundred_sweeps() {
             ("SWEEPER_DATABASE__MAX_CONNECTIONS", "2"),
         ],
     );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    store.migrate().await.unwrap();
-    let metrics = Metrics::new();
-    let shutdown = Shutdown::new();
-    let daemon = tokio::spawn(session_sweeper::daemon::serve(
-        store,
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    session_sweeper::store::open(&config)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let daemon = common::Daemon::start(config).await;
+    let metrics = daemon.metrics.clone();
     let tasks = || {
         tokio::runtime::Handle::current()
             .metrics()
@@ -972,12 +969,9 @@ async fn resource_use_over_a_hundred_sweeps() {
     let calls = sim.stats.calls_per_token();
     assert_eq!(calls.len(), seeded);
     assert!(calls.values().all(|&c| c == 1));
-    shutdown.begin(Duration::from_secs(5));
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(10))
+        .await;
 }
 
 #[test]

@@ -185,27 +185,24 @@ async fn two_workers_never_claim_the_same_session(kind: Kind) {
     db.seed(&idle_sessions("s", 200)).await;
     register(&*store, "a").await;
     register(&*store, "b").await;
-    let (sa, sb) = (store.clone(), store.clone());
-    let a = tokio::spawn(async move {
-        let mut got = Vec::new();
-        loop {
-            let l = sa.claim(params("a", Utc::now(), 7)).await.unwrap();
-            if l.is_empty() {
-                return got;
+    // Each worker claims in its own batch size until nothing is left.
+    let claim_all = |worker: &'static str, batch: u32| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let l = store
+                    .claim(params(worker, Utc::now(), batch))
+                    .await
+                    .unwrap();
+                if l.is_empty() {
+                    return got;
+                }
+                got.extend(l.into_iter().map(|l| l.token));
             }
-            got.extend(l.into_iter().map(|l| l.token));
-        }
-    });
-    let b = tokio::spawn(async move {
-        let mut got = Vec::new();
-        loop {
-            let l = sb.claim(params("b", Utc::now(), 5)).await.unwrap();
-            if l.is_empty() {
-                return got;
-            }
-            got.extend(l.into_iter().map(|l| l.token));
-        }
-    });
+        })
+    };
+    let (a, b) = (claim_all("a", 7), claim_all("b", 5));
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     let mut all: Vec<_> = a.iter().chain(b.iter()).cloned().collect();
     all.sort();

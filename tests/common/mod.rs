@@ -423,6 +423,45 @@ pub async fn sessions_and_simulator(
     Some((db, sim))
 }
 
+/// The daemon (`run`) in-process: its metrics, its shutdown handle and its task.
+pub struct Daemon {
+    /// The metrics it records into.
+    pub metrics: Metrics,
+    /// Stops it without a signal.
+    pub shutdown: Shutdown,
+    /// Ends with the daemon's result.
+    pub task: tokio::task::JoinHandle<Result<(), session_sweeper::cli::CliError>>,
+}
+
+impl Daemon {
+    /// Starts `run`'s loop on `config`'s database (migrated beforehand by the test's setup).
+    pub async fn start(config: Config) -> Self {
+        let store = store::open(&config).await.unwrap();
+        let (metrics, shutdown) = (Metrics::new(), Shutdown::new());
+        let task = tokio::spawn(session_sweeper::daemon::serve(
+            store,
+            config,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            metrics,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops it gracefully with `grace` and asserts it exits cleanly within `within`.
+    pub async fn stop(self, grace: Duration, within: Duration) {
+        self.shutdown.begin(grace);
+        tokio::time::timeout(within, self.task)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// Runs one sweep in-process, as `once` does.
 pub async fn sweep_once(config: &Config) -> Result<SweepSummary, SweepError> {
     sweep_once_with(config, &Shutdown::new(), Metrics::new()).await
