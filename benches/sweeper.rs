@@ -225,6 +225,31 @@ async fn simulator(latency_ms: u64) -> Simulator {
     .unwrap()
 }
 
+/// One benchmark's setting: a seeded database, a simulator and a migrated config file.
+struct Scenario {
+    backend: Backend,
+    rows: u64,
+    every_nth_eligible: u64,
+    latency_ms: u64,
+    name: &'static str,
+    sweep: &'static str,
+    iyzico: &'static str,
+}
+
+impl Scenario {
+    async fn prepare(self) -> (Db, Simulator, PathBuf) {
+        let db = Db::new(self.backend).await;
+        db.seed(self.rows, self.every_nth_eligible).await;
+        let sim = simulator(self.latency_ms).await;
+        let cfg = db.write_config(
+            &format!("{}.toml", self.name),
+            &db.config_toml(&sim.base_url(), self.sweep, self.iyzico),
+        );
+        db.migrate(&cfg).await;
+        (db, sim, cfg)
+    }
+}
+
 /// What one sweeper process used.
 struct ChildReport {
     wall: Duration,
@@ -286,18 +311,17 @@ fn sweep_secs(stdout: &str) -> f64 {
 
 async fn throughput(backend: Backend) {
     const N: u64 = 20_000;
-    let db = Db::new(backend).await;
-    db.seed(N, 1).await;
-    let sim = simulator(20).await;
-    let cfg = db.write_config(
-        "throughput.toml",
-        &db.config_toml(
-            &sim.base_url(),
-            "batch_size = 500\nconcurrency = 64",
-            "rate_per_second = 1000000\nburst = 100000",
-        ),
-    );
-    db.migrate(&cfg).await;
+    let (db, sim, cfg) = Scenario {
+        backend,
+        rows: N,
+        every_nth_eligible: 1,
+        latency_ms: 20,
+        name: "throughput",
+        sweep: "batch_size = 500\nconcurrency = 64",
+        iyzico: "rate_per_second = 1000000\nburst = 100000",
+    }
+    .prepare()
+    .await;
     let r = run_child(&cfg, &["once"]);
     let secs = sweep_secs(&r.stdout);
     let rate = N as f64 / secs;
@@ -325,18 +349,17 @@ async fn throughput(backend: Backend) {
 
 async fn rate_precision() {
     const N: u64 = 4000;
-    let db = Db::new(Backend::Sqlite).await;
-    db.seed(N, 1).await;
-    let sim = simulator(2).await;
-    let cfg = db.write_config(
-        "rate.toml",
-        &db.config_toml(
-            &sim.base_url(),
-            "batch_size = 500\nconcurrency = 16",
-            "rate_per_second = 200\nburst = 10",
-        ),
-    );
-    db.migrate(&cfg).await;
+    let (db, sim, cfg) = Scenario {
+        backend: Backend::Sqlite,
+        rows: N,
+        every_nth_eligible: 1,
+        latency_ms: 2,
+        name: "rate",
+        sweep: "batch_size = 500\nconcurrency = 16",
+        iyzico: "rate_per_second = 200\nburst = 10",
+    }
+    .prepare()
+    .await;
     run_child(&cfg, &["once"]);
     let arrivals = sim.stats.arrivals();
     assert_eq!(arrivals.len() as u64, N);
@@ -356,18 +379,17 @@ async fn rate_precision() {
 
 async fn scale(backend: Backend) {
     for total in [100_000u64, 1_000_000] {
-        let db = Db::new(backend).await;
-        db.seed(total, 100).await;
-        let sim = simulator(0).await;
-        let cfg = db.write_config(
-            "scale.toml",
-            &db.config_toml(
-                &sim.base_url(),
-                "batch_size = 500\nconcurrency = 64",
-                "rate_per_second = 1000000\nburst = 100000",
-            ),
-        );
-        db.migrate(&cfg).await;
+        let (db, _sim, cfg) = Scenario {
+            backend,
+            rows: total,
+            every_nth_eligible: 100,
+            latency_ms: 0,
+            name: "scale",
+            sweep: "batch_size = 500\nconcurrency = 64",
+            iyzico: "rate_per_second = 1000000\nburst = 100000",
+        }
+        .prepare()
+        .await;
         let config = Config::load(&cfg, std::iter::empty()).unwrap();
         let store = store::open(&config).await.unwrap();
         let worker = session_sweeper::store::WorkerInfo {
@@ -408,18 +430,17 @@ async fn scale(backend: Backend) {
         db.drop().await;
     }
     // A 200,000-session backlog: memory must not follow it.
-    let db = Db::new(backend).await;
-    db.seed(1_000_000, 5).await;
-    let sim = simulator(0).await;
-    let cfg = db.write_config(
-        "backlog.toml",
-        &db.config_toml(
-            &sim.base_url(),
-            "batch_size = 500\nconcurrency = 64",
-            "rate_per_second = 1000000\nburst = 100000",
-        ),
-    );
-    db.migrate(&cfg).await;
+    let (db, _sim, cfg) = Scenario {
+        backend,
+        rows: 1_000_000,
+        every_nth_eligible: 5,
+        latency_ms: 0,
+        name: "backlog",
+        sweep: "batch_size = 500\nconcurrency = 64",
+        iyzico: "rate_per_second = 1000000\nburst = 100000",
+    }
+    .prepare()
+    .await;
     let r = run_child(&cfg, &["once", "--max", "20000"]);
     println!(
         "| scale | {} | 1,000,000 rows, 200,000 eligible | `once --max 20000`: {:.1} MiB peak RSS | {:.0} sessions/s (0 ms latency) | |",
@@ -433,18 +454,17 @@ async fn scale(backend: Backend) {
 async fn replicas() {
     const N: u64 = 6000;
     for n in [1usize, 2, 4] {
-        let db = Db::new(Backend::Postgres).await;
-        db.seed(N, 1).await;
-        let sim = simulator(20).await;
-        let cfg = db.write_config(
-            "replicas.toml",
-            &db.config_toml(
-                &sim.base_url(),
-                "batch_size = 200\nconcurrency = 32\nheartbeat = \"1s\"",
-                "rate_per_second = 1000\nburst = 50",
-            ),
-        );
-        db.migrate(&cfg).await;
+        let (db, sim, cfg) = Scenario {
+            backend: Backend::Postgres,
+            rows: N,
+            every_nth_eligible: 1,
+            latency_ms: 20,
+            name: "replicas",
+            sweep: "batch_size = 200\nconcurrency = 32\nheartbeat = \"1s\"",
+            iyzico: "rate_per_second = 1000\nburst = 50",
+        }
+        .prepare()
+        .await;
         let start = Instant::now();
         let handles: Vec<_> = (0..n)
             .map(|_| {
@@ -470,18 +490,17 @@ async fn replicas() {
 
 async fn recovery() {
     const N: u64 = 3000;
-    let db = Db::new(Backend::Postgres).await;
-    db.seed(N, 1).await;
-    let sim = simulator(100).await;
-    let cfg = db.write_config(
-        "recovery.toml",
-        &db.config_toml(
-            &sim.base_url(),
-            "interval = \"1s\"\nbatch_size = 100\nconcurrency = 16",
-            "rate_per_second = 1000000\nburst = 100000",
-        ),
-    );
-    db.migrate(&cfg).await;
+    let (db, sim, cfg) = Scenario {
+        backend: Backend::Postgres,
+        rows: N,
+        every_nth_eligible: 1,
+        latency_ms: 100,
+        name: "recovery",
+        sweep: "interval = \"1s\"\nbatch_size = 100\nconcurrency = 16",
+        iyzico: "rate_per_second = 1000000\nburst = 100000",
+    }
+    .prepare()
+    .await;
     let spawn = || {
         std::process::Command::new(BIN)
             .arg("--config")

@@ -150,18 +150,23 @@ async fn once_max_stops_after_n(kind: Kind) {
     assert_eq!(db.count_state("invalidated").await, 10);
 }
 
-async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else {
-        return;
-    };
-    let sim = simulator(SimulatorConfig {
+/// A simulator that answers every call with a 503.
+async fn always_unavailable() -> session_sweeper::iyzico::simulator::Simulator {
+    simulator(SimulatorConfig {
         faults: Faults {
             unavailable: 1.0,
             ..Faults::default()
         },
         ..SimulatorConfig::default()
     })
-    .await;
+    .await
+}
+
+async fn retryable_failures_follow_the_retry_schedule_then_fail(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = always_unavailable().await;
     db.seed(&idle_sessions("s", 3)).await;
     let config = db.config(
         &sim.base_url(),
@@ -287,14 +292,7 @@ async fn a_session_revived_while_pending_is_skipped_and_never_sent(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
     };
-    let sim = simulator(SimulatorConfig {
-        faults: Faults {
-            unavailable: 1.0,
-            ..Faults::default()
-        },
-        ..SimulatorConfig::default()
-    })
-    .await;
+    let sim = always_unavailable().await;
     db.seed(&idle_sessions("s", 2)).await;
     let flaky = db.config(
         &sim.base_url(),
