@@ -195,6 +195,9 @@ pub struct SourceConfig {
     pub last_activity_column: SqlIdent,
     /// How `last_activity_column` is stored (SQLite only).
     pub last_activity_format: TimestampFormat,
+    /// The zone naive timestamps are written in (PostgreSQL `timestamp`, MySQL `DATETIME`,
+    /// SQLite text without an offset); `None`: UTC, allowed only where the database's zone is UTC.
+    pub last_activity_timezone: Option<chrono_tz::Tz>,
     /// Status of a live session.
     pub active_value: String,
     /// Status written once invalidated.
@@ -310,6 +313,8 @@ impl Locale {
 pub struct ServerConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` disables the server.
     pub listen: Option<SocketAddr>,
+    /// Whether the read-only status page is served at `/` and `/api/status`.
+    pub status_page: bool,
 }
 
 /// Log output format.
@@ -393,6 +398,7 @@ struct RawSource {
     last_activity_column: String,
     #[serde(default)]
     last_activity_format: TimestampFormat,
+    last_activity_timezone: Option<String>,
     active_value: String,
     passive_value: String,
     #[serde(with = "humantime_serde")]
@@ -454,6 +460,8 @@ struct RawIyzico {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    #[serde(default, deserialize_with = "de::opt_bool")]
+    status_page: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -712,6 +720,15 @@ impl RawSource {
                 false,
             )?,
             last_activity_format: self.last_activity_format,
+            last_activity_timezone: match self.last_activity_timezone.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(zone) => Some(zone.parse::<chrono_tz::Tz>().map_err(|_| {
+                    ConfigError::invalid(
+                        "source.last_activity_timezone",
+                        format!("{zone:?} is not an IANA time zone name like \"Europe/Istanbul\" or \"UTC\""),
+                    )
+                })?),
+            },
             active_value: self.active_value,
             passive_value: self.passive_value,
             idle_after: nonzero_duration(
@@ -915,7 +932,10 @@ impl RawServer {
                 )
             })?),
         };
-        Ok(ServerConfig { listen })
+        Ok(ServerConfig {
+            listen,
+            status_page: self.status_page.unwrap_or(true),
+        })
     }
 }
 
