@@ -397,16 +397,15 @@ async fn scale(backend: Backend) {
             hostname: "bench".into(),
             pid: 1,
         };
-        store.heartbeat(&worker, Utc::now()).await.unwrap();
+        store.heartbeat(&worker).await.unwrap();
         let mut times = Vec::new();
         for _ in 0..21 {
             let now = Utc::now();
             let p = ClaimParams {
                 worker: "bench",
-                now,
                 idle_before: now - Duration::from_secs(1800),
-                stale_before: now - Duration::from_secs(15),
-                lease_until: now + Duration::from_secs(300),
+                stale_after: Duration::from_secs(15),
+                lease: Duration::from_secs(300),
                 limit: 500,
             };
             let t = Instant::now();

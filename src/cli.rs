@@ -12,7 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError, LogConfig, LogFormat};
-use crate::fleet::{Membership, this_worker};
+use crate::clock::DbClock;
+use crate::fleet::{FleetView, Membership, this_worker};
 use crate::iyzico::Client;
 use crate::iyzico::limiter::SharedLimiter;
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
@@ -268,7 +269,7 @@ pub async fn run_with_config(command: Command, config: Config) -> Result<(), Cli
         Command::Check => check(&*store).await,
         Command::DryRun { format, limit } => dry_run(&*store, &config, format, limit).await,
         Command::Report { format, failures } => {
-            let report = store.report(chrono::Utc::now(), failures).await?;
+            let report = store.report(failures).await?;
             print_report(&report, format);
             Ok(())
         }
@@ -276,12 +277,9 @@ pub async fn run_with_config(command: Command, config: Config) -> Result<(), Cli
             error_code, format, ..
         } => {
             let n = store
-                .requeue(
-                    &RequeueFilter {
-                        error_code: error_code.clone(),
-                    },
-                    chrono::Utc::now(),
-                )
+                .requeue(&RequeueFilter {
+                    error_code: error_code.clone(),
+                })
                 .await?;
             match format {
                 Format::Json => println!(
@@ -329,13 +327,13 @@ async fn dry_run(
     format: Format,
     limit: u32,
 ) -> Result<(), CliError> {
-    let now = chrono::Utc::now();
+    // Idle is judged by the database's clock, as the sweep judges it.
+    let now = store.database_time().await?;
     let params = ClaimParams {
         worker: "dry-run",
-        now,
-        idle_before: now - config.source.idle_after,
-        stale_before: now - config.sweep.stale_after(),
-        lease_until: now,
+        idle_before: crate::sweep::cutoff_before(now, config.source.idle_after),
+        stale_after: config.sweep.stale_after(),
+        lease: config.sweep.lease,
         limit,
     };
     let sessions = store.eligible(params).await?;
@@ -378,6 +376,14 @@ pub fn print_report(report: &Report, format: Format) {
             );
             doc.insert("leased".into(), report.leased.into());
             doc.insert(
+                "source_not_marked".into(),
+                report.source_not_marked.into(),
+            );
+            doc.insert(
+                "unusable_source_rows".into(),
+                serde_json::to_value(report.unusable).expect("serializable"),
+            );
+            doc.insert(
                 "recent_failures".into(),
                 serde_json::to_value(&report.recent_failures).expect("serializable"),
             );
@@ -408,6 +414,25 @@ pub fn print_report(report: &Report, format: Format) {
             }
             if report.leased > 0 {
                 println!("leased right now: {}", report.leased);
+            }
+            if report.source_not_marked > 0 {
+                println!(
+                    "invalidated, source row not marked passive yet (retried each sweep, never sent again): {}",
+                    report.source_not_marked
+                );
+            }
+            let u = report.unusable;
+            if u.unreadable_last_activity > 0 {
+                println!(
+                    "active rows never swept, last activity missing or not in source.last_activity_format: {}",
+                    u.unreadable_last_activity
+                );
+            }
+            if u.bad_source_row > 0 {
+                println!(
+                    "active rows never sent, token or member NULL or not text (bad_source_row): {}",
+                    u.bad_source_row
+                );
             }
             if !report.recent_failures.is_empty() {
                 println!("\nrecent failures:");
@@ -462,17 +487,22 @@ impl Engine {
             metrics.clone(),
         )
         .map_err(|e| CliError::Runtime(e.into()))?;
-        // Stop sending once the heartbeat is half-way to stale: others may take our sessions.
-        let liveness = Liveness::new(config.sweep.stale_after() / 2);
+        // Stop sending, and cancel calls in flight, one beat before peers may take our
+        // sessions: see `Liveness`.
+        let liveness = Liveness::new(crate::fleet::fence_after(config.sweep.heartbeat));
         let client = client.with_liveness(liveness.clone());
+        let clock = DbClock::new();
         let membership = Membership::join(
             store.clone(),
             this_worker(),
             config.sweep.heartbeat,
             config.sweep.lease,
-            limiter,
-            metrics.clone(),
-            liveness,
+            FleetView {
+                limiter,
+                metrics: metrics.clone(),
+                liveness,
+                clock: clock.clone(),
+            },
         )
         .await?;
         let sweeper = Sweeper::new(
@@ -481,7 +511,8 @@ impl Engine {
             SweepSettings::from_config(config),
             membership.worker_id().to_owned(),
             metrics.clone(),
-        );
+        )
+        .with_clock(clock);
         Ok(Self {
             sweeper,
             membership,

@@ -100,6 +100,7 @@ pub async fn serve(
     > = None;
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut failures = 0u32;
+    let mut tick_skip_logged = false;
     let mut result = Ok(());
     loop {
         let retry = async {
@@ -118,8 +119,13 @@ pub async fn serve(
             Some(()) = ticks.recv() => {
                 if running.is_some() {
                     metrics.tick_skipped();
-                    tracing::info!("previous sweep still running; tick skipped");
+                    // Once per sweep, not per tick: a long sweep on a short interval is normal.
+                    if !tick_skip_logged {
+                        tick_skip_logged = true;
+                        tracing::info!("previous sweep still running; ticks are skipped until it ends");
+                    }
                 } else {
+                    tick_skip_logged = false;
                     running = Some(spawn_sweep(sweeper.clone(), shutdown.clone()));
                 }
             }
@@ -130,7 +136,9 @@ pub async fn serve(
                 }
             } => {
                 running = None;
-                match joined.expect("sweep task panicked") {
+                tick_skip_logged = false;
+                let joined = joined.unwrap_or(Err(SweepError::Panicked("the sweep task")));
+                match joined {
                     Ok(summary) => {
                         failures = 0;
                         metrics.set_ready(true);
@@ -139,9 +147,9 @@ pub async fn serve(
                             tracing::info!("{}", summary.line());
                         }
                     }
-                    Err(SweepError::Auth { code, message }) => {
+                    Err(e @ (SweepError::Auth { .. } | SweepError::Panicked(_))) => {
                         metrics.sweep_finished("failed", Duration::ZERO);
-                        result = Err(CliError::Runtime(SweepError::Auth { code, message }.into()));
+                        result = Err(CliError::Runtime(e.into()));
                         break;
                     }
                     Err(SweepError::Store(e)) => {

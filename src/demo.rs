@@ -176,7 +176,7 @@ timeout = "3s"
             .requests
             .load(std::sync::atomic::Ordering::Relaxed)
     );
-    print_report(&store.report(Utc::now(), 5).await?, Format::Table);
+    print_report(&store.report(5).await?, Format::Table);
     println!("\nNext: write a session-sweeper.toml for your database (see the README), then");
     println!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
     store.close().await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::task::JoinHandle;
 
+use crate::clock::{DbClock, SKEW_WARNING};
 use crate::iyzico::limiter::SharedLimiter;
 use crate::shutdown::{Liveness, Shutdown};
 use crate::store::{Store, StoreError, WorkerInfo};
@@ -47,6 +48,12 @@ pub fn this_worker() -> WorkerInfo {
     }
 }
 
+/// How old this worker's last good heartbeat may get before it stops calling and cancels its
+/// calls in flight: two beats, one beat before peers judge it dead (`stale_after`, three beats).
+pub fn fence_after(heartbeat: Duration) -> Duration {
+    heartbeat * 2
+}
+
 /// Whether a process with this pid exists on this host.
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -60,6 +67,46 @@ pub struct Membership {
     task: JoinHandle<()>,
 }
 
+/// What a heartbeat keeps up to date besides the row itself.
+#[derive(Clone)]
+pub struct FleetView {
+    /// The fleet's rate budget, shared by the live replicas.
+    pub limiter: Arc<SharedLimiter>,
+    /// Metrics (replicas, readiness, skew).
+    pub metrics: Metrics,
+    /// Self-fencing: fresh while beats succeed.
+    pub liveness: Liveness,
+    /// The database's clock as measured by each beat.
+    pub clock: DbClock,
+}
+
+/// One heartbeat round trip: the row, then the leases, then the fleet's size. Returns the live
+/// count; records the skew it measured and, on success, the moment it was sent as the last beat.
+async fn beat(
+    store: &dyn Store,
+    worker: &WorkerInfo,
+    lease: Duration,
+    stale_after: Duration,
+    view: &FleetView,
+) -> Result<u32, StoreError> {
+    let sent = tokio::time::Instant::now();
+    let sent_wall = Utc::now();
+    let written = store.heartbeat(worker).await?;
+    let skew = view.clock.observe(written, sent_wall, Utc::now());
+    view.metrics.set_clock_skew(skew);
+    if skew.abs() > SKEW_WARNING {
+        tracing::warn!(
+            skew_ms = skew.num_milliseconds(),
+            "this host's clock differs from the database's by more than a second; leases are \
+             safe (the database's clock decides them), but check NTP"
+        );
+    }
+    store.renew_leases(&worker.id, lease).await?;
+    let live = store.live_workers(stale_after).await?;
+    view.liveness.beat_sent_at(sent);
+    Ok(live)
+}
+
 impl Membership {
     /// Registers `worker`, forgets dead predecessors on this host, and keeps the heartbeat
     /// (and the limiter's share of the budget) up to date every `period` until `leave`.
@@ -68,9 +115,7 @@ impl Membership {
         worker: WorkerInfo,
         period: Duration,
         lease: Duration,
-        limiter: Arc<SharedLimiter>,
-        metrics: Metrics,
-        liveness: Liveness,
+        view: FleetView,
     ) -> Result<Self, StoreError> {
         for w in store.workers_on_host(&worker.hostname).await? {
             // Same pid in a fresh process (a restarted container is pid 1 again) or no such
@@ -80,23 +125,20 @@ impl Membership {
                 store.forget_worker(&w.id).await?;
             }
         }
-        store.heartbeat(&worker, Utc::now()).await?;
-        liveness.beat();
         let stale_after = period * 3;
+        beat(&*store, &worker, lease, stale_after, &view).await?;
         // Give replicas starting together a moment to register, then take our share before
         // the first request, so a simultaneous start does not spend the budget several times.
         tokio::time::sleep(FIRST_LOOK).await;
-        let mut live = store.live_workers(Utc::now() - stale_after).await?;
+        let mut live = store.live_workers(stale_after).await?;
         if live > 1 {
             // The others learn of us at their next beat; until then they still spend the
             // shares they had. Waiting one period keeps the fleet within its budget.
             tokio::time::sleep(period).await;
-            store.heartbeat(&worker, Utc::now()).await?;
-            liveness.beat();
-            live = store.live_workers(Utc::now() - stale_after).await?;
+            live = beat(&*store, &worker, lease, stale_after, &view).await?;
         }
-        limiter.set_replicas(live);
-        metrics.set_replicas(live);
+        view.limiter.set_replicas(live);
+        view.metrics.set_replicas(live);
         let stop = Shutdown::new();
         let task = tokio::spawn(
             Heartbeat {
@@ -105,9 +147,7 @@ impl Membership {
                 period,
                 stale_after,
                 lease,
-                limiter,
-                metrics,
-                liveness,
+                view,
                 stop: stop.clone(),
             }
             .run(),
@@ -125,12 +165,20 @@ impl Membership {
         &self.worker.id
     }
 
-    /// Stops the heartbeat and removes the worker row.
+    /// Stops the heartbeat and removes the worker row (one short try: at exit a stalled
+    /// database must not hold the process; the row then goes stale by itself).
     pub async fn leave(self) {
         self.stop.abort();
         let _ = self.task.await;
-        if let Err(e) = self.store.forget_worker(&self.worker.id).await {
-            tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself");
+        match tokio::time::timeout(
+            crate::sweep::FINAL_STEP_TIMEOUT,
+            self.store.forget_worker(&self.worker.id),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself"),
+            Err(_) => tracing::warn!("the database did not answer the deregistration in time; this worker will go stale by itself"),
         }
     }
 }
@@ -142,58 +190,63 @@ struct Heartbeat {
     period: Duration,
     stale_after: Duration,
     lease: Duration,
-    limiter: Arc<SharedLimiter>,
-    metrics: Metrics,
-    liveness: Liveness,
+    view: FleetView,
     stop: Shutdown,
 }
 
 impl Heartbeat {
     async fn run(self) {
-        let Heartbeat {
-            store,
-            worker,
-            period,
-            stale_after,
-            lease,
-            limiter,
-            metrics,
-            liveness,
-            stop,
-        } = self;
         // Replicas that start together only see each other once each has registered: look again
         // soon after joining, then settle into the regular period.
         let mut delays = FAST_DISCOVERY
             .iter()
             .copied()
-            .chain(std::iter::repeat(period));
+            .chain(std::iter::repeat(self.period));
         let mut next = delays.next().expect("endless");
         loop {
             tokio::select! {
-                _ = stop.stopping() => return,
+                _ = self.stop.stopping() => return,
                 _ = tokio::time::sleep(next) => {}
             }
             next = delays.next().expect("endless");
-            let now = Utc::now();
-            let result = async {
-                store.heartbeat(&worker, now).await?;
-                store.renew_leases(&worker.id, now + lease).await?;
-                store.live_workers(now - stale_after).await
-            }
-            .await;
+            // Readiness follows the heartbeat: a beat that fails, or takes longer than a
+            // period, says "not ready" at once; the next good one says "ready" again.
+            let round = beat(
+                &*self.store,
+                &self.worker,
+                self.lease,
+                self.stale_after,
+                &self.view,
+            );
+            tokio::pin!(round);
+            let result = tokio::select! {
+                r = &mut round => r,
+                _ = tokio::time::sleep(self.period) => {
+                    self.view.metrics.set_ready(false);
+                    tracing::warn!(period = ?self.period, "heartbeat is taking longer than a period; not ready");
+                    tokio::select! {
+                        r = &mut round => r,
+                        _ = self.stop.stopping() => return,
+                    }
+                }
+                _ = self.stop.stopping() => return,
+            };
             match result {
                 Ok(live) => {
-                    liveness.beat();
-                    if live != limiter.replicas() {
+                    self.view.metrics.set_ready(true);
+                    if live != self.view.limiter.replicas() {
                         tracing::info!(
                             replicas = live,
                             "fleet size changed; adjusting this worker's share of the rate budget"
                         );
                     }
-                    limiter.set_replicas(live);
-                    metrics.set_replicas(live);
+                    self.view.limiter.set_replicas(live);
+                    self.view.metrics.set_replicas(live);
                 }
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                Err(e) => {
+                    self.view.metrics.set_ready(false);
+                    tracing::warn!(error = %e, "heartbeat failed; not ready");
+                }
             }
         }
     }

@@ -5,6 +5,7 @@
 //! `store` and `iyzico` as the two edges. `config`, `shutdown` and `telemetry` are shared leaves.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -76,43 +76,67 @@ impl Shutdown {
     }
 }
 
-/// Whether this worker may still call the API. Its leases only count while its heartbeat is
-/// fresh, so once the heartbeat is half-way to stale, others may soon take its sessions: from
-/// then on it must not send (self-fencing), and gives its sessions back instead.
+/// Whether this worker may still call the API (self-fencing). Peers may take its sessions once
+/// its heartbeat is `stale_after` old by the database's clock; it stops sending, and cancels
+/// the calls in flight, at an earlier deadline: `max_age` after the moment its last good beat
+/// was *sent* (the database wrote a time at or after that moment, so the deadline can only be
+/// early, never late). The margin between the two covers the cancellation itself.
 #[derive(Clone, Debug)]
 pub struct Liveness {
-    origin: std::time::Instant,
+    origin: tokio::time::Instant,
     last_beat_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     max_age: Duration,
 }
 
 impl Liveness {
-    /// Fresh now; stale once no beat was recorded for `max_age`.
+    /// Fresh now; fenced once no beat sent later than `max_age` ago succeeded.
     pub fn new(max_age: Duration) -> Self {
         Self {
-            origin: std::time::Instant::now(),
+            origin: tokio::time::Instant::now(),
             last_beat_ms: Default::default(),
             max_age,
         }
     }
 
-    /// Never stale (a client used outside a fleet, as in tests and the simulator's trials).
+    /// Never fenced (a client used outside a fleet, as in tests and the simulator's trials).
     pub fn always() -> Self {
         Self::new(Duration::MAX)
     }
 
-    /// Records a successful heartbeat.
-    pub fn beat(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
+    /// Records a successful heartbeat that was sent at `sent`.
+    pub fn beat_sent_at(&self, sent: tokio::time::Instant) {
+        let at = sent.saturating_duration_since(self.origin).as_millis() as u64;
         self.last_beat_ms
-            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a successful heartbeat sent just now.
+    pub fn beat(&self) {
+        self.beat_sent_at(tokio::time::Instant::now());
+    }
+
+    /// The moment this worker must have stopped calling, as things stand.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        let last =
+            Duration::from_millis(self.last_beat_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.origin.checked_add(last)?.checked_add(self.max_age)
     }
 
     /// Whether the last heartbeat is recent enough to send.
     pub fn is_fresh(&self) -> bool {
-        let last =
-            Duration::from_millis(self.last_beat_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.origin.elapsed().saturating_sub(last) < self.max_age
+        self.deadline()
+            .is_none_or(|d| tokio::time::Instant::now() < d)
+    }
+
+    /// Resolves once the fencing deadline passes without a newer beat.
+    pub async fn fenced(&self) {
+        loop {
+            match self.deadline() {
+                None => return std::future::pending().await,
+                Some(d) if tokio::time::Instant::now() >= d => return,
+                Some(d) => tokio::time::sleep_until(d).await,
+            }
+        }
     }
 }
 
@@ -162,11 +186,20 @@ mod tests {
             .unwrap();
     }
 
-    #[test]
-    fn liveness_goes_stale_without_beats() {
+    #[tokio::test(start_paused = true)]
+    async fn liveness_goes_stale_without_beats_and_fences_at_the_deadline() {
         let l = Liveness::new(Duration::from_millis(30));
         assert!(l.is_fresh());
-        std::thread::sleep(Duration::from_millis(40));
+        let sent = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(20)).await;
+        // A beat that took 20 ms to come back counts from when it was sent.
+        l.beat_sent_at(sent);
+        tokio::time::timeout(Duration::from_millis(9), l.fenced())
+            .await
+            .unwrap_err();
+        tokio::time::timeout(Duration::from_millis(5), l.fenced())
+            .await
+            .unwrap();
         assert!(!l.is_fresh());
         l.beat();
         assert!(l.is_fresh());

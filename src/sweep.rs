@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
+use crate::clock::DbClock;
 use crate::config::{Config, SweepConfig};
 use crate::iyzico::{ApiError, Client, InvalidateError};
 use crate::shutdown::Shutdown;
@@ -23,9 +24,37 @@ use crate::telemetry::{Metrics, fingerprint};
 pub const RECORD_BATCH: usize = 512;
 /// How many times a failing batch write is retried before the sweep gives up.
 pub const RECORD_RETRIES: usize = 5;
-/// A lease older than this when its turn comes is re-checked against the source first; a
-/// younger one was checked by the claim itself, moments ago.
-pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
+/// After the shutdown grace period, each remaining database step gets one try this long, so the
+/// process exits within the grace plus a few seconds even when the database has stalled.
+pub const FINAL_STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries of the source update that marks invalidated sessions passive, per batch.
+pub const MARK_RETRIES: usize = 2;
+/// Sessions whose source row is still owed its update, re-marked at the start of each sweep.
+pub const UNMARKED_PER_SWEEP: u32 = 5_000;
+
+/// `now - d`, or the earliest time there is when that overflows: a cutoff that takes nothing.
+pub fn cutoff_before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Runs a database step to the end, unless the shutdown grace period ends first: then it gets
+/// [`FINAL_STEP_TIMEOUT`] more and is given up.
+pub async fn bounded<T>(
+    shutdown: &Shutdown,
+    op: &'static str,
+    step: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::pin!(step);
+    tokio::select! {
+        r = &mut step => r,
+        _ = shutdown.aborted() => tokio::time::timeout(FINAL_STEP_TIMEOUT, step)
+            .await
+            .unwrap_or(Err(StoreError::TimedOut { op })),
+    }
+}
 
 /// What a sweep needs to know, as typed values.
 #[derive(Debug, Clone)]
@@ -52,6 +81,8 @@ pub struct SweepSettings {
     pub stale_after: Duration,
     /// Stop after this many sessions (`once --max N`).
     pub max_sessions: Option<u64>,
+    /// Whether invalidated sessions' source rows are marked passive.
+    pub mark_passive: bool,
 }
 
 impl SweepSettings {
@@ -70,6 +101,7 @@ impl SweepSettings {
             idle_after: config.source.idle_after,
             stale_after: s.stale_after(),
             max_sessions: None,
+            mark_passive: config.source.mark_passive,
         }
     }
 
@@ -180,6 +212,9 @@ pub enum SweepError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A task of the sweep panicked (a bug): the sweep stops, and its leases go back.
+    #[error("{0} of the sweep panicked")]
+    Panicked(&'static str),
     /// iyzico refused our credentials; the sweep stopped and released its leases.
     #[error(
         "iyzico rejected our credentials ({code}: {message}); check iyzico.api_key and the secret key"
@@ -199,6 +234,7 @@ pub struct Sweeper {
     settings: SweepSettings,
     worker: String,
     metrics: Metrics,
+    clock: DbClock,
 }
 
 /// Shared by the tasks of one sweep.
@@ -222,17 +258,22 @@ impl Sweeper {
             settings,
             worker,
             metrics,
+            clock: DbClock::new(),
         }
     }
 
+    /// Places idle cutoffs on the database's timeline, as the heartbeat measures it.
+    pub fn with_clock(mut self, clock: DbClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     fn params(&self, limit: u32) -> ClaimParams<'_> {
-        let now = Utc::now();
         ClaimParams {
             worker: &self.worker,
-            now,
-            idle_before: now - self.settings.idle_after,
-            stale_before: now - self.settings.stale_after,
-            lease_until: now + self.settings.lease,
+            idle_before: cutoff_before(self.clock.now(), self.settings.idle_after),
+            stale_after: self.settings.stale_after,
+            lease: self.settings.lease,
             limit,
         }
     }
@@ -249,6 +290,36 @@ impl Sweeper {
         Ok(n)
     }
 
+    /// Before claiming: give back our own leases from an interrupted sweep, finish source
+    /// updates still owed, settle revived pending sessions, and count rows we cannot use.
+    /// Returns how many were skipped as revived.
+    async fn prepare(&self) -> Result<u64, StoreError> {
+        self.store.release_all(&self.worker).await?;
+        if self.settings.mark_passive {
+            let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
+            if !owed.is_empty() {
+                match self.store.mark_passive(&owed).await {
+                    Ok(n) => tracing::info!(marked = n, "marked source rows passive that an earlier sweep could not"),
+                    Err(e) => tracing::warn!(error = %e, owed = owed.len(), "source rows still cannot be marked passive; the sessions stay invalidated and are never sent again"),
+                }
+            }
+        }
+        let skipped = self.store.skip_revived(self.params(0)).await?;
+        for _ in 0..skipped {
+            self.metrics.session_settled(Outcome::Skipped.as_str());
+        }
+        let unusable = self.store.unusable_rows().await?;
+        self.metrics.set_unusable(unusable);
+        if unusable.unreadable_last_activity + unusable.bad_source_row > 0 {
+            tracing::warn!(
+                unreadable_last_activity = unusable.unreadable_last_activity,
+                bad_source_row = unusable.bad_source_row,
+                "active source rows that are never sent (see `session-sweeper check`)"
+            );
+        }
+        Ok(skipped)
+    }
+
     /// Drains everything eligible now (or `max_sessions`), then returns what happened.
     /// On stop it claims nothing more, lets calls in flight finish until the abort, records
     /// every outcome, and releases whatever it did not finish.
@@ -263,28 +334,34 @@ impl Sweeper {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        // Our own leases from an earlier, interrupted sweep of this process would block us.
-        self.store.release_all(&self.worker).await?;
-        let skipped = self.store.skip_revived(self.params(0)).await?;
-        for _ in 0..skipped {
-            self.metrics.session_settled(Outcome::Skipped.as_str());
-        }
-        let eligible = self.backlog().await?;
+        let skipped = tokio::select! {
+            r = self.prepare() => r?,
+            _ = sweep.stopping() => return Ok(SweepSummary::default()),
+        };
+        let eligible = tokio::select! {
+            r = self.backlog() => r?,
+            _ = sweep.stopping() => return Ok(SweepSummary::default()),
+        };
         progress
             .eligible_at_start
             .store(eligible, Ordering::Relaxed);
         tracing::info!(eligible, worker = %self.worker, "sweep started");
 
         let (settle_tx, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
-        let recorder = tokio::spawn(record_loop(
-            self.store.clone(),
-            self.worker.clone(),
-            settle_rx,
-            self.metrics.clone(),
-            state.clone(),
-            sweep.clone(),
-            progress.clone(),
-        ));
+        let recorder = tokio::spawn(
+            Recorder {
+                store: self.store.clone(),
+                worker: self.worker.clone(),
+                metrics: self.metrics.clone(),
+                state: state.clone(),
+                sweep: sweep.clone(),
+                progress: progress.clone(),
+                mark_passive: self.settings.mark_passive,
+            }
+            .run(settle_rx),
+        );
+        // Twice the calls in flight: while one set of calls is on the wire the next set has
+        // its rate tokens and its re-check done, so the pipe never drains between sessions.
         let slots = Arc::new(Semaphore::new(self.settings.concurrency * 2));
         let mut tasks = JoinSet::new();
         let mut claimed_total = 0u64;
@@ -297,17 +374,20 @@ impl Sweeper {
                 )) as u32,
                 None => self.settings.claim_size(self.client.limiter().replicas()),
             };
-            let leases = match self.store.claim(self.params(limit)).await {
-                Ok(l) => l,
-                Err(e) => {
-                    claim_error = Some(e);
-                    break;
-                }
+            let leases = tokio::select! {
+                r = self.store.claim(self.params(limit)) => match r {
+                    Ok(l) => l,
+                    Err(e) => {
+                        claim_error = Some(e);
+                        break;
+                    }
+                },
+                // A claim cut short may still have committed: the release below undoes it.
+                _ = sweep.stopping() => break,
             };
             if leases.is_empty() {
                 break;
             }
-            let claimed_at = Instant::now();
             claimed_total += leases.len() as u64;
             progress
                 .claimed
@@ -318,31 +398,44 @@ impl Sweeper {
                     _ = sweep.stopping() => break 'claiming,
                     p = slots.clone().acquire_owned() => p.expect("never closed"),
                 };
-                let job = Job {
+                let attempt = Attempt {
                     store: self.store.clone(),
                     client: self.client.clone(),
                     settings: self.settings.clone(),
                     worker: self.worker.clone(),
+                    clock: self.clock.clone(),
                     state: state.clone(),
                     shutdown: sweep.clone(),
                     settle: settle_tx.clone(),
                 };
                 tasks.spawn(async move {
-                    job.run(lease, claimed_at).await;
+                    attempt.run(lease).await;
                     drop(permit);
                 });
                 // Reap finished tasks so the set stays small on long sweeps.
                 while tasks.try_join_next().is_some() {}
             }
         }
-        while tasks.join_next().await.is_some() {}
+        let mut panicked = false;
+        while let Some(joined) = tasks.join_next().await {
+            panicked |= joined.is_err();
+        }
         drop(settle_tx);
         // The recorder flushes its last batch under no cancellation: the last writes must land.
-        let mut summary = recorder.await.unwrap_or_default();
-        summary.skipped += skipped;
+        let recorded = recorder.await;
         progress.finished.store(true, Ordering::Relaxed);
         // Whatever we claimed but never started (stop, auth failure) goes back at once.
-        let leftover = self.store.release_all(&self.worker).await;
+        let leftover = bounded(
+            &sweep,
+            "releasing leases",
+            self.store.release_all(&self.worker),
+        )
+        .await;
+        let mut summary = recorded.map_err(|_| SweepError::Panicked("the recorder"))?;
+        if panicked {
+            return Err(SweepError::Panicked("an attempt"));
+        }
+        summary.skipped += skipped;
         summary.duration = started.elapsed();
         summary.lost =
             claimed_total.saturating_sub(summary.processed() + summary.released - skipped);
@@ -366,64 +459,72 @@ impl Sweeper {
 }
 
 /// One session's attempt, run in its own task.
-struct Job {
+struct Attempt {
     store: Arc<dyn Store>,
     client: Arc<Client>,
     settings: SweepSettings,
     worker: String,
+    clock: DbClock,
     state: Arc<SweepState>,
     shutdown: Shutdown,
     settle: mpsc::Sender<Settlement>,
 }
 
-impl Job {
+impl Attempt {
     #[tracing::instrument(name = "attempt", skip_all, fields(session = %fingerprint(&lease.token), attempt = lease.attempts + 1))]
-    async fn run(self, lease: Lease, claimed_at: Instant) {
+    async fn run(self, lease: Lease) {
         let attempt = lease.attempts + 1;
-        let idle_before = Utc::now() - self.settings.idle_after;
-        let skipped = || Settlement {
-            token: lease.token.clone(),
-            attempt,
-            calls: Vec::new(),
-            decision: Decision::Settle {
-                outcome: Outcome::Skipped,
-                attempts: lease.attempts,
-                next_attempt_at: None,
-                error_code: None,
-                error_message: None,
-            },
-        };
-        let recheck = if claimed_at.elapsed() < RECHECK_AFTER {
-            Ok(Recheck::Eligible)
-        } else {
-            self.store
-                .recheck(&self.worker, &lease.token, idle_before)
-                .await
-        };
-        let settlement = if self.shutdown.is_stopping() {
-            release(&lease, attempt)
-        } else {
-            match recheck {
-                Ok(Recheck::LeaseLost) => {
-                    tracing::info!("lease taken over by another worker; leaving it");
+        if self.shutdown.is_stopping() {
+            let _ = self.settle.send(release(&lease, attempt, Vec::new())).await;
+            return;
+        }
+        // The last look, taken with the rate token and the slot in hand, right before each
+        // call: a shopper who came back while the session queued is never cut off.
+        let verdict = Mutex::new(None);
+        let inv = self
+            .client
+            .invalidate_checked(&lease.token, &lease.member, &self.shutdown, || async {
+                let idle_before = cutoff_before(self.clock.now(), self.settings.idle_after);
+                let check = self.store.recheck(&self.worker, &lease.token, idle_before);
+                let r = tokio::select! {
+                    r = check => r,
+                    _ = self.shutdown.aborted() => Err(StoreError::TimedOut { op: "rechecking a session" }),
+                };
+                let send = matches!(r, Ok(Recheck::Eligible));
+                *verdict.lock().expect("lock") = Some(r);
+                send
+            })
+            .await;
+        let settlement = match (&inv.result, verdict.into_inner().expect("lock")) {
+            (Err(InvalidateError::Withheld), Some(Ok(Recheck::LeaseLost))) => {
+                tracing::info!("lease taken over by another worker; leaving it");
+                if inv.calls.is_empty() {
                     return;
                 }
-                Ok(Recheck::NoLongerEligible) => {
-                    tracing::info!("active again since it was claimed; skipped");
-                    skipped()
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "recheck failed; releasing");
-                    release(&lease, attempt)
-                }
-                Ok(Recheck::Eligible) => {
-                    let inv = self
-                        .client
-                        .invalidate(&lease.token, &lease.member, &self.shutdown)
-                        .await;
-                    self.decide(&lease, inv.calls, inv.result)
+                release(&lease, attempt, inv.calls)
+            }
+            (Err(InvalidateError::Withheld), Some(Ok(Recheck::NoLongerEligible))) => {
+                tracing::info!("active again since it was claimed; skipped");
+                // Calls made before (retries of this attempt) make it count as an attempt.
+                let attempts = if inv.calls.is_empty() { lease.attempts } else { attempt };
+                Settlement {
+                    token: lease.token.clone(),
+                    attempt,
+                    calls: inv.calls,
+                    decision: Decision::Settle {
+                        outcome: Outcome::Skipped,
+                        attempts,
+                        retry_in: None,
+                        error_code: None,
+                        error_message: None,
+                    },
                 }
             }
+            (Err(InvalidateError::Withheld), Some(Err(e))) => {
+                tracing::warn!(error = %e, "recheck failed; releasing");
+                release(&lease, attempt, inv.calls)
+            }
+            _ => self.decide(&lease, inv.calls, inv.result),
         };
         // The recorder only goes away after every task ended, so this cannot fail.
         let _ = self.settle.send(settlement).await;
@@ -436,18 +537,20 @@ impl Job {
         result: Result<(), InvalidateError>,
     ) -> Settlement {
         let attempt = lease.attempts + 1;
-        let settle = |outcome, next_attempt_at, code: Option<&str>, message: Option<&str>| {
+        let settle = |outcome, retry_in, code: Option<&str>, message: Option<&str>| {
             Decision::Settle {
                 outcome,
                 attempts: attempt,
-                next_attempt_at,
+                retry_in,
                 error_code: code.map(str::to_owned),
                 error_message: message.map(str::to_owned),
             }
         };
         let decision = match &result {
             Ok(()) => settle(Outcome::Invalidated, None, None, None),
-            Err(InvalidateError::Interrupted) => Decision::Release,
+            Err(
+                InvalidateError::Interrupted | InvalidateError::Fenced | InvalidateError::Withheld,
+            ) => Decision::Release,
             Err(InvalidateError::Api(e)) => match e {
                 ApiError::AlreadyInvalidated { message } => {
                     settle(Outcome::AlreadyInvalidated, None, e.code(), Some(message))
@@ -483,7 +586,7 @@ impl Job {
                             Some(reason),
                         )
                     } else {
-                        let next = Utc::now() + self.settings.retry_delay(attempt);
+                        let next = self.settings.retry_delay(attempt);
                         settle(Outcome::Pending, Some(next), code.as_deref(), Some(reason))
                     }
                 }
@@ -498,69 +601,122 @@ impl Job {
     }
 }
 
-/// Gives a session back untouched, before any call was made.
-fn release(lease: &Lease, attempt: u32) -> Settlement {
+/// Gives a session back untouched (the calls made, if any, are still logged).
+fn release(lease: &Lease, attempt: u32, calls: Vec<crate::iyzico::CallRecord>) -> Settlement {
     Settlement {
         token: lease.token.clone(),
         attempt,
-        calls: Vec::new(),
+        calls,
         decision: Decision::Release,
     }
 }
 
-/// Writes settlements in batches as they arrive, retrying a failed write with backoff. Runs
-/// until every sender is gone, so the final batch is written even during shutdown.
-async fn record_loop(
+/// Writes settlements in batches as they arrive, retrying a failed write with backoff, then
+/// marks the invalidated sessions' source rows passive in a second step. Runs until every
+/// sender is gone, so the final batch is written even during shutdown.
+struct Recorder {
     store: Arc<dyn Store>,
     worker: String,
-    mut rx: mpsc::Receiver<Settlement>,
     metrics: Metrics,
     state: Arc<SweepState>,
     sweep: Shutdown,
     progress: Arc<Progress>,
-) -> SweepSummary {
-    let mut summary = SweepSummary::default();
-    let mut batch = Vec::with_capacity(RECORD_BATCH);
-    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+    mark_passive: bool,
+}
+
+impl Recorder {
+    async fn run(self, mut rx: mpsc::Receiver<Settlement>) -> SweepSummary {
+        let mut summary = SweepSummary::default();
+        let mut batch = Vec::with_capacity(RECORD_BATCH);
+        while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+            let accepted = self.record(&batch).await;
+            let accepted: std::collections::HashSet<&str> =
+                accepted.iter().map(String::as_str).collect();
+            let mut passive = Vec::new();
+            for s in &batch {
+                self.progress.done.fetch_add(1, Ordering::Relaxed);
+                // Only what the ledger took counts: a lease lost to a peer settled nothing.
+                if !accepted.contains(s.token.as_str()) {
+                    summary.api_calls += s.calls.len() as u64;
+                    continue;
+                }
+                if let Decision::Settle { outcome, .. } = &s.decision {
+                    self.metrics.session_settled(outcome.as_str());
+                    if outcome.marks_passive() {
+                        passive.push(s.token.clone());
+                    }
+                }
+                summary.count(s);
+            }
+            batch.clear();
+            if self.mark_passive && !passive.is_empty() {
+                self.mark(&passive).await;
+            }
+        }
+        summary
+    }
+
+    /// Writes one batch of the attempt log and ledger; returns the tokens the ledger accepted.
+    async fn record(&self, batch: &[Settlement]) -> Vec<String> {
         let mut delay = Duration::from_millis(200);
         let mut tries = 0;
         loop {
-            match store.record(&worker, Utc::now(), &batch).await {
-                Ok(_) => break,
+            let write = bounded(
+                &self.sweep,
+                "recording outcomes",
+                self.store.record(&self.worker, batch),
+            );
+            match write.await {
+                Ok(accepted) => return accepted,
                 // Past the grace period one more try is all the time there is.
-                Err(e)
-                    if tries
-                        < if sweep.is_aborted() {
-                            1
-                        } else {
-                            RECORD_RETRIES
-                        } =>
-                {
+                Err(e) if tries < if self.sweep.is_aborted() { 0 } else { RECORD_RETRIES } => {
                     tries += 1;
                     tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.sweep.aborted() => {}
+                    }
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => {
                     // Sessions invalidated but not recorded keep their lease until it lapses;
                     // the next attempt is answered `260030` and settles them.
                     tracing::error!(error = %e, lost = batch.len(), "cannot record outcomes; stopping the sweep");
-                    state.store_failure.lock().expect("lock").get_or_insert(e);
-                    sweep.stop();
-                    batch.clear();
-                    break;
+                    self.state
+                        .store_failure
+                        .lock()
+                        .expect("lock")
+                        .get_or_insert(e);
+                    self.sweep.stop();
+                    return Vec::new();
                 }
             }
         }
-        for s in batch.drain(..) {
-            if let Decision::Settle { outcome, .. } = &s.decision {
-                metrics.session_settled(outcome.as_str());
+    }
+
+    /// Marks source rows passive; on failure they stay owed (ledger: invalidated, source not
+    /// marked) and the next sweep tries again. They are never sent again either way.
+    async fn mark(&self, tokens: &[String]) {
+        let mut last_error = None;
+        for _ in 0..MARK_RETRIES {
+            let step = bounded(
+                &self.sweep,
+                "marking sessions passive",
+                self.store.mark_passive(tokens),
+            );
+            match step.await {
+                Ok(_) => return,
+                Err(e) => last_error = Some(e),
             }
-            summary.count(&s);
-            progress.done.fetch_add(1, Ordering::Relaxed);
+            if self.sweep.is_aborted() {
+                break;
+            }
+        }
+        if let Some(e) = last_error {
+            tracing::error!(error = %e, sessions = tokens.len(), "invalidated, but the source rows could not be marked passive; retried next sweep");
+            self.metrics.source_unmarked(tokens.len() as u64);
         }
     }
-    summary
 }
 
 #[cfg(test)]
@@ -580,6 +736,7 @@ mod tests {
             idle_after: Duration::from_secs(1800),
             stale_after: Duration::from_secs(15),
             max_sessions: None,
+            mark_passive: true,
         }
     }
 

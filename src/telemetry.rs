@@ -82,6 +82,14 @@ struct Inner {
     auth_failures: Counter,
     replicas: Gauge,
     ready: Gauge,
+    unusable_rows: Family<ReasonLabel, Gauge>,
+    source_unmarked: Counter,
+    clock_skew: Gauge<f64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -106,6 +114,24 @@ impl Metrics {
         let auth_failures = Counter::default();
         let replicas = Gauge::default();
         let ready = Gauge::default();
+        let unusable_rows = Family::<ReasonLabel, Gauge>::default();
+        let source_unmarked = Counter::default();
+        let clock_skew = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "sweeper_source_rows_unusable",
+            "Active source rows never sent, by reason (unreadable_last_activity, bad_source_row)",
+            unusable_rows.clone(),
+        );
+        registry.register(
+            "sweeper_source_unmarked",
+            "Invalidated sessions whose source row could not be marked passive (retried each sweep)",
+            source_unmarked.clone(),
+        );
+        registry.register(
+            "sweeper_clock_skew_seconds",
+            "The database's clock minus this host's, as the last heartbeat measured it",
+            clock_skew.clone(),
+        );
         registry.register(
             "sweeper_sessions",
             "Sessions settled, by outcome",
@@ -177,8 +203,36 @@ impl Metrics {
                 auth_failures,
                 replicas,
                 ready,
+                unusable_rows,
+                source_unmarked,
+                clock_skew,
             }),
         }
+    }
+
+    /// Active source rows the sweep cannot use, by reason.
+    pub fn set_unusable(&self, rows: crate::store::UnusableRows) {
+        for (reason, n) in [
+            ("unreadable_last_activity", rows.unreadable_last_activity),
+            ("bad_source_row", rows.bad_source_row),
+        ] {
+            self.inner
+                .unusable_rows
+                .get_or_create(&ReasonLabel { reason })
+                .set(n as i64);
+        }
+    }
+
+    /// Invalidated sessions whose source update failed this time.
+    pub fn source_unmarked(&self, n: u64) {
+        self.inner.source_unmarked.inc_by(n);
+    }
+
+    /// The skew the last heartbeat measured (database minus local).
+    pub fn set_clock_skew(&self, skew: chrono::Duration) {
+        self.inner
+            .clock_skew
+            .set(skew.num_milliseconds() as f64 / 1000.0);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -57,10 +57,9 @@ async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) 
     let now = chrono::Utc::now();
     let p = session_sweeper::store::ClaimParams {
         worker: "other",
-        now,
         idle_before: now - Duration::from_secs(1800),
-        stale_before: now - Duration::from_secs(3),
-        lease_until: now + Duration::from_secs(60),
+        stale_after: Duration::from_secs(3),
+        lease: Duration::from_secs(60),
         limit: 100,
     };
     assert_eq!(store.count_eligible(p).await.unwrap() as i64, 40 - sent);
@@ -294,9 +293,12 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         worker(1),
         beat,
         Duration::from_secs(60),
-        limiter_a.clone(),
-        Metrics::new(),
-        session_sweeper::shutdown::Liveness::always(),
+        session_sweeper::fleet::FleetView {
+            limiter: limiter_a.clone(),
+            metrics: Metrics::new(),
+            liveness: session_sweeper::shutdown::Liveness::always(),
+            clock: session_sweeper::clock::DbClock::new(),
+        },
     )
     .await
     .unwrap();
@@ -305,9 +307,12 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         worker(2),
         beat,
         Duration::from_secs(60),
-        limiter_b.clone(),
-        Metrics::new(),
-        session_sweeper::shutdown::Liveness::always(),
+        session_sweeper::fleet::FleetView {
+            limiter: limiter_b.clone(),
+            metrics: Metrics::new(),
+            liveness: session_sweeper::shutdown::Liveness::always(),
+            clock: session_sweeper::clock::DbClock::new(),
+        },
     )
     .await
     .unwrap();

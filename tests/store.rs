@@ -13,10 +13,9 @@ use session_sweeper::store::{
 fn params(worker: &str, now: DateTime<Utc>, limit: u32) -> ClaimParams<'_> {
     ClaimParams {
         worker,
-        now,
         idle_before: now - Duration::from_secs(1800),
-        stale_before: now - Duration::from_secs(15),
-        lease_until: now + Duration::from_secs(300),
+        stale_after: Duration::from_secs(15),
+        lease: Duration::from_secs(300),
         limit,
     }
 }
@@ -27,7 +26,7 @@ async fn register(store: &dyn Store, id: &str) {
         hostname: "test-host".into(),
         pid: 999_999,
     };
-    store.heartbeat(&w, Utc::now()).await.unwrap();
+    store.heartbeat(&w).await.unwrap();
 }
 
 fn settle(token: &str, outcome: Outcome, attempts: u32) -> Settlement {
@@ -38,7 +37,7 @@ fn settle(token: &str, outcome: Outcome, attempts: u32) -> Settlement {
         decision: Decision::Settle {
             outcome,
             attempts,
-            next_attempt_at: None,
+            retry_in: None,
             error_code: None,
             error_message: None,
         },
@@ -160,10 +159,7 @@ async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
         "a leased session is not eligible"
     );
     store
-        .record(
-            "w",
-            Utc::now(),
-            &[settle(&leases[0].token, Outcome::Failed, 1)],
+        .record("w", &[settle(&leases[0].token, Outcome::Failed, 1)],
         )
         .await
         .unwrap();
@@ -238,23 +234,10 @@ async fn leases_of_dead_or_expired_workers_are_reclaimable(kind: Kind) {
             .unwrap()
             .is_empty()
     );
-    // Its heartbeat goes stale (seen from later): its lease no longer counts, long before expiry;
-    // ours, still beating, does.
-    let later = Utc::now() + Duration::from_secs(20);
-    store
-        .heartbeat(
-            &WorkerInfo {
-                id: "alive".into(),
-                hostname: "h".into(),
-                pid: 1,
-            },
-            later,
-        )
-        .await
-        .unwrap();
-    let mut p = params("alive", later, 10);
-    p.stale_before = later - Duration::from_secs(15);
-    let rescued = store.claim(p).await.unwrap();
+    // Its heartbeat goes stale by the database's clock: its lease no longer counts, long
+    // before expiry; ours, still beating, does.
+    db.age_heartbeat("dead", 20).await;
+    let rescued = store.claim(params("alive", Utc::now(), 10)).await.unwrap();
     assert_eq!(
         rescued.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
         ["s-0"]
@@ -281,7 +264,7 @@ async fn leases_of_dead_or_expired_workers_are_reclaimable(kind: Kind) {
     );
 }
 
-async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
+async fn recording_logs_attempts_then_marking_sets_passive(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
     };
@@ -308,14 +291,27 @@ async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
             decision: Decision::Settle {
                 outcome: Outcome::Pending,
                 attempts: 1,
-                next_attempt_at: Some(Utc::now() + Duration::from_secs(30)),
+                retry_in: Some(Duration::from_secs(30)),
                 error_code: Some("100001".into()),
                 error_message: Some("system error".into()),
             },
             ..settle("s-2", Outcome::Pending, 1)
         },
     ];
-    assert_eq!(store.record("w", Utc::now(), &batch).await.unwrap(), 3);
+    let mut accepted = store.record("w", &batch).await.unwrap();
+    accepted.sort();
+    assert_eq!(accepted, ["s-0", "s-1", "s-2"]);
+    // The source is marked in a second step, after the record of the calls is safe.
+    assert_eq!(db.status("s-0").await, "ACTIVE");
+    assert_eq!(store.unmarked(10).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .mark_passive(&["s-0".into(), "s-1".into()])
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(store.unmarked(10).await.unwrap().is_empty());
     assert_eq!(db.status("s-0").await, "PASSIVE");
     assert_eq!(db.status("s-1").await, "PASSIVE");
     assert_eq!(db.status("s-2").await, "ACTIVE");
@@ -340,10 +336,8 @@ async fn recording_marks_passive_and_logs_attempts_in_one_go(kind: Kind) {
             .is_empty()
     );
     // Due: claimable again, with its attempts carried over.
-    let due = store
-        .claim(params("w", Utc::now() + Duration::from_secs(31), 10))
-        .await
-        .unwrap();
+    db.age_ledger(31).await;
+    let due = store.claim(params("w", Utc::now(), 10)).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].attempts, 1);
 }
@@ -365,13 +359,10 @@ async fn a_lost_lease_changes_nothing(kind: Kind) {
     );
     assert_eq!(
         store
-            .record(
-                "intruder",
-                Utc::now(),
-                &[settle("s-0", Outcome::Invalidated, 1)]
-            )
+            .record("intruder", &[settle("s-0", Outcome::Invalidated, 1)])
             .await
-            .unwrap(),
+            .unwrap()
+            .len(),
         0
     );
     assert_eq!(db.status("s-0").await, "ACTIVE");
@@ -398,14 +389,11 @@ async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind
     );
     // s-1 goes pending and comes back to life before its retry: settled as skipped.
     store
-        .record(
-            "w",
-            Utc::now(),
-            &[Settlement {
+        .record("w", &[Settlement {
                 decision: Decision::Settle {
                     outcome: Outcome::Pending,
                     attempts: 1,
-                    next_attempt_at: Some(Utc::now()),
+                    retry_in: Some(Duration::ZERO),
                     error_code: None,
                     error_message: None,
                 },
@@ -425,9 +413,7 @@ async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind
     assert_eq!(db.ledger("s-1").await.unwrap().0, "skipped");
     // Idle again past the threshold (seen from 31 minutes later): eligible again.
     let later = Utc::now() + Duration::from_secs(31 * 60);
-    let mut p = params("w", later, 10);
-    p.stale_before = later - Duration::from_secs(3600);
-    let again = store.claim(p).await.unwrap();
+    let again = store.claim(params("w", later, 10)).await.unwrap();
     assert!(again.iter().any(|l| l.token == "s-1"), "{again:?}");
 }
 
@@ -443,17 +429,14 @@ async fn requeue_and_report(kind: Kind) {
         decision: Decision::Settle {
             outcome: Outcome::Failed,
             attempts: 1,
-            next_attempt_at: None,
+            retry_in: None,
             error_code: Some(code.into()),
             error_message: Some("Geçersiz istek".into()),
         },
         ..settle(t, Outcome::Failed, 1)
     };
     store
-        .record(
-            "w",
-            Utc::now(),
-            &[
+        .record("w", &[
                 failed("s-0", "11"),
                 failed("s-1", "12"),
                 settle("s-2", Outcome::Invalidated, 1),
@@ -462,7 +445,7 @@ async fn requeue_and_report(kind: Kind) {
         )
         .await
         .unwrap();
-    let report = store.report(Utc::now(), 10).await.unwrap();
+    let report = store.report(10).await.unwrap();
     let count = |o: Outcome| report.counts.iter().find(|(k, _)| *k == o).unwrap().1;
     assert_eq!(count(Outcome::Failed), 2);
     assert_eq!(count(Outcome::Invalidated), 1);
@@ -477,12 +460,9 @@ async fn requeue_and_report(kind: Kind) {
         "tokens are fingerprinted"
     );
     let n = store
-        .requeue(
-            &RequeueFilter {
-                error_code: Some("11".into()),
-            },
-            Utc::now(),
-        )
+        .requeue(&RequeueFilter {
+            error_code: Some("11".into()),
+        })
         .await
         .unwrap();
     assert_eq!(n, 1);
@@ -490,7 +470,7 @@ async fn requeue_and_report(kind: Kind) {
     assert_eq!(db.ledger("s-1").await.unwrap().0, "failed");
     assert_eq!(
         store
-            .requeue(&RequeueFilter::default(), Utc::now())
+            .requeue(&RequeueFilter::default())
             .await
             .unwrap(),
         1
@@ -554,39 +534,27 @@ async fn renewed_leases_do_not_lapse_while_their_worker_lives(kind: Kind) {
     register(&*store, "w").await;
     let now = Utc::now();
     let mut p = params("w", now, 10);
-    p.lease_until = now + Duration::from_secs(1);
+    p.lease = Duration::from_secs(1);
     assert_eq!(store.claim(p).await.unwrap().len(), 3);
     assert_eq!(
         store
-            .renew_leases("w", now + Duration::from_secs(300))
+            .renew_leases("w", Duration::from_secs(300))
             .await
             .unwrap(),
         3
     );
     assert_eq!(
         store
-            .renew_leases("nobody", now + Duration::from_secs(300))
+            .renew_leases("nobody", Duration::from_secs(300))
             .await
             .unwrap(),
         0
     );
     // Two seconds on, the first expiry has passed, but the renewed leases of a live worker hold.
-    let later = now + Duration::from_secs(2);
-    store
-        .heartbeat(
-            &WorkerInfo {
-                id: "w".into(),
-                hostname: "h".into(),
-                pid: 1,
-            },
-            later,
-        )
-        .await
-        .unwrap();
+    db.age_ledger(2).await;
+    register(&*store, "w").await;
     register(&*store, "other").await;
-    let mut q = params("other", later, 10);
-    q.stale_before = later - Duration::from_secs(15);
-    assert!(store.claim(q).await.unwrap().is_empty());
+    assert!(store.claim(params("other", now, 10)).await.unwrap().is_empty());
 }
 
 both_backends!(
@@ -596,7 +564,7 @@ both_backends!(
     only_active_idle_unsettled_sessions_are_eligible,
     two_workers_never_claim_the_same_session,
     leases_of_dead_or_expired_workers_are_reclaimable,
-    recording_marks_passive_and_logs_attempts_in_one_go,
+    recording_logs_attempts_then_marking_sets_passive,
     a_lost_lease_changes_nothing,
     a_session_that_came_back_is_skipped_and_eligible_again_later,
     requeue_and_report,

@@ -269,19 +269,18 @@ async fn a_dead_workers_sessions_are_rescued_without_waiting_for_the_lease(kind:
         hostname: "dead-host".into(),
         pid: 1,
     };
-    let then = Utc::now() - Duration::from_secs(10);
-    store.heartbeat(&dead, then).await.unwrap();
+    store.heartbeat(&dead).await.unwrap();
     let claimed = store
         .claim(ClaimParams {
             worker: &dead.id,
-            now: Utc::now(),
             idle_before: Utc::now() - Duration::from_secs(1800),
-            stale_before: then - Duration::from_secs(1),
-            lease_until: Utc::now() + Duration::from_secs(3600),
+            stale_after: Duration::from_secs(15),
+            lease: Duration::from_secs(3600),
             limit: 100,
         })
         .await
         .unwrap();
+    db.age_heartbeat(&dead.id, 10).await;
     assert_eq!(claimed.len(), 10);
     // heartbeat = 1s in the test config: stale after 3 s, so a 10 s old heartbeat is dead.
     let config = db.config(&sim.base_url(), &[]);

@@ -101,6 +101,14 @@ pub enum InvalidateError {
     /// period) with a call in flight whose result we will never know.
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// The heartbeat went stale (self-fencing): no call was made, or the one in flight was
+    /// cancelled with its outcome unknown; the session goes back for a later attempt.
+    #[error("stopped at the fencing deadline: this worker's heartbeat is stale")]
+    Fenced,
+    /// The caller's last look before a call said not to send (the session is no longer
+    /// eligible, or no longer ours).
+    #[error("withheld by the check before the call")]
+    Withheld,
 }
 
 /// One HTTP call, as the attempt log records it.
@@ -342,6 +350,24 @@ impl Client {
         member_identifier: &str,
         shutdown: &Shutdown,
     ) -> Invalidation {
+        self.invalidate_checked(session_token, member_identifier, shutdown, || async { true })
+            .await
+    }
+
+    /// [`Client::invalidate`], with `before_call` asked right before every call, once the rate
+    /// token and the concurrency slot are held: `false` withholds the call. A session that
+    /// waited seconds for the limiter is thereby re-checked at the last moment, not at claim time.
+    pub async fn invalidate_checked<F, Fut>(
+        &self,
+        session_token: &str,
+        member_identifier: &str,
+        shutdown: &Shutdown,
+        mut before_call: F,
+    ) -> Invalidation
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
         let mut calls = Vec::new();
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(self.retry_min_delay)
@@ -366,34 +392,47 @@ impl Client {
                 tracing::warn!("heartbeat is stale: not calling the API, giving the session back");
                 return Invalidation {
                     calls,
-                    result: Err(InvalidateError::Interrupted),
+                    result: Err(InvalidateError::Fenced),
+                };
+            }
+            if !before_call().await {
+                return Invalidation {
+                    calls,
+                    result: Err(InvalidateError::Withheld),
                 };
             }
             let started_at = Utc::now();
             let started = Instant::now();
             let conversation_id = uuid::Uuid::new_v4().to_string();
+            // A call must end before peers may think this worker dead: at the fencing deadline
+            // it is cancelled, whatever its timeout, and its outcome is unknown.
             let outcome = tokio::select! {
-                r = self.call_once(&conversation_id, session_token, member_identifier) => Some(r),
-                _ = shutdown.aborted() => None,
+                r = self.call_once(&conversation_id, session_token, member_identifier) => Ok(r),
+                _ = shutdown.aborted() => Err(("interrupted", "call abandoned at the end of the shutdown grace period", InvalidateError::Interrupted)),
+                _ = self.liveness.fenced() => Err(("unknown", "call cancelled at the fencing deadline (heartbeat stale); outcome unknown, retried later", InvalidateError::Fenced)),
             };
             drop(permit);
             let latency = started.elapsed();
-            let Some((http_status, result)) = outcome else {
-                calls.push(CallRecord {
-                    conversation_id,
-                    http_status: None,
-                    class: "interrupted",
-                    error_code: None,
-                    error_message: Some(
-                        "call abandoned at the end of the shutdown grace period".into(),
-                    ),
-                    started_at,
-                    latency,
-                });
-                return Invalidation {
-                    calls,
-                    result: Err(InvalidateError::Interrupted),
-                };
+            let (http_status, result) = match outcome {
+                Ok(r) => r,
+                Err((class, message, error)) => {
+                    if matches!(error, InvalidateError::Fenced) {
+                        tracing::warn!("heartbeat went stale during a call: cancelled it");
+                    }
+                    calls.push(CallRecord {
+                        conversation_id,
+                        http_status: None,
+                        class,
+                        error_code: None,
+                        error_message: Some(message.into()),
+                        started_at,
+                        latency,
+                    });
+                    return Invalidation {
+                        calls,
+                        result: Err(error),
+                    };
+                }
             };
             let class = match &result {
                 Ok(()) => "invalidated",

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
@@ -94,19 +94,19 @@ pub struct Lease {
     pub attempts: u32,
 }
 
-/// Parameters of a claim.
+/// Parameters of a claim. Every lease and liveness decision is made by the database's clock
+/// (PostgreSQL's `now()`, the single host's clock for SQLite), so replicas whose clocks disagree
+/// still agree on who holds what; only durations travel from here.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimParams<'a> {
     /// This worker.
     pub worker: &'a str,
-    /// The current time.
-    pub now: DateTime<Utc>,
-    /// Sessions whose last activity is before this are idle.
+    /// Sessions whose last activity is before this instant (database time) are idle.
     pub idle_before: DateTime<Utc>,
-    /// Workers whose heartbeat is before this are dead; their leases do not count.
-    pub stale_before: DateTime<Utc>,
-    /// When the new leases expire.
-    pub lease_until: DateTime<Utc>,
+    /// A worker whose heartbeat is older than this, by the database's clock, is dead.
+    pub stale_after: Duration,
+    /// How long new leases last, by the database's clock.
+    pub lease: Duration,
     /// How many to claim at most.
     pub limit: u32,
 }
@@ -131,8 +131,8 @@ pub enum Decision {
         outcome: Outcome,
         /// Sweep-level attempts including this one.
         attempts: u32,
-        /// When to try again (only for `Pending`).
-        next_attempt_at: Option<DateTime<Utc>>,
+        /// How long until the next attempt (only for `Pending`), counted by the database's clock.
+        retry_in: Option<Duration>,
         /// The last error code, if any.
         error_code: Option<String>,
         /// The last error message, if any.
@@ -199,6 +199,19 @@ pub struct Report {
     pub leased: u64,
     /// The most recent failures.
     pub recent_failures: Vec<FailureRow>,
+    /// Invalidated at iyzico, but the source row is not marked passive yet (retried each sweep).
+    pub source_not_marked: u64,
+    /// Active source rows the sweep cannot use, by reason.
+    pub unusable: UnusableRows,
+}
+
+/// Active source rows that are never sent, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UnusableRows {
+    /// The last-activity value is missing or does not fit `source.last_activity_format`.
+    pub unreadable_last_activity: u64,
+    /// The token or member is NULL or not text.
+    pub bad_source_row: u64,
 }
 
 /// A finding of `check`.
@@ -253,6 +266,30 @@ pub enum StoreError {
     /// The schema is not what we need.
     #[error("{0}")]
     Schema(String),
+    /// A step after the shutdown grace period got its one short try and no answer.
+    #[error("database did not answer in time while {op} (after the shutdown grace period)")]
+    TimedOut {
+        /// What we were doing.
+        op: &'static str,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may help: the database is unreachable or busy, not misconfigured.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database { source, .. } => matches!(
+                source,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+            ),
+            StoreError::TimedOut { .. } => true,
+            StoreError::Schema(_) => false,
+        }
+    }
 }
 
 /// Shorthand for a store result.
@@ -295,27 +332,39 @@ pub trait Store: Send + Sync {
         token: &str,
         idle_before: DateTime<Utc>,
     ) -> Result<Recheck>;
-    /// Writes a batch of settlements in one transaction: attempt log, ledger, source status.
-    /// Returns how many ledger rows changed (those whose lease we still held).
-    async fn record(&self, worker: &str, now: DateTime<Utc>, batch: &[Settlement]) -> Result<u64>;
+    /// Writes a batch of settlements in one transaction: attempt log and ledger. The source
+    /// rows are marked passive afterwards, by [`Store::mark_passive`], so that a source update
+    /// that fails can never take the record of an accepted call with it. Returns the tokens
+    /// whose ledger row changed (those whose lease we still held): only those count.
+    async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>>;
+    /// Sets the source status of these invalidated sessions to the passive value and notes in
+    /// the ledger that it was done, in one transaction. Returns how many ledger rows it noted.
+    async fn mark_passive(&self, tokens: &[String]) -> Result<u64>;
+    /// Up to `limit` invalidated sessions whose source row is not marked passive yet.
+    async fn unmarked(&self, limit: u32) -> Result<Vec<String>>;
+    /// Active source rows the sweep cannot use, by reason (never sent; counted and reported).
+    async fn unusable_rows(&self) -> Result<UnusableRows>;
     /// Releases every lease `worker` holds.
     async fn release_all(&self, worker: &str) -> Result<u64>;
-    /// Extends every lease `worker` holds to `until` (called with each heartbeat, so a live
-    /// worker's leases never lapse however long its queue).
-    async fn renew_leases(&self, worker: &str, until: DateTime<Utc>) -> Result<u64>;
-    /// Records that `worker` is alive.
-    async fn heartbeat(&self, worker: &WorkerInfo, now: DateTime<Utc>) -> Result<()>;
-    /// How many workers are alive (heartbeat after `stale_before`).
-    async fn live_workers(&self, stale_before: DateTime<Utc>) -> Result<u32>;
+    /// Extends every lease `worker` holds to `lease` from now (called with each heartbeat, so a
+    /// live worker's leases never lapse however long its queue).
+    async fn renew_leases(&self, worker: &str, lease: Duration) -> Result<u64>;
+    /// Records that `worker` is alive; returns the database time written.
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<DateTime<Utc>>;
+    /// The database's current time (the clock every lease and liveness decision uses).
+    async fn database_time(&self) -> Result<DateTime<Utc>>;
+    /// How many workers are alive (heartbeat younger than `stale_after`).
+    async fn live_workers(&self, stale_after: Duration) -> Result<u32>;
     /// Workers registered from `hostname`.
     async fn workers_on_host(&self, hostname: &str) -> Result<Vec<WorkerRow>>;
     /// Removes a worker: its leases stop counting at once.
     async fn forget_worker(&self, worker: &str) -> Result<()>;
     /// Counts per outcome, pending schedule, recent failures.
-    async fn report(&self, now: DateTime<Utc>, failures: u32) -> Result<Report>;
+    async fn report(&self, failures: u32) -> Result<Report>;
     /// Puts failed sessions back in the queue; returns how many.
-    async fn requeue(&self, filter: &RequeueFilter, now: DateTime<Utc>) -> Result<u64>;
-    /// Whether the database answers.
+    async fn requeue(&self, filter: &RequeueFilter) -> Result<u64>;
+    /// Whether the database answers, on a fresh connection: a refused or unreachable server is
+    /// reported at once, not after the pool's acquire timeout.
     async fn ping(&self) -> Result<()>;
     /// Closes the pool, waiting for connections to be returned.
     async fn close(&self);
@@ -356,15 +405,56 @@ pub(crate) fn ledger_blocks(now: &str, stale: &str) -> String {
     )
 }
 
+/// Which SQL a `CREATE INDEX` suggestion is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IndexDialect {
+    /// PostgreSQL: `CONCURRENTLY`, the index lands in the table's schema by itself.
+    Postgres,
+    /// SQLite: the schema goes on the index name, never on the table.
+    Sqlite,
+}
+
+/// A `CREATE INDEX` statement on `columns` that runs as printed.
+pub(crate) fn create_index(
+    source: &SourceConfig,
+    dialect: IndexDialect,
+    unique: bool,
+    suffix: &str,
+    columns: &[&crate::config::SqlIdent],
+) -> String {
+    let name = format!("{}_{suffix}", source.table.name());
+    let cols = columns
+        .iter()
+        .map(|c| c.quoted())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unique = if unique { "UNIQUE " } else { "" };
+    match dialect {
+        IndexDialect::Postgres => format!(
+            "CREATE {unique}INDEX CONCURRENTLY \"{name}\" ON {} ({cols});",
+            source.table.quoted()
+        ),
+        IndexDialect::Sqlite => {
+            let index = match source.table.schema() {
+                Some(schema) => format!("\"{schema}\".\"{name}\""),
+                None => format!("\"{name}\""),
+            };
+            format!(
+                "CREATE {unique}INDEX {index} ON \"{}\" ({cols});",
+                source.table.name()
+            )
+        }
+    }
+}
+
 /// A `CREATE INDEX` statement serving the eligibility query, for `check`'s warning.
-pub(crate) fn suggested_index(source: &SourceConfig, concurrently: bool) -> String {
-    format!(
-        "CREATE INDEX {}{}_sweeper_idx ON {} ({}, {});",
-        if concurrently { "CONCURRENTLY " } else { "" },
-        source.table.name(),
-        source.table.quoted(),
-        source.status_column.quoted(),
-        source.last_activity_column.quoted(),
+pub(crate) fn suggested_index(source: &SourceConfig, dialect: IndexDialect) -> String {
+    create_index(
+        source,
+        dialect,
+        false,
+        "sweeper_idx",
+        &[&source.status_column, &source.last_activity_column],
     )
 }
 
@@ -404,7 +494,7 @@ fn column_keys(src: &SourceConfig) -> [(&'static str, &crate::config::SqlIdent);
 pub(crate) fn index_findings(
     src: &SourceConfig,
     indexes: &[Vec<String>],
-    postgres: bool,
+    dialect: IndexDialect,
 ) -> Vec<Finding> {
     let starts_with = |cols: &[&str]| {
         indexes.iter().any(|ix| {
@@ -425,7 +515,7 @@ pub(crate) fn index_findings(
             "no index on ({}, {}): every sweep scans the table. Create one: {}",
             src.status_column,
             src.last_activity_column,
-            suggested_index(src, postgres)
+            suggested_index(src, dialect)
         )));
     }
     if starts_with(&[src.token_column.name()]) {
@@ -435,12 +525,9 @@ pub(crate) fn index_findings(
         )));
     } else {
         out.push(Finding::Warning(format!(
-            "no index on {}: each status update scans the table. Create one: CREATE UNIQUE INDEX {}{}_token_idx ON {} ({});",
+            "no index on {}: each status update scans the table. Create one: {}",
             src.token_column,
-            if postgres { "CONCURRENTLY " } else { "" },
-            src.table.name(),
-            src.table.quoted(),
-            src.token_column.quoted()
+            create_index(src, dialect, true, "token_idx", &[&src.token_column]),
         )));
     }
     out
@@ -469,4 +556,331 @@ pub(crate) fn count_rows(rows: impl Iterator<Item = (String, i64)>) -> Vec<(Outc
         }
     }
     counts
+}
+
+/// A decision as the columns the ledger update binds (all `None`: release the lease only).
+pub(crate) struct FlatDecision<'a> {
+    pub state: Option<&'static str>,
+    pub attempts: Option<u32>,
+    pub retry_in: Option<Duration>,
+    pub error_code: Option<&'a str>,
+    pub error_message: Option<&'a str>,
+}
+
+impl<'a> FlatDecision<'a> {
+    /// Flattens `d`.
+    pub fn of(d: &'a Decision) -> Self {
+        match d {
+            Decision::Settle {
+                outcome,
+                attempts,
+                retry_in,
+                error_code,
+                error_message,
+            } => Self {
+                state: Some(outcome.as_str()),
+                attempts: Some(*attempts),
+                retry_in: *retry_in,
+                error_code: error_code.as_deref(),
+                error_message: error_message.as_deref(),
+            },
+            Decision::Release => Self {
+                state: None,
+                attempts: None,
+                retry_in: None,
+                error_code: None,
+                error_message: None,
+            },
+        }
+    }
+}
+
+/// Names of the embedded migrations not in `applied`.
+pub(crate) fn pending(migrations: &[Migration], applied: &[i64]) -> Vec<String> {
+    migrations
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{:04}_{}", m.version, m.name))
+        .collect()
+}
+
+/// Index advice for a source that is a view: indexes belong on the table behind it.
+pub(crate) fn view_finding(src: &SourceConfig) -> Finding {
+    Finding::Warning(format!(
+        "source.table: {} is a view, which cannot be indexed: make sure the table behind it has an \
+         index on the columns behind ({}, {}), or every sweep scans it",
+        src.table, src.status_column, src.last_activity_column
+    ))
+}
+
+/// The error code a session gets when its source row cannot be read (never sent).
+pub const BAD_SOURCE_ROW: &str = "bad_source_row";
+
+/// Zone names whose offset is zero all year: naive values in such a database are UTC.
+pub(crate) fn is_utc_zone(name: &str) -> bool {
+    let n = name.trim().trim_start_matches("Etc/").to_ascii_uppercase();
+    matches!(
+        n.as_str(),
+        "UTC" | "UCT" | "GMT" | "GMT0" | "GMT+0" | "GMT-0" | "ZULU" | "UNIVERSAL" | "GREENWICH"
+            | "Z" | "+00:00" | "+00" | "SYSTEM+00:00"
+    )
+}
+
+/// The zone naive timestamps are read in: the configured one, else UTC where the database's own
+/// zone is UTC; anything else is ambiguous, so nothing starts until the key is set.
+pub(crate) fn naive_zone(
+    configured: Option<chrono_tz::Tz>,
+    database_zone: &str,
+    what: &str,
+) -> Result<chrono_tz::Tz> {
+    match configured {
+        Some(tz) => Ok(tz),
+        None if is_utc_zone(database_zone) => Ok(chrono_tz::UTC),
+        None => Err(StoreError::Schema(format!(
+            "source.last_activity_timezone: {what} holds times without a zone and the database's \
+             time zone is {database_zone:?}, so which instant a value means is ambiguous; set \
+             source.last_activity_timezone to the zone the application writes them in (e.g. \
+             {database_zone:?}, or \"UTC\")"
+        ))),
+    }
+}
+
+/// The latest instant a naive local time can mean in `tz` (the later one in a repeated hour; a
+/// time skipped by a spring-forward gap reads as the end of the gap).
+fn latest_instant(tz: chrono_tz::Tz, v: NaiveDateTime) -> DateTime<Utc> {
+    use chrono::TimeZone as _;
+    match tz.from_local_datetime(&v) {
+        chrono::LocalResult::Single(t) => t.with_timezone(&Utc),
+        chrono::LocalResult::Ambiguous(a, b) => a.max(b).with_timezone(&Utc),
+        chrono::LocalResult::None => {
+            let after = v + chrono::Duration::hours(3);
+            let t = tz
+                .from_local_datetime(&after)
+                .earliest()
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|| v.and_utc());
+            t - chrono::Duration::hours(3)
+        }
+    }
+}
+
+/// The naive cutoff for "idle before `instant`" in `tz`: the smallest local time whose every
+/// meaning is at or after `instant`, so `column < cutoff` never takes a session that might
+/// still be live, also in the repeated hour when clocks go back. Index-friendly: the column is
+/// compared as stored, only the cutoff is converted.
+pub(crate) fn naive_cutoff(tz: chrono_tz::Tz, instant: DateTime<Utc>) -> NaiveDateTime {
+    let start = instant.with_timezone(&tz).naive_local();
+    // `latest_instant` only grows with the local time: bisect the last three hours in ms.
+    let (mut lo, mut hi) = (-3 * 3_600_000i64, 0i64);
+    if latest_instant(tz, start + chrono::Duration::milliseconds(lo)) >= instant {
+        return start + chrono::Duration::milliseconds(lo);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if latest_instant(tz, start + chrono::Duration::milliseconds(mid)) >= instant {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    start + chrono::Duration::milliseconds(hi)
+}
+
+/// Parses a naive text timestamp as SQLite's `CURRENT_TIMESTAMP` writes it.
+pub(crate) fn parse_sqlite_text(s: &str) -> Option<NaiveDateTime> {
+    let ok_shape = s.len() >= 19
+        && s.as_bytes()[10] == b' '
+        && (s.len() == 19 || (s.as_bytes()[19] == b'.' && s.len() > 20 && s[20..].bytes().all(|b| b.is_ascii_digit())));
+    ok_shape
+        .then(|| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok())
+        .flatten()
+}
+
+/// Parses RFC 3339 text in UTC (`Z` or `+00:00`), the only form SQL can compare as text.
+pub(crate) fn parse_rfc3339_utc(s: &str) -> Option<DateTime<Utc>> {
+    let utc = s.ends_with('Z') || s.ends_with("+00:00");
+    let t = DateTime::parse_from_rfc3339(s).ok()?;
+    (utc && s.as_bytes().get(10) == Some(&b'T')).then(|| t.with_timezone(&Utc))
+}
+
+/// Unix times before this are taken for a wrong unit, not for a session idle since the 1990s.
+pub const EARLIEST_PLAUSIBLE_UNIX_SECONDS: i64 = 946_684_800; // 2000-01-01
+
+/// What a sampled last-activity value looks like, in the words of `source.last_activity_format`.
+pub(crate) fn describe_value(v: &SampleValue) -> (String, Option<crate::config::TimestampFormat>) {
+    use crate::config::TimestampFormat as F;
+    match v {
+        SampleValue::Int(i) => {
+            let secs_lo = EARLIEST_PLAUSIBLE_UNIX_SECONDS;
+            let secs_hi = 32_503_680_000; // year 3000
+            if (secs_lo..secs_hi).contains(i) {
+                (format!("the integer {i} (Unix seconds)"), Some(F::UnixSeconds))
+            } else if (secs_lo * 1000..secs_hi * 1000).contains(i) {
+                (format!("the integer {i} (Unix milliseconds)"), Some(F::UnixMillis))
+            } else {
+                (format!("the integer {i}, which is no plausible Unix time"), None)
+            }
+        }
+        SampleValue::Text(t) => {
+            if parse_sqlite_text(t).is_some() {
+                (format!("the text {t:?}"), Some(F::SqliteText))
+            } else if parse_rfc3339_utc(t).is_some() {
+                (format!("the text {t:?} (RFC 3339 in UTC)"), Some(F::Rfc3339))
+            } else if DateTime::parse_from_rfc3339(t).is_ok() {
+                (
+                    format!(
+                        "the text {t:?}, RFC 3339 with a non-UTC offset, which text comparison \
+                         cannot order; store UTC (`Z`) or Unix seconds"
+                    ),
+                    None,
+                )
+            } else {
+                (format!("the text {t:?}, which is no supported timestamp"), None)
+            }
+        }
+        SampleValue::Other(kind) => (format!("a value of type {kind}"), None),
+    }
+}
+
+/// A last-activity value sampled by `check`.
+#[derive(Debug, Clone)]
+pub(crate) enum SampleValue {
+    /// An integer.
+    Int(i64),
+    /// Text.
+    Text(String),
+    /// Anything else (the storage class or type named).
+    Other(String),
+}
+
+/// The name of a timestamp format as the config writes it.
+pub(crate) fn format_name(f: crate::config::TimestampFormat) -> &'static str {
+    use crate::config::TimestampFormat as F;
+    match f {
+        F::SqliteText => "sqlite_text",
+        F::Rfc3339 => "rfc3339",
+        F::UnixSeconds => "unix_seconds",
+        F::UnixMillis => "unix_millis",
+    }
+}
+
+/// `check`'s verdict on sampled values (the newest and oldest active ones) against the setting.
+pub(crate) fn format_findings(
+    configured: crate::config::TimestampFormat,
+    samples: &[(&str, SampleValue)],
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (which, v) in samples {
+        let (what, fits) = describe_value(v);
+        if fits == Some(configured) {
+            out.push(Finding::Ok(format!(
+                "the {which} active last-activity value is {what}: fits source.last_activity_format = {:?}",
+                format_name(configured)
+            )));
+        } else {
+            let hint = match fits {
+                Some(f) => format!("set source.last_activity_format = {:?}", format_name(f)),
+                None => "no supported format fits it".into(),
+            };
+            out.push(Finding::Error(format!(
+                "source.last_activity_format: is {:?} but the {which} active value is {what}; {hint}. \
+                 Values that do not fit are never swept",
+                format_name(configured)
+            )));
+        }
+    }
+    out
+}
+
+/// `check`'s verdict on the newest activity against the database's clock: a value in the future
+/// means the zone or the unit is wrong, and idle times would be misjudged.
+pub(crate) fn newest_finding(newest: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Finding {
+    match newest {
+        Some(t) if t > now + chrono::Duration::minutes(5) => Finding::Error(format!(
+            "source.last_activity_timezone: the newest active last-activity value reads as {t}, \
+             {} minutes after the database's clock ({now}): the zone (or unit) it is read in is \
+             wrong, so idle times would be wrong too",
+            (t - now).num_minutes()
+        )),
+        Some(t) => Finding::Ok(format!(
+            "the newest active last-activity value reads as {t}, {} before now",
+            humantime::format_duration(Duration::from_secs((now - t).num_seconds().max(0) as u64))
+        )),
+        None => Finding::Ok("no active sessions to sample".into()),
+    }
+}
+
+
+/// Findings about rows the sweep cannot use.
+pub(crate) fn unusable_findings(u: UnusableRows, src: &SourceConfig) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if u.unreadable_last_activity > 0 {
+        out.push(Finding::Warning(format!(
+            "{} active rows have a {} value that is missing or does not fit \
+             source.last_activity_format: they are never swept",
+            u.unreadable_last_activity, src.last_activity_column
+        )));
+    }
+    if u.bad_source_row > 0 {
+        out.push(Finding::Warning(format!(
+            "{} active rows have a NULL or non-text {} or {}: they are never sent",
+            u.bad_source_row, src.token_column, src.member_column
+        )));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone as _;
+
+    #[test]
+    fn naive_cutoff_in_utc_is_the_instant_itself() {
+        let t = Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap();
+        assert_eq!(naive_cutoff(chrono_tz::UTC, t), t.naive_utc());
+    }
+
+    #[test]
+    fn naive_cutoff_converts_to_the_zone() {
+        let t = Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap();
+        let ny = naive_cutoff(chrono_tz::America::New_York, t);
+        assert_eq!(ny.to_string(), "2026-06-01 08:00:00");
+    }
+
+    #[test]
+    fn naive_cutoff_in_the_repeated_hour_takes_none_that_might_be_live() {
+        // New York, 2026-11-01: 01:00-02:00 happens twice (EDT, then EST).
+        let tz = chrono_tz::America::New_York;
+        // 05:30Z is 01:30 EDT, the first pass; 01:30 EST (06:30Z) is later than the cutoff.
+        let cutoff = Utc.with_ymd_and_hms(2026, 11, 1, 5, 30, 0).unwrap();
+        let v = naive_cutoff(tz, cutoff);
+        assert_eq!(v.to_string(), "2026-11-01 01:00:00");
+        // Every naive value below the cutoff means an instant before it, whichever pass.
+        let below = v - chrono::Duration::seconds(1);
+        assert!(latest_instant(tz, below) < cutoff);
+    }
+
+    #[test]
+    fn utc_zone_names() {
+        for z in ["UTC", "Etc/UTC", "GMT", "Etc/GMT", "utc", "Zulu"] {
+            assert!(is_utc_zone(z), "{z}");
+        }
+        for z in ["America/New_York", "Europe/Istanbul", "SYSTEM", "+03:00"] {
+            assert!(!is_utc_zone(z), "{z}");
+        }
+    }
+
+    #[test]
+    fn sampled_values_name_the_format_that_fits() {
+        use crate::config::TimestampFormat as F;
+        let fits = |v: SampleValue| describe_value(&v).1;
+        assert_eq!(fits(SampleValue::Int(1_764_000_000)), Some(F::UnixSeconds));
+        assert_eq!(fits(SampleValue::Int(1_764_000_000_000)), Some(F::UnixMillis));
+        assert_eq!(fits(SampleValue::Int(42)), None);
+        assert_eq!(fits(SampleValue::Text("2026-11-29 10:00:00".into())), Some(F::SqliteText));
+        assert_eq!(fits(SampleValue::Text("2026-11-29T10:00:00.123Z".into())), Some(F::Rfc3339));
+        assert_eq!(fits(SampleValue::Text("2026-11-29T10:00:00+03:00".into())), None);
+        assert_eq!(fits(SampleValue::Text("yesterday".into())), None);
+    }
 }

@@ -183,6 +183,37 @@ impl TestDb {
         Some(db)
     }
 
+    /// Moves a worker's heartbeat `secs` into the past: the database's clock decides staleness,
+    /// so tests travel in time by ageing rows, not by passing a later "now".
+    pub async fn age_heartbeat(&self, worker: &str, secs: i64) {
+        self.exec(&match self.kind {
+            Kind::Sqlite => format!(
+                "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - {} WHERE worker_id = '{worker}'",
+                secs * 1000
+            ),
+            Kind::Postgres => format!(
+                "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - interval '{secs} seconds' WHERE worker_id = '{worker}'"
+            ),
+        })
+        .await;
+    }
+
+    /// Moves every lease expiry and next-attempt time of the ledger `secs` into the past.
+    pub async fn age_ledger(&self, secs: i64) {
+        self.exec(&match self.kind {
+            Kind::Sqlite => format!(
+                "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at - {ms}, \
+                 next_attempt_at = next_attempt_at - {ms}",
+                ms = secs * 1000
+            ),
+            Kind::Postgres => format!(
+                "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at - interval '{secs} seconds', \
+                 next_attempt_at = next_attempt_at - interval '{secs} seconds'"
+            ),
+        })
+        .await;
+    }
+
     /// Runs SQL (several statements allowed).
     pub async fn exec(&self, sql: &str) {
         match &self.pool {
