@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, ConfigError, LogConfig, LogFormat};
 use crate::clock::DbClock;
+use crate::config::{Config, ConfigError, LogConfig, LogFormat};
 use crate::fleet::{FleetView, Membership, this_worker};
 use crate::iyzico::Client;
 use crate::iyzico::limiter::SharedLimiter;
@@ -375,10 +375,7 @@ pub fn print_report(report: &Report, format: Format) {
                 serde_json::to_value(report.pending.next_due).expect("serializable"),
             );
             doc.insert("leased".into(), report.leased.into());
-            doc.insert(
-                "source_not_marked".into(),
-                report.source_not_marked.into(),
-            );
+            doc.insert("source_not_marked".into(), report.source_not_marked.into());
             doc.insert(
                 "unusable_source_rows".into(),
                 serde_json::to_value(report.unusable).expect("serializable"),

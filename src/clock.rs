@@ -58,8 +58,16 @@ mod tests {
         let sent = Utc::now();
         let received = sent + chrono::Duration::milliseconds(100);
         let db = sent + chrono::Duration::seconds(30) + chrono::Duration::milliseconds(50);
-        assert_eq!(clock.observe(db, sent, received), chrono::Duration::seconds(30));
+        assert_eq!(
+            clock.observe(db, sent, received),
+            chrono::Duration::seconds(30)
+        );
         let est = clock.now() - Utc::now();
-        assert!((est - chrono::Duration::seconds(30)).num_milliseconds().abs() < 50);
+        assert!(
+            (est - chrono::Duration::seconds(30))
+                .num_milliseconds()
+                .abs()
+                < 50
+        );
     }
 }

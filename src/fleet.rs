@@ -177,8 +177,12 @@ impl Membership {
         .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself"),
-            Err(_) => tracing::warn!("the database did not answer the deregistration in time; this worker will go stale by itself"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself")
+            }
+            Err(_) => tracing::warn!(
+                "the database did not answer the deregistration in time; this worker will go stale by itself"
+            ),
         }
     }
 }

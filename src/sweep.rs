@@ -299,8 +299,13 @@ impl Sweeper {
             let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
             if !owed.is_empty() {
                 match self.store.mark_passive(&owed).await {
-                    Ok(n) => tracing::info!(marked = n, "marked source rows passive that an earlier sweep could not"),
-                    Err(e) => tracing::warn!(error = %e, owed = owed.len(), "source rows still cannot be marked passive; the sessions stay invalidated and are never sent again"),
+                    Ok(n) => tracing::info!(
+                        marked = n,
+                        "marked source rows passive that an earlier sweep could not"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, owed = owed.len(), "source rows still cannot be marked passive; the sessions stay invalidated and are never sent again")
+                    }
                 }
             }
         }
@@ -506,7 +511,11 @@ impl Attempt {
             (Err(InvalidateError::Withheld), Some(Ok(Recheck::NoLongerEligible))) => {
                 tracing::info!("active again since it was claimed; skipped");
                 // Calls made before (retries of this attempt) make it count as an attempt.
-                let attempts = if inv.calls.is_empty() { lease.attempts } else { attempt };
+                let attempts = if inv.calls.is_empty() {
+                    lease.attempts
+                } else {
+                    attempt
+                };
                 Settlement {
                     token: lease.token.clone(),
                     attempt,
@@ -537,15 +546,14 @@ impl Attempt {
         result: Result<(), InvalidateError>,
     ) -> Settlement {
         let attempt = lease.attempts + 1;
-        let settle = |outcome, retry_in, code: Option<&str>, message: Option<&str>| {
-            Decision::Settle {
+        let settle =
+            |outcome, retry_in, code: Option<&str>, message: Option<&str>| Decision::Settle {
                 outcome,
                 attempts: attempt,
                 retry_in,
                 error_code: code.map(str::to_owned),
                 error_message: message.map(str::to_owned),
-            }
-        };
+            };
         let decision = match &result {
             Ok(()) => settle(Outcome::Invalidated, None, None, None),
             Err(
@@ -669,7 +677,14 @@ impl Recorder {
             match write.await {
                 Ok(accepted) => return accepted,
                 // Past the grace period one more try is all the time there is.
-                Err(e) if tries < if self.sweep.is_aborted() { 0 } else { RECORD_RETRIES } => {
+                Err(e)
+                    if tries
+                        < if self.sweep.is_aborted() {
+                            0
+                        } else {
+                            RECORD_RETRIES
+                        } =>
+                {
                     tries += 1;
                     tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
                     tokio::select! {

@@ -551,11 +551,53 @@ async fn a_worker_with_a_stale_heartbeat_does_not_call_the_api() {
     );
     tokio::time::sleep(Duration::from_millis(40)).await;
     let fenced = c.invalidate("tok-2", "m", &Shutdown::new()).await;
-    assert_eq!(fenced.result, Err(InvalidateError::Interrupted));
+    assert_eq!(fenced.result, Err(InvalidateError::Fenced));
     assert!(fenced.calls.is_empty());
     assert_eq!(
         sim.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "nothing sent while fenced"
+    );
+}
+
+#[tokio::test]
+async fn a_call_in_flight_is_cancelled_at_the_fencing_deadline() {
+    // The call would take 3 s; the heartbeat goes stale after 300 ms. Peers may take the
+    // session soon after, so the call must not outlive the deadline, whatever its timeout.
+    let sim = common::simulator(SimulatorConfig {
+        latency: Duration::from_secs(3),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let liveness = session_sweeper::shutdown::Liveness::new(Duration::from_millis(300));
+    let c = client(&config(
+        &sim.base_url(),
+        &[("SWEEPER_IYZICO__TIMEOUT", "10s")],
+    ))
+    .with_liveness(liveness.clone());
+    liveness.beat();
+    let started = std::time::Instant::now();
+    let inv = c.invalidate("tok-1", "m", &Shutdown::new()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "cancelled at the deadline, not after the call: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(inv.result, Err(InvalidateError::Fenced));
+    assert_eq!(inv.calls.len(), 1, "the cancelled call is still logged");
+    assert_eq!(inv.calls[0].class, "unknown");
+}
+
+#[tokio::test]
+async fn the_check_before_a_call_can_withhold_it() {
+    let sim = common::simulator(SimulatorConfig::default()).await;
+    let c = client(&config(&sim.base_url(), &[]));
+    let inv = c
+        .invalidate_checked("tok-1", "m", &Shutdown::new(), || async { false })
+        .await;
+    assert_eq!(inv.result, Err(InvalidateError::Withheld));
+    assert_eq!(
+        sim.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0
     );
 }

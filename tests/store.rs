@@ -55,7 +55,8 @@ async fn migrate_is_idempotent(kind: Kind) {
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM sweeper_schema_migrations")
             .await,
-        1
+        2,
+        "every migration recorded once"
     );
     // The source table's schema is untouched.
     db.seed(&idle_sessions("s", 1)).await;
@@ -159,8 +160,7 @@ async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
         "a leased session is not eligible"
     );
     store
-        .record("w", &[settle(&leases[0].token, Outcome::Failed, 1)],
-        )
+        .record("w", &[settle(&leases[0].token, Outcome::Failed, 1)])
         .await
         .unwrap();
     assert_eq!(
@@ -389,7 +389,9 @@ async fn a_session_that_came_back_is_skipped_and_eligible_again_later(kind: Kind
     );
     // s-1 goes pending and comes back to life before its retry: settled as skipped.
     store
-        .record("w", &[Settlement {
+        .record(
+            "w",
+            &[Settlement {
                 decision: Decision::Settle {
                     outcome: Outcome::Pending,
                     attempts: 1,
@@ -436,7 +438,9 @@ async fn requeue_and_report(kind: Kind) {
         ..settle(t, Outcome::Failed, 1)
     };
     store
-        .record("w", &[
+        .record(
+            "w",
+            &[
                 failed("s-0", "11"),
                 failed("s-1", "12"),
                 settle("s-2", Outcome::Invalidated, 1),
@@ -468,13 +472,7 @@ async fn requeue_and_report(kind: Kind) {
     assert_eq!(n, 1);
     assert_eq!(db.ledger("s-0").await, Some(("pending".into(), 0)));
     assert_eq!(db.ledger("s-1").await.unwrap().0, "failed");
-    assert_eq!(
-        store
-            .requeue(&RequeueFilter::default())
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(store.requeue(&RequeueFilter::default()).await.unwrap(), 1);
 }
 
 async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
@@ -554,7 +552,13 @@ async fn renewed_leases_do_not_lapse_while_their_worker_lives(kind: Kind) {
     db.age_ledger(2).await;
     register(&*store, "w").await;
     register(&*store, "other").await;
-    assert!(store.claim(params("other", now, 10)).await.unwrap().is_empty());
+    assert!(
+        store
+            .claim(params("other", now, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 both_backends!(

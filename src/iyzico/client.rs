@@ -350,8 +350,10 @@ impl Client {
         member_identifier: &str,
         shutdown: &Shutdown,
     ) -> Invalidation {
-        self.invalidate_checked(session_token, member_identifier, shutdown, || async { true })
-            .await
+        self.invalidate_checked(session_token, member_identifier, shutdown, || async {
+            true
+        })
+        .await
     }
 
     /// [`Client::invalidate`], with `before_call` asked right before every call, once the rate

@@ -621,8 +621,19 @@ pub(crate) fn is_utc_zone(name: &str) -> bool {
     let n = name.trim().trim_start_matches("Etc/").to_ascii_uppercase();
     matches!(
         n.as_str(),
-        "UTC" | "UCT" | "GMT" | "GMT0" | "GMT+0" | "GMT-0" | "ZULU" | "UNIVERSAL" | "GREENWICH"
-            | "Z" | "+00:00" | "+00" | "SYSTEM+00:00"
+        "UTC"
+            | "UCT"
+            | "GMT"
+            | "GMT0"
+            | "GMT+0"
+            | "GMT-0"
+            | "ZULU"
+            | "UNIVERSAL"
+            | "GREENWICH"
+            | "Z"
+            | "+00:00"
+            | "+00"
+            | "SYSTEM+00:00"
     )
 }
 
@@ -690,7 +701,10 @@ pub(crate) fn naive_cutoff(tz: chrono_tz::Tz, instant: DateTime<Utc>) -> NaiveDa
 pub(crate) fn parse_sqlite_text(s: &str) -> Option<NaiveDateTime> {
     let ok_shape = s.len() >= 19
         && s.as_bytes()[10] == b' '
-        && (s.len() == 19 || (s.as_bytes()[19] == b'.' && s.len() > 20 && s[20..].bytes().all(|b| b.is_ascii_digit())));
+        && (s.len() == 19
+            || (s.as_bytes()[19] == b'.'
+                && s.len() > 20
+                && s[20..].bytes().all(|b| b.is_ascii_digit())));
     ok_shape
         .then(|| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok())
         .flatten()
@@ -714,18 +728,30 @@ pub(crate) fn describe_value(v: &SampleValue) -> (String, Option<crate::config::
             let secs_lo = EARLIEST_PLAUSIBLE_UNIX_SECONDS;
             let secs_hi = 32_503_680_000; // year 3000
             if (secs_lo..secs_hi).contains(i) {
-                (format!("the integer {i} (Unix seconds)"), Some(F::UnixSeconds))
+                (
+                    format!("the integer {i} (Unix seconds)"),
+                    Some(F::UnixSeconds),
+                )
             } else if (secs_lo * 1000..secs_hi * 1000).contains(i) {
-                (format!("the integer {i} (Unix milliseconds)"), Some(F::UnixMillis))
+                (
+                    format!("the integer {i} (Unix milliseconds)"),
+                    Some(F::UnixMillis),
+                )
             } else {
-                (format!("the integer {i}, which is no plausible Unix time"), None)
+                (
+                    format!("the integer {i}, which is no plausible Unix time"),
+                    None,
+                )
             }
         }
         SampleValue::Text(t) => {
             if parse_sqlite_text(t).is_some() {
                 (format!("the text {t:?}"), Some(F::SqliteText))
             } else if parse_rfc3339_utc(t).is_some() {
-                (format!("the text {t:?} (RFC 3339 in UTC)"), Some(F::Rfc3339))
+                (
+                    format!("the text {t:?} (RFC 3339 in UTC)"),
+                    Some(F::Rfc3339),
+                )
             } else if DateTime::parse_from_rfc3339(t).is_ok() {
                 (
                     format!(
@@ -735,7 +761,10 @@ pub(crate) fn describe_value(v: &SampleValue) -> (String, Option<crate::config::
                     None,
                 )
             } else {
-                (format!("the text {t:?}, which is no supported timestamp"), None)
+                (
+                    format!("the text {t:?}, which is no supported timestamp"),
+                    None,
+                )
             }
         }
         SampleValue::Other(kind) => (format!("a value of type {kind}"), None),
@@ -810,7 +839,6 @@ pub(crate) fn newest_finding(newest: Option<DateTime<Utc>>, now: DateTime<Utc>) 
     }
 }
 
-
 /// Findings about rows the sweep cannot use.
 pub(crate) fn unusable_findings(u: UnusableRows, src: &SourceConfig) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -876,11 +904,23 @@ mod tests {
         use crate::config::TimestampFormat as F;
         let fits = |v: SampleValue| describe_value(&v).1;
         assert_eq!(fits(SampleValue::Int(1_764_000_000)), Some(F::UnixSeconds));
-        assert_eq!(fits(SampleValue::Int(1_764_000_000_000)), Some(F::UnixMillis));
+        assert_eq!(
+            fits(SampleValue::Int(1_764_000_000_000)),
+            Some(F::UnixMillis)
+        );
         assert_eq!(fits(SampleValue::Int(42)), None);
-        assert_eq!(fits(SampleValue::Text("2026-11-29 10:00:00".into())), Some(F::SqliteText));
-        assert_eq!(fits(SampleValue::Text("2026-11-29T10:00:00.123Z".into())), Some(F::Rfc3339));
-        assert_eq!(fits(SampleValue::Text("2026-11-29T10:00:00+03:00".into())), None);
+        assert_eq!(
+            fits(SampleValue::Text("2026-11-29 10:00:00".into())),
+            Some(F::SqliteText)
+        );
+        assert_eq!(
+            fits(SampleValue::Text("2026-11-29T10:00:00.123Z".into())),
+            Some(F::Rfc3339)
+        );
+        assert_eq!(
+            fits(SampleValue::Text("2026-11-29T10:00:00+03:00".into())),
+            None
+        );
         assert_eq!(fits(SampleValue::Text("yesterday".into())), None);
     }
 }

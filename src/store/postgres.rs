@@ -201,7 +201,10 @@ impl PgStore {
                     .column_type(self.source.last_activity_column.name())
                     .await?
                     .ok_or_else(|| {
-                        missing("source.last_activity_column", &self.source.last_activity_column)
+                        missing(
+                            "source.last_activity_column",
+                            &self.source.last_activity_column,
+                        )
                     })?;
                 let activity = self.activity(&a).await?;
                 Ok(Statements::new(&self.source, &t, activity))
@@ -261,10 +264,12 @@ impl PgStore {
         .unwrap_or(None);
         match from_file {
             Some(zone) => Ok(zone),
-            None => sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = 'log_timezone'")
-                .fetch_one(&self.pool)
-                .await
-                .op("reading the server's time zone"),
+            None => {
+                sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = 'log_timezone'")
+                    .fetch_one(&self.pool)
+                    .await
+                    .op("reading the server's time zone")
+            }
         }
     }
 
@@ -321,7 +326,11 @@ impl PgStore {
                  UPDATE ({}) ON {} or set source.mark_passive = false",
                 self.source.status_column,
                 self.source.table,
-                if may_update { "the relation is not updatable" } else { "no UPDATE privilege" },
+                if may_update {
+                    "the relation is not updatable"
+                } else {
+                    "no UPDATE privilege"
+                },
                 self.source.status_column.quoted(),
                 self.source.table.quoted(),
             )));
@@ -361,8 +370,14 @@ impl PgStore {
                 Activity::Instant => "timestamptz (an instant)".to_owned(),
                 Activity::Naive(tz) => format!("timestamp read in {tz}"),
             },
-            row.try_get::<Option<String>, _>(0).ok().flatten().unwrap_or_else(|| "none".into()),
-            row.try_get::<Option<String>, _>(1).ok().flatten().unwrap_or_else(|| "none".into()),
+            row.try_get::<Option<String>, _>(0)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "none".into()),
+            row.try_get::<Option<String>, _>(1)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "none".into()),
         ))];
         out.push(newest_finding(newest, self.database_time().await?));
         Ok(out)
@@ -469,7 +484,11 @@ impl Store for PgStore {
                 .iter()
                 .any(|f| matches!(f, Finding::Warning(m) if m.contains("is a view")));
             if !is_view {
-                findings.extend(index_findings(&self.source, &indexes, IndexDialect::Postgres));
+                findings.extend(index_findings(
+                    &self.source,
+                    &indexes,
+                    IndexDialect::Postgres,
+                ));
             }
             findings.extend(status);
             let timestamps = self.timestamp_findings().await?;
@@ -607,7 +626,9 @@ impl Store for PgStore {
         if !attempts.token.is_empty() {
             attempts.insert(worker, &mut tx).await?;
         }
-        let accepted = ledger.update(worker, self.source.mark_passive, &mut tx).await?;
+        let accepted = ledger
+            .update(worker, self.source.mark_passive, &mut tx)
+            .await?;
         tx.commit().await.op("committing recorded outcomes")?;
         Ok(accepted)
     }
@@ -617,7 +638,11 @@ impl Store for PgStore {
             return Ok(0);
         }
         let sql = self.sql().await?;
-        let mut tx = self.pool.begin().await.op("starting to mark sessions passive")?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .op("starting to mark sessions passive")?;
         sqlx::query(&sql.mark_passive)
             .bind(&self.source.passive_value)
             .bind(tokens)
@@ -750,7 +775,10 @@ impl Store for PgStore {
             .await
             .op("counting outcomes")?;
         let counts = count_rows(rows.iter().filter_map(|r| {
-            Some((r.try_get::<String, _>(0).ok()?, r.try_get::<i64, _>(1).ok()?))
+            Some((
+                r.try_get::<String, _>(0).ok()?,
+                r.try_get::<i64, _>(1).ok()?,
+            ))
         }));
         let p = sqlx::query(
             "SELECT COUNT(*), MIN(next_attempt_at), \
@@ -809,13 +837,14 @@ impl Store for PgStore {
     async fn ping(&self) -> Result<()> {
         // A fresh connection, not the pool: the pool retries a refused connection until its
         // acquire timeout and then says only "timed out".
-        let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&self.options))
-            .await
-            .map_err(|_| StoreError::Database {
-                op: "connecting to the database",
-                source: sqlx::Error::PoolTimedOut,
-            })?
-            .op("connecting to the database")?;
+        let mut conn =
+            tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| StoreError::Database {
+                    op: "connecting to the database",
+                    source: sqlx::Error::PoolTimedOut,
+                })?
+                .op("connecting to the database")?;
         conn.ping().await.op("pinging the database")?;
         let _ = conn.close().await;
         Ok(())

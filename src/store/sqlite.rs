@@ -12,12 +12,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{
-    BAD_SOURCE_ROW, ClaimParams, EARLIEST_PLAUSIBLE_UNIX_SECONDS, FailureRow, Finding,
-    IdleSession, IndexDialect, Lease, Migration, Op, PendingSummary, Recheck, Report,
-    RequeueFilter, Result, SampleValue, Settlement, Store, UnusableRows, WorkerInfo, WorkerRow,
-    column_findings, count_rows, format_findings, index_findings, ledger_blocks,
-    migration_finding, naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text,
-    unusable_findings,
+    BAD_SOURCE_ROW, ClaimParams, EARLIEST_PLAUSIBLE_UNIX_SECONDS, FailureRow, Finding, IdleSession,
+    IndexDialect, Lease, Migration, Op, PendingSummary, Recheck, Report, RequeueFilter, Result,
+    SampleValue, Settlement, Store, UnusableRows, WorkerInfo, WorkerRow, column_findings,
+    count_rows, format_findings, index_findings, ledger_blocks, migration_finding, naive_cutoff,
+    newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -83,9 +82,9 @@ fn fits(col: &str, format: TimestampFormat) -> String {
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
         ),
-        TimestampFormat::UnixSeconds => format!(
-            "(typeof({col}) = 'integer' AND {col} >= {EARLIEST_PLAUSIBLE_UNIX_SECONDS})"
-        ),
+        TimestampFormat::UnixSeconds => {
+            format!("(typeof({col}) = 'integer' AND {col} >= {EARLIEST_PLAUSIBLE_UNIX_SECONDS})")
+        }
         TimestampFormat::UnixMillis => format!(
             "(typeof({col}) = 'integer' AND {col} >= {})",
             EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
@@ -239,7 +238,9 @@ impl SqliteStore {
                 .and_then(|n| n.and_local_timezone(self.zone()).latest())
                 .map(|t| t.with_timezone(&Utc)),
             (TimestampFormat::Rfc3339, SampleValue::Text(s)) => parse_rfc3339_utc(s),
-            (TimestampFormat::UnixSeconds, SampleValue::Int(i)) => Utc.timestamp_opt(*i, 0).single(),
+            (TimestampFormat::UnixSeconds, SampleValue::Int(i)) => {
+                Utc.timestamp_opt(*i, 0).single()
+            }
             (TimestampFormat::UnixMillis, SampleValue::Int(i)) => {
                 Utc.timestamp_millis_opt(*i).single()
             }
@@ -311,7 +312,12 @@ impl SqliteStore {
                 .op("reading an index of the source table")?;
             out.push(
                 cols.iter()
-                    .map(|r| r.try_get::<Option<String>, _>(0).ok().flatten().unwrap_or_default())
+                    .map(|r| {
+                        r.try_get::<Option<String>, _>(0)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default()
+                    })
                     .collect(),
             );
         }
@@ -440,7 +446,11 @@ impl SqliteStore {
             q.build().execute(&mut *tx).await.op("recording attempts")?;
         }
         // An invalidated session owes its source update until `mark_passive` has done it.
-        let owed = if self.source.mark_passive { "0" } else { "NULL" };
+        let owed = if self.source.mark_passive {
+            "0"
+        } else {
+            "NULL"
+        };
         // A NULL state releases the lease and leaves everything else as it was.
         let mut q = QueryBuilder::<Sqlite>::new(format!(
             "UPDATE sweeper_sessions SET \
@@ -730,11 +740,13 @@ impl Store for SqliteStore {
     }
 
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>> {
-        sqlx::query_scalar("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT ?1")
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .op("listing sessions whose source row is not marked")
+        sqlx::query_scalar(
+            "SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .op("listing sessions whose source row is not marked")
     }
 
     async fn unusable_rows(&self) -> Result<UnusableRows> {
@@ -835,7 +847,10 @@ impl Store for SqliteStore {
             .await
             .op("counting outcomes")?;
         let counts = count_rows(rows.iter().filter_map(|r| {
-            Some((r.try_get::<String, _>(0).ok()?, r.try_get::<i64, _>(1).ok()?))
+            Some((
+                r.try_get::<String, _>(0).ok()?,
+                r.try_get::<i64, _>(1).ok()?,
+            ))
         }));
         let p = sqlx::query(
             "SELECT COUNT(*), MIN(next_attempt_at), \
