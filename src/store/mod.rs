@@ -752,6 +752,14 @@ pub(crate) fn describe_value(v: &SampleValue) -> (String, Option<crate::config::
                     format!("the text {t:?} (RFC 3339 in UTC)"),
                     Some(F::Rfc3339),
                 )
+            } else if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+                (
+                    format!(
+                        "the text {t:?}, a Unix time stored as text (the column's type gives it \
+                         text affinity); declare the column INTEGER to use unix_seconds or unix_millis"
+                    ),
+                    None,
+                )
             } else if DateTime::parse_from_rfc3339(t).is_ok() {
                 (
                     format!(

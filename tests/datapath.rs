@@ -1,0 +1,289 @@
+//! The data path under real-world tables: values the configured format cannot read, naive
+//! timestamps in a database that does not run in UTC, source updates that fail, and rows that
+//! cannot be sent. Each story ends with what iyzico saw, which must be nothing it should not.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::{Kind, TestDb, idle_sessions, simulator, sweep_once};
+use session_sweeper::iyzico::simulator::SimulatorConfig;
+use session_sweeper::store::{Finding, Outcome};
+use session_sweeper::sweep::SweepError;
+
+fn requests(sim: &session_sweeper::iyzico::simulator::Simulator) -> u64 {
+    sim.stats.requests.load(Ordering::SeqCst)
+}
+
+fn errors(findings: &[Finding]) -> Vec<&str> {
+    findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::Error(m) => Some(m.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn unix_seconds_under_the_default_text_format_are_never_sent_and_check_names_the_fit() {
+    let db = TestDb::new(Kind::Sqlite).await.unwrap();
+    // A shop that stores Unix seconds: one session touched a second ago, one two hours ago.
+    db.exec(
+        "DROP TABLE checkout_sessions; CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, \
+         member_identifier TEXT, status TEXT, last_activity_at INTEGER); \
+         CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)",
+    )
+    .await;
+    db.exec(&format!(
+        "INSERT INTO checkout_sessions VALUES ('live', 'm1', 'ACTIVE', {}), ('old', 'm2', 'ACTIVE', {})",
+        Utc::now().timestamp() - 1,
+        Utc::now().timestamp() - 7200
+    ))
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    let summary = sweep_once(&config).await.unwrap();
+    assert_eq!(summary.invalidated, 0);
+    assert_eq!(requests(&sim), 0, "nothing is sent for values the format cannot read");
+    let store = db.store().await;
+    let report = store.report(5).await.unwrap();
+    assert_eq!(report.unusable.unreadable_last_activity, 2);
+    let findings = store.check().await.unwrap();
+    let errs = errors(&findings);
+    assert!(
+        errs.iter().any(|e| e.contains("source.last_activity_format")
+            && e.contains("unix_seconds")),
+        "{findings:?}"
+    );
+    // With the format that fits, the idle one goes and the live one stays.
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "unix_seconds")],
+    );
+    assert_eq!(sweep_once(&config).await.unwrap().invalidated, 1);
+    assert_eq!(db.status("live").await, "ACTIVE");
+    assert_eq!(db.status("old").await, "PASSIVE");
+}
+
+#[tokio::test]
+async fn seconds_read_as_milliseconds_and_offsets_in_text_are_never_eligible() {
+    let db = TestDb::new(Kind::Sqlite).await.unwrap();
+    db.exec(
+        "DROP TABLE checkout_sessions; CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, \
+         member_identifier TEXT, status TEXT, last_activity_at)",
+    )
+    .await;
+    let live_local = Utc::now()
+        .with_timezone(&chrono::FixedOffset::west_opt(5 * 3600).unwrap())
+        .to_rfc3339();
+    db.exec(&format!(
+        "INSERT INTO checkout_sessions VALUES ('secs', 'm1', 'ACTIVE', {}), ('offset', 'm2', 'ACTIVE', '{live_local}')",
+        Utc::now().timestamp() - 10
+    ))
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    for format in ["unix_millis", "rfc3339"] {
+        let config = db.config(
+            &sim.base_url(),
+            &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", format)],
+        );
+        assert_eq!(sweep_once(&config).await.unwrap().invalidated, 0, "{format}");
+    }
+    assert_eq!(requests(&sim), 0);
+}
+
+/// A table of `timestamp` (no zone) in a database that runs on New York time, as an application
+/// writing `localtimestamp` fills it: one live session, one idle for two hours.
+async fn new_york_database() -> Option<TestDb> {
+    let db = TestDb::new(Kind::Postgres).await?;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    db.exec(&format!(
+        "ALTER DATABASE {name} SET timezone TO 'America/New_York'; \
+         DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
+         CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)"
+    ))
+    .await;
+    let ny = |ago: i64| {
+        (Utc::now() - chrono::Duration::seconds(ago))
+            .with_timezone(&chrono_tz::America::New_York)
+            .naive_local()
+    };
+    db.exec(&format!(
+        "INSERT INTO checkout_sessions VALUES ('live', 'm1', 'ACTIVE', '{}'), ('old', 'm2', 'ACTIVE', '{}')",
+        ny(60),
+        ny(7200)
+    ))
+    .await;
+    Some(db)
+}
+
+#[tokio::test]
+async fn naive_timestamps_in_a_non_utc_database_need_the_zone_and_then_spare_live_sessions() {
+    let Some(db) = new_york_database().await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    match sweep_once(&config).await {
+        Err(SweepError::Store(e)) => assert!(
+            e.to_string().contains("source.last_activity_timezone"),
+            "{e}"
+        ),
+        other => panic!("a sweep on an ambiguous zone must refuse to start: {other:?}"),
+    }
+    assert_eq!(requests(&sim), 0);
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_TIMEZONE", "America/New_York")],
+    );
+    assert_eq!(sweep_once(&config).await.unwrap().invalidated, 1);
+    assert_eq!(db.status("old").await, "PASSIVE");
+    assert_eq!(db.status("live").await, "ACTIVE", "a live session is never invalidated");
+}
+
+async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    db.seed(&idle_sessions("s", 5)).await;
+    // The application refuses every status change (a trigger, a missing privilege, a view).
+    db.exec(match kind {
+        Kind::Sqlite => {
+            "CREATE TRIGGER no_status BEFORE UPDATE OF status ON checkout_sessions \
+             BEGIN SELECT RAISE(ABORT, 'status is managed by the application'); END"
+        }
+        Kind::Postgres => {
+            "CREATE FUNCTION no_status() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'status is managed by the application'; END $$; \
+             CREATE TRIGGER no_status BEFORE UPDATE OF status ON checkout_sessions \
+             FOR EACH ROW EXECUTE FUNCTION no_status()"
+        }
+    })
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    assert_eq!(sweep_once(&config).await.unwrap().invalidated, 5);
+    assert_eq!(sweep_once(&config).await.unwrap().invalidated, 0);
+    assert_eq!(requests(&sim), 5, "every session was sent once, never again");
+    assert_eq!(db.count_state("invalidated").await, 5);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_attempts").await,
+        5,
+        "the attempt log kept every accepted call"
+    );
+    let store = db.store().await;
+    assert_eq!(store.report(5).await.unwrap().source_not_marked, 5);
+    // Once the application allows it, the next sweep marks them without calling again.
+    db.exec(match kind {
+        Kind::Sqlite => "DROP TRIGGER no_status",
+        Kind::Postgres => "DROP TRIGGER no_status ON checkout_sessions",
+    })
+    .await;
+    sweep_once(&config).await.unwrap();
+    assert_eq!(db.status("s-0").await, "PASSIVE");
+    assert_eq!(store.report(5).await.unwrap().source_not_marked, 0);
+    assert_eq!(requests(&sim), 5);
+}
+
+async fn null_duplicate_and_unreadable_rows_never_stop_a_sweep(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let old = match kind {
+        Kind::Sqlite => "datetime('now', '-2 hours')",
+        Kind::Postgres => "now() - interval '2 hours'",
+    };
+    // No unique token, nullable member: what real tables look like.
+    db.exec(&format!(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT, member_identifier TEXT, status TEXT, \
+           last_activity_at {ty}); \
+         INSERT INTO checkout_sessions VALUES ('dup', 'm', 'ACTIVE', {old}), ('dup', 'm', 'ACTIVE', {old}), \
+           ('dup', 'm', 'ACTIVE', {old}), (NULL, 'm', 'ACTIVE', {old}), ('no-member', NULL, 'ACTIVE', {old}), \
+           ('fine', 'm', 'ACTIVE', {old})",
+        ty = if kind == Kind::Sqlite { "TEXT" } else { "TIMESTAMPTZ" }
+    ))
+    .await;
+    if kind == Kind::Sqlite {
+        db.exec(&format!(
+            "INSERT INTO checkout_sessions VALUES (x'ff00fe', 'm', 'ACTIVE', {old}), \
+             (CAST(x'c328' AS TEXT), 'm', 'ACTIVE', {old})"
+        ))
+        .await;
+    }
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    let summary = sweep_once(&config).await.unwrap();
+    assert_eq!(summary.invalidated, 2, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.get("dup"), Some(&1), "a duplicated token is sent once");
+    assert_eq!(calls.get("fine"), Some(&1));
+    assert_eq!(calls.len(), 2, "nothing else was sent: {calls:?}");
+    let report = db.store().await.report(5).await.unwrap();
+    assert!(report.unusable.bad_source_row >= 2, "{report:?}");
+    if kind == Kind::Sqlite {
+        // Text that is not UTF-8 is settled failed, with a code that says why.
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE last_error_code = 'bad_source_row'")
+                .await,
+            1
+        );
+    }
+    // The dry run lists what a sweep would take, without panicking on the rest.
+    let summary = sweep_once(&config).await.unwrap();
+    assert_eq!(summary.processed(), 0);
+    let counts = report.counts.iter().find(|(o, _)| *o == Outcome::Invalidated);
+    assert_eq!(counts.map(|c| c.1), Some(2));
+}
+
+async fn a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    db.seed(&idle_sessions("s", 6)).await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    // Two calls a second: the last sessions wait seconds for their turn after being claimed.
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_IYZICO__RATE_PER_SECOND", "2"),
+            ("SWEEPER_IYZICO__BURST", "1"),
+        ],
+    );
+    let sweep = tokio::spawn(async move { sweep_once(&config).await });
+    common::wait_for("the first call", Duration::from_secs(10), || requests(&sim) >= 1).await;
+    // Every session is claimed by now; the shopper behind s-5 comes back.
+    for i in 0..6 {
+        if sim.stats.calls_per_token().contains_key(&format!("s-{i}")) {
+            continue;
+        }
+        db.touch(&format!("s-{i}")).await;
+        let summary = sweep.await.unwrap().unwrap();
+        assert_eq!(summary.skipped, 1, "{summary:?}");
+        assert!(
+            !sim.stats.calls_per_token().contains_key(&format!("s-{i}")),
+            "a session revived while queued is never sent"
+        );
+        assert_eq!(db.status(&format!("s-{i}")).await, "ACTIVE");
+        return;
+    }
+    panic!("every session was sent before one could be revived");
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Postgres).await } )* }
+    };
+}
+
+both_backends!(
+    a_failing_source_update_keeps_the_record_and_never_resends,
+    null_duplicate_and_unreadable_rows_never_stop_a_sweep,
+    a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
+);
