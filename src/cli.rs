@@ -145,6 +145,12 @@ pub struct SimulateArgs {
     /// Share of requests answered with a permanent failure (errorCode 11).
     #[arg(long, default_value_t = 0.0)]
     pub permanent: f64,
+    /// Share of requests answered 307 with a Location on another host (never followed).
+    #[arg(long, alias = "redirect-rate", default_value_t = 0.0)]
+    pub redirect: f64,
+    /// Where a redirect points.
+    #[arg(long, default_value_t = crate::iyzico::simulator::DEFAULT_REDIRECT_TO)]
+    pub redirect_to: SocketAddr,
 }
 
 impl SimulateArgs {
@@ -155,6 +161,7 @@ impl SimulateArgs {
             ("--slow", self.slow),
             ("--malformed", self.malformed),
             ("--permanent", self.permanent),
+            ("--redirect", self.redirect),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(CliError::Usage(format!(
@@ -174,6 +181,8 @@ impl SimulateArgs {
                 slow_delay: Duration::from_millis(self.slow_ms),
                 malformed: self.malformed,
                 permanent: self.permanent,
+                redirect: self.redirect,
+                redirect_to: Some(self.redirect_to),
             },
             always_fail: Default::default(),
             already_invalidated: Default::default(),
