@@ -188,12 +188,12 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         (
             "zero batch",
             Box::new(|t| t.replace("batch_size = 500", "batch_size = 0")),
-            "sweep.batch_size: must be positive",
+            "sweep.batch_size: must be a whole number of sessions, at least 1; got 0",
         ),
         (
             "negative concurrency",
             Box::new(|t| t.replace("concurrency = 16", "concurrency = -4")),
-            "sweep.concurrency: must be positive",
+            "sweep.concurrency: must be a whole number of calls in flight, at least 1; got -4",
         ),
         (
             "zero rate",
@@ -268,7 +268,145 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         (
             "not toml",
             Box::new(|t| t.replace("[sweep]", "[sweep")),
-            "not valid TOML",
+            "is not valid TOML at line 17, column 7: unclosed table, expected `]`",
+        ),
+        (
+            "unterminated string holding the secret",
+            Box::new(|t| {
+                t.replace(
+                    &format!("secret_key = \"{SECRET}\""),
+                    &format!("secret_key = \"{SECRET}"),
+                )
+            }),
+            "is not valid TOML at line 30, column 37: invalid basic string",
+        ),
+        // Numbers: in words, whatever serde's shape of the mistake.
+        (
+            "fractional rate",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = 0.001")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got 0.001",
+        ),
+        (
+            "rate out of range",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = 99999999999")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got 99999999999",
+        ),
+        (
+            "rate as text",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = \"fast\"")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got \"fast\"",
+        ),
+        (
+            "fractional burst",
+            Box::new(|t| t.replace("burst = 10", "burst = 2.5")),
+            "iyzico.burst: must be a whole number of requests, at least 1; got 2.5",
+        ),
+        (
+            "too many retries",
+            Box::new(|t| t.replace("retries = 3", "retries = 21")),
+            "iyzico.retries: must be a whole number of retries, from 0 to 20; got 21",
+        ),
+        // Durations past what the time arithmetic supports: exit 2, never a panic.
+        (
+            "idle for 300000 years",
+            Box::new(|t| t.replace("idle_after = \"30m\"", "idle_after = \"300000years\"")),
+            "source.idle_after: 300000years is too long: at most 10years",
+        ),
+        (
+            "heartbeat of 500000 years",
+            Box::new(|t| {
+                t.replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"500000years\"",
+                )
+            }),
+            "sweep.heartbeat: 500000years is too long: at most 1h",
+        ),
+        (
+            "huge retry base",
+            Box::new(|t| t.replace("retry_base = \"30s\"", "retry_base = \"100000years\"")),
+            "sweep.retry_base: 100000years is too long",
+        ),
+        (
+            "huge retry max",
+            Box::new(|t| t.replace("retry_max = \"1h\"", "retry_max = \"100000years\"")),
+            "sweep.retry_max: 100000years is too long",
+        ),
+        (
+            "huge interval",
+            Box::new(|t| t.replace("interval = \"1m\"", "interval = \"20years\"")),
+            "sweep.interval: 20years is too long",
+        ),
+        (
+            "huge lease",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"11years\"")),
+            "sweep.lease: 11years is too long",
+        ),
+        (
+            "huge grace",
+            Box::new(|t| t.replace("shutdown_grace = \"25s\"", "shutdown_grace = \"2h\"")),
+            "sweep.shutdown_grace: 2h is too long: at most 1h",
+        ),
+        (
+            "huge timeout",
+            Box::new(|t| t.replace("timeout = \"10s\"", "timeout = \"1h\"")),
+            "iyzico.timeout: 1h is too long: at most 10m",
+        ),
+        (
+            "huge connect timeout",
+            Box::new(|t| {
+                t.replace(
+                    "timeout = \"10s\"",
+                    "timeout = \"10s\"\nconnect_timeout = \"1000years\"",
+                )
+            }),
+            "iyzico.connect_timeout: 1000years is too long",
+        ),
+        (
+            "huge retry min delay",
+            Box::new(|t| t.replace("retries = 3", "retries = 3\nretry_min_delay = \"2h\"")),
+            "iyzico.retry_min_delay: 2h is too long: at most 1h",
+        ),
+        (
+            "huge retry max delay",
+            Box::new(|t| t.replace("retries = 3", "retries = 3\nretry_max_delay = \"2h\"")),
+            "iyzico.retry_max_delay: 2h is too long: at most 1h",
+        ),
+        // The lease, the heartbeat and the longest attempt.
+        (
+            "heartbeat under a second",
+            Box::new(|t| {
+                t.replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"500ms\"",
+                )
+            }),
+            "sweep.heartbeat: 500ms is too short: at least 1s",
+        ),
+        (
+            "lease of one second",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"1s\"")),
+            "sweep.lease: 1s is shorter than 3 × sweep.heartbeat (5s) = 15s",
+        ),
+        (
+            "lease under three heartbeats",
+            Box::new(|t| {
+                t.replace("lease = \"5m\"", "lease = \"1m\"").replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"30s\"",
+                )
+            }),
+            "sweep.lease: 1m is shorter than 3 × sweep.heartbeat (30s) = 1m 30s",
+        ),
+        (
+            "lease under the longest attempt",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"3m\"")),
+            "sweep.lease: 3m is shorter than the longest attempt, 3m 45s = (iyzico.retries 3 + 1) × iyzico.timeout 10s + 3 × 1m",
+        ),
+        (
+            "lease under the longest attempt with long timeouts",
+            Box::new(|t| t.replace("timeout = \"10s\"", "timeout = \"2m\"")),
+            "sweep.lease: 5m is shorter than the longest attempt, 11m 5s",
         ),
         (
             "bad log level",
@@ -285,6 +423,15 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         assert!(
             all.contains(expected),
             "{name}: expected {expected:?} in: {all}"
+        );
+        assert_eq!(
+            all.matches("error: ").count(),
+            1,
+            "{name}: the error is said once: {all}"
+        );
+        assert!(
+            !all.contains("untagged enum") && !all.contains("panicked"),
+            "{name}: {all}"
         );
         assert!(!all.contains(SECRET), "{name}: the secret leaked: {all}");
         assert!(!all.contains("424242"), "{name}: the secret leaked: {all}");
