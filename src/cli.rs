@@ -584,12 +584,28 @@ pub async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match &e {
-                CliError::Forced(_) => {}
-                CliError::Runtime(err) => eprintln!("error: {err:#}"),
-                other => eprintln!("error: {other}"),
+            if !matches!(e, CliError::Forced(_)) {
+                eprintln!("error: {}", error_chain(&e));
             }
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// An error and its causes on one line, `outer: cause: cause`, each said once. Most errors
+/// here already end their message with their source's (`StoreError`: "database error while
+/// X: Y", and sqlx's own errors do the same), so a cause whose text is already on the line is
+/// not repeated: printing the chain naively said the same driver error three times.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }

@@ -561,6 +561,33 @@ fn an_unreachable_database_is_a_runtime_failure() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
+/// Every runtime error is printed once, as one chain: "database error while X: Y". A SQLite
+/// error used to be printed three times (the error, then its source, then the source's source).
+#[test]
+fn a_database_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("no-such-dir").join("app.db").display()
+    );
+    for command in ["check", "migrate", "once", "report"] {
+        let out = run(&path, &[command], &[("SWEEPER_DATABASE__URL", &url)]);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {all}");
+        assert!(
+            all.starts_with("error: database error while "),
+            "{command}: {all}"
+        );
+        assert_eq!(
+            all.matches("unable to open database file").count(),
+            1,
+            "{command}: the cause is said once: {all}"
+        );
+        assert_eq!(all.lines().count(), 1, "{command}: {all}");
+    }
+}
+
 async fn the_commands_tell_a_consistent_story(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
