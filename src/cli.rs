@@ -266,32 +266,114 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 }
 
 /// Runs a command that needs the config (everything but `simulate-api` and `demo`).
+///
+/// Signals: `run` handles its own. For every other command the first SIGTERM/SIGINT is obeyed
+/// at once where that is safe (a read, or a wait for the database before anything was written:
+/// exit 1 with a message), and otherwise lets the work finish (`migrate` and `requeue` complete
+/// or roll back, and `once` drains its sweep), so 130/143 only ever mean a second signal.
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
     let store = store::open(&config).await?;
-    let result = match command {
+    if let Command::Run = command {
+        let result = crate::daemon::run(store.clone(), config).await;
+        store.close().await;
+        return result;
+    }
+    let shutdown = Shutdown::new();
+    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    let result = tokio::select! {
+        r = run_command(command, store.clone(), &config, &shutdown) => r,
+        code = forced => return Err(CliError::Forced(code)),
+    };
+    if shutdown.is_stopping() {
+        // The database may be unreachable: do not let closing the pool hold the exit up.
+        let _ = tokio::time::timeout(Duration::from_secs(1), store.close()).await;
+    } else {
+        store.close().await;
+    }
+    result
+}
+
+/// Why a command ended early on the first signal.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal {while_doing}; nothing was changed")]
+pub struct Interrupted {
+    /// What the command was doing.
+    pub while_doing: &'static str,
+}
+
+/// Runs `work`, unless the first signal comes first: then ends at once with [`Interrupted`].
+/// Only for work that writes nothing, or writes in one transaction that is rolled back when
+/// dropped.
+async fn unless_stopped<T>(
+    shutdown: &Shutdown,
+    while_doing: &'static str,
+    work: impl Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::select! {
+        r = work => r,
+        _ = shutdown.stopping() => Err(CliError::Runtime(Interrupted { while_doing }.into())),
+    }
+}
+
+/// Runs `work` to its end even when the first signal comes (a second one still forces the
+/// exit), saying so once.
+async fn despite_stop<T>(
+    shutdown: &Shutdown,
+    what: &'static str,
+    work: impl Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return r,
+        _ = shutdown.stopping() => {}
+    }
+    tracing::warn!("signal received: finishing {what} first (a second signal stops at once)");
+    work.await
+}
+
+async fn run_command(
+    command: Command,
+    store: Arc<dyn Store>,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    match command {
         Command::Migrate => {
-            store.migrate().await?;
+            despite_stop(shutdown, "the migration", async {
+                Ok(store.migrate().await?)
+            })
+            .await?;
             println!("migrations applied; the sweeper's tables are current");
             Ok(())
         }
-        Command::Check => check(&*store).await,
-        Command::DryRun { format, limit } => dry_run(&*store, &config, format, limit).await,
+        Command::Check => unless_stopped(shutdown, "during check", check(&*store)).await,
+        Command::DryRun { format, limit } => {
+            unless_stopped(
+                shutdown,
+                "during dry-run",
+                dry_run(&*store, config, format, limit),
+            )
+            .await
+        }
         Command::Report { format, failures } => {
-            let report = store.report(chrono::Utc::now(), failures).await?;
+            let report = unless_stopped(shutdown, "while reading the report", async {
+                Ok(store.report(chrono::Utc::now(), failures).await?)
+            })
+            .await?;
             print_report(&report, format);
             Ok(())
         }
         Command::Requeue {
             error_code, format, ..
         } => {
-            let n = store
-                .requeue(
-                    &RequeueFilter {
-                        error_code: error_code.clone(),
-                    },
-                    chrono::Utc::now(),
-                )
-                .await?;
+            let filter = RequeueFilter {
+                error_code: error_code.clone(),
+            };
+            let n = despite_stop(shutdown, "the requeue", async {
+                Ok(store.requeue(&filter, chrono::Utc::now()).await?)
+            })
+            .await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -301,12 +383,11 @@ pub async fn run_with_config(command: Command, config: Config) -> Result<(), Cli
             }
             Ok(())
         }
-        Command::Once { max } => once(store.clone(), &config, max).await,
-        Command::Run => crate::daemon::run(store.clone(), config).await,
-        Command::SimulateApi(_) | Command::Demo { .. } => unreachable!("handled without a config"),
-    };
-    store.close().await;
-    result
+        Command::Once { max } => once(store, config, max, shutdown).await,
+        Command::Run | Command::SimulateApi(_) | Command::Demo { .. } => {
+            unreachable!("handled before")
+        }
+    }
 }
 
 async fn check(store: &dyn Store) -> Result<(), CliError> {
@@ -498,22 +579,25 @@ impl Engine {
     }
 }
 
-async fn once(store: Arc<dyn Store>, config: &Config, max: Option<u64>) -> Result<(), CliError> {
-    let shutdown = Shutdown::new();
-    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
-        .map_err(|e| CliError::Runtime(e.into()))?;
-    let mut engine = Engine::start(store, config, Metrics::new()).await?;
+/// `once`: the first signal ends the wait for the database at once (nothing was claimed yet),
+/// or, once the sweep runs, stops claiming and drains it (exit 0).
+async fn once(
+    store: Arc<dyn Store>,
+    config: &Config,
+    max: Option<u64>,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    let mut engine = unless_stopped(
+        shutdown,
+        "while waiting for the database",
+        Engine::start(store, config, Metrics::new()),
+    )
+    .await?;
     engine.sweeper.settings_mut().max_sessions = max;
     let progress = Arc::new(Progress::default());
     let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
     let mut reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
-    let result = tokio::select! {
-        r = engine.sweeper.run_once(&shutdown, progress.clone()) => r,
-        code = forced => {
-            reporter.abort();
-            return Err(CliError::Forced(code));
-        }
-    };
+    let result = engine.sweeper.run_once(shutdown, progress.clone()).await;
     // The bar draws its last state and returns; log lines stop at the next tick.
     if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
         .await

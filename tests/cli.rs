@@ -6,7 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{Kind, SECRET, TestDb, fresh_session, idle_sessions, simulator};
+use common::{
+    Kind, SECRET, TestDb, fresh_session, idle_sessions, signal, simulator, spawn_sweeper,
+};
 use session_sweeper::config::Config;
 use session_sweeper::iyzico::simulator::SimulatorConfig;
 
@@ -588,6 +590,174 @@ fn a_database_error_is_printed_once() {
     }
 }
 
+/// A database that accepts connections and never answers: the first SIGTERM ends the wait at
+/// once (exit 1, saying so) instead of after the pool's timeout, and is not a forced stop.
+#[test]
+fn the_first_signal_ends_a_wait_for_a_silent_database() {
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    for command in ["once", "check", "dry-run", "report"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+            .arg("--config")
+            .arg(&path)
+            .arg(command)
+            .env_remove("SWEEPER_CONFIG")
+            .env("RUST_LOG", "warn")
+            .env("SWEEPER_DATABASE__URL", &url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{command} should still be waiting for the database"
+        );
+        let signalled = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if signalled.elapsed() > std::time::Duration::from_secs(5) {
+                child.kill().unwrap();
+                panic!("{command} ignored SIGTERM while waiting for the database");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let took = signalled.elapsed();
+        let out = child.wait_with_output().unwrap();
+        let all = text(&out);
+        assert_eq!(status.code(), Some(1), "{command}: {all}");
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{command} took {took:?} to obey SIGTERM"
+        );
+        assert!(all.contains("stopped by a signal"), "{command}: {all}");
+        assert_eq!(all.matches("error: ").count(), 1, "{command}: {all}");
+    }
+}
+
+/// Holds the lock `migrate` needs (SQLite: a write transaction; PostgreSQL: the migration's
+/// advisory lock, `MIGRATION_LOCK` in src/store/postgres.rs) until `release` is sent.
+async fn hold_migration_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel::<()>();
+    match &db.pool {
+        common::Pool::Sqlite(p) => {
+            // The sweeper's connections switch the file to WAL, which cannot happen under a
+            // writer: switch first (it persists), so that migrate waits in BEGIN IMMEDIATE.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(p)
+                .await
+                .unwrap();
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await.unwrap();
+                sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+                locked.send(()).unwrap();
+                let _ = released.await;
+                tx.rollback().await.unwrap();
+            });
+        }
+        common::Pool::Pg(p) => {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query("SELECT pg_advisory_xact_lock(7933737)")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                locked.send(()).unwrap();
+                let _ = released.await;
+                tx.rollback().await.unwrap();
+            });
+        }
+    }
+    is_locked.await.unwrap();
+    release
+}
+
+/// A single SIGTERM during `migrate` lets the migration finish (exit 0, tables current); only a
+/// second one forces 143, and then nothing is half-applied.
+async fn one_signal_lets_migrate_finish_and_two_force_it(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    std::fs::write(
+        db.dir.path().join("sweeper.toml"),
+        db.config_toml("http://127.0.0.1:9"),
+    )
+    .unwrap();
+    let migrations = || async {
+        let sql = match kind {
+            Kind::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'sweeper_schema_migrations'"
+            }
+            Kind::Postgres => {
+                "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'sweeper_schema_migrations'"
+            }
+        };
+        db.scalar(sql).await
+    };
+
+    // Two signals: forced, 143, and the migration's transaction is never committed.
+    let release = hold_migration_lock(&db).await;
+    let mut child = spawn_sweeper(&db, "migrate", &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    if child.try_wait().unwrap().is_some() {
+        let out = child.wait_with_output().await.unwrap();
+        panic!("migrate did not wait for the lock: {}", text(&out));
+    }
+    signal(&child, "-TERM");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "one signal does not stop migrate"
+    );
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+        .await
+        .expect("a second signal stops at once")
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    release.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(migrations().await, 0, "a forced stop commits nothing");
+
+    // One signal: the migration finishes once the lock is free, and the exit is 0.
+    let release = hold_migration_lock(&db).await;
+    let child = spawn_sweeper(&db, "migrate", &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("migrate finishes")
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("migrations applied"), "{all}");
+    assert_eq!(migrations().await, 1);
+    assert!(
+        db.store()
+            .await
+            .pending_migrations()
+            .await
+            .unwrap()
+            .is_empty(),
+        "the tables are current"
+    );
+}
+
 async fn the_commands_tell_a_consistent_story(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -687,4 +857,7 @@ async fn the_commands_tell_a_consistent_story(kind: Kind) {
     );
 }
 
-both_backends!(the_commands_tell_a_consistent_story);
+both_backends!(
+    the_commands_tell_a_consistent_story,
+    one_signal_lets_migrate_finish_and_two_force_it,
+);
