@@ -146,6 +146,12 @@ pub struct SimulateArgs {
     /// Share of requests answered with a permanent failure (errorCode 11).
     #[arg(long, default_value_t = 0.0)]
     pub permanent: f64,
+    /// Share of requests answered 307 with a Location on another host (never followed).
+    #[arg(long, alias = "redirect-rate", default_value_t = 0.0)]
+    pub redirect: f64,
+    /// Where a redirect points.
+    #[arg(long, default_value_t = crate::iyzico::simulator::DEFAULT_REDIRECT_TO)]
+    pub redirect_to: SocketAddr,
 }
 
 impl SimulateArgs {
@@ -156,6 +162,7 @@ impl SimulateArgs {
             ("--slow", self.slow),
             ("--malformed", self.malformed),
             ("--permanent", self.permanent),
+            ("--redirect", self.redirect),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(CliError::Usage(format!(
@@ -175,6 +182,8 @@ impl SimulateArgs {
                 slow_delay: Duration::from_millis(self.slow_ms),
                 malformed: self.malformed,
                 permanent: self.permanent,
+                redirect: self.redirect,
+                redirect_to: Some(self.redirect_to),
             },
             always_fail: Default::default(),
             already_invalidated: Default::default(),
@@ -258,29 +267,114 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 }
 
 /// Runs a command that needs the config (everything but `simulate-api` and `demo`).
+///
+/// Signals: `run` handles its own. For every other command the first SIGTERM/SIGINT is obeyed
+/// at once where that is safe (a read, or a wait for the database before anything was written:
+/// exit 1 with a message), and otherwise lets the work finish (`migrate` and `requeue` complete
+/// or roll back, and `once` drains its sweep), so 130/143 only ever mean a second signal.
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
     let store = store::open(&config).await?;
-    let result = match command {
+    if let Command::Run = command {
+        let result = crate::daemon::run(store.clone(), config).await;
+        store.close().await;
+        return result;
+    }
+    let shutdown = Shutdown::new();
+    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    let result = tokio::select! {
+        r = run_command(command, store.clone(), &config, &shutdown) => r,
+        code = forced => return Err(CliError::Forced(code)),
+    };
+    if shutdown.is_stopping() {
+        // The database may be unreachable: do not let closing the pool hold the exit up.
+        let _ = tokio::time::timeout(Duration::from_secs(1), store.close()).await;
+    } else {
+        store.close().await;
+    }
+    result
+}
+
+/// Why a command ended early on the first signal.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal {while_doing}; nothing was changed")]
+pub struct Interrupted {
+    /// What the command was doing.
+    pub while_doing: &'static str,
+}
+
+/// Runs `work`, unless the first signal comes first: then ends at once with [`Interrupted`].
+/// Only for work that writes nothing, or writes in one transaction that is rolled back when
+/// dropped.
+async fn unless_stopped<T>(
+    shutdown: &Shutdown,
+    while_doing: &'static str,
+    work: impl Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::select! {
+        r = work => r,
+        _ = shutdown.stopping() => Err(CliError::Runtime(Interrupted { while_doing }.into())),
+    }
+}
+
+/// Runs `work` to its end even when the first signal comes (a second one still forces the
+/// exit), saying so once.
+async fn despite_stop<T>(
+    shutdown: &Shutdown,
+    what: &'static str,
+    work: impl Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return r,
+        _ = shutdown.stopping() => {}
+    }
+    tracing::warn!("signal received: finishing {what} first (a second signal stops at once)");
+    work.await
+}
+
+async fn run_command(
+    command: Command,
+    store: Arc<dyn Store>,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    match command {
         Command::Migrate => {
-            store.migrate().await?;
+            despite_stop(shutdown, "the migration", async {
+                Ok(store.migrate().await?)
+            })
+            .await?;
             println!("migrations applied; the sweeper's tables are current");
             Ok(())
         }
-        Command::Check => check(&*store).await,
-        Command::DryRun { format, limit } => dry_run(&*store, &config, format, limit).await,
+        Command::Check => unless_stopped(shutdown, "during check", check(&*store)).await,
+        Command::DryRun { format, limit } => {
+            unless_stopped(
+                shutdown,
+                "during dry-run",
+                dry_run(&*store, config, format, limit),
+            )
+            .await
+        }
         Command::Report { format, failures } => {
-            let report = store.report(failures).await?;
+            let report = unless_stopped(shutdown, "while reading the report", async {
+                Ok(store.report(failures).await?)
+            })
+            .await?;
             print_report(&report, format);
             Ok(())
         }
         Command::Requeue {
             error_code, format, ..
         } => {
-            let n = store
-                .requeue(&RequeueFilter {
-                    error_code: error_code.clone(),
-                })
-                .await?;
+            let filter = RequeueFilter {
+                error_code: error_code.clone(),
+            };
+            let n = despite_stop(shutdown, "the requeue", async {
+                Ok(store.requeue(&filter).await?)
+            })
+            .await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -290,12 +384,11 @@ pub async fn run_with_config(command: Command, config: Config) -> Result<(), Cli
             }
             Ok(())
         }
-        Command::Once { max } => once(store.clone(), &config, max).await,
-        Command::Run => crate::daemon::run(store.clone(), config).await,
-        Command::SimulateApi(_) | Command::Demo { .. } => unreachable!("handled without a config"),
-    };
-    store.close().await;
-    result
+        Command::Once { max } => once(store, config, max, shutdown).await,
+        Command::Run | Command::SimulateApi(_) | Command::Demo { .. } => {
+            unreachable!("handled before")
+        }
+    }
 }
 
 async fn check(store: &dyn Store) -> Result<(), CliError> {
@@ -486,7 +579,7 @@ impl Engine {
         .map_err(|e| CliError::Runtime(e.into()))?;
         // Stop sending, and cancel calls in flight, one beat before peers may take our
         // sessions: see `Liveness`.
-        let liveness = Liveness::new(crate::fleet::fence_after(config.sweep.heartbeat));
+        let liveness = Liveness::new(config.sweep.fence_after());
         let client = client.with_liveness(liveness.clone());
         let clock = DbClock::new();
         let membership = Membership::join(
@@ -517,22 +610,25 @@ impl Engine {
     }
 }
 
-async fn once(store: Arc<dyn Store>, config: &Config, max: Option<u64>) -> Result<(), CliError> {
-    let shutdown = Shutdown::new();
-    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
-        .map_err(|e| CliError::Runtime(e.into()))?;
-    let mut engine = Engine::start(store, config, Metrics::new()).await?;
+/// `once`: the first signal ends the wait for the database at once (nothing was claimed yet),
+/// or, once the sweep runs, stops claiming and drains it (exit 0).
+async fn once(
+    store: Arc<dyn Store>,
+    config: &Config,
+    max: Option<u64>,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    let mut engine = unless_stopped(
+        shutdown,
+        "while waiting for the database",
+        Engine::start(store, config, Metrics::new()),
+    )
+    .await?;
     engine.sweeper.settings_mut().max_sessions = max;
     let progress = Arc::new(Progress::default());
     let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
     let mut reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
-    let result = tokio::select! {
-        r = engine.sweeper.run_once(&shutdown, progress.clone()) => r,
-        code = forced => {
-            reporter.abort();
-            return Err(CliError::Forced(code));
-        }
-    };
+    let result = engine.sweeper.run_once(shutdown, progress.clone()).await;
     // The bar draws its last state and returns; log lines stop at the next tick.
     if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
         .await
@@ -603,12 +699,28 @@ pub async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match &e {
-                CliError::Forced(_) => {}
-                CliError::Runtime(err) => eprintln!("error: {err:#}"),
-                other => eprintln!("error: {other}"),
+            if !matches!(e, CliError::Forced(_)) {
+                eprintln!("error: {}", error_chain(&e));
             }
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// An error and its causes on one line, `outer: cause: cause`, each said once. Most errors
+/// here already end their message with their source's (`StoreError`: "database error while
+/// X: Y", and sqlx's own errors do the same), so a cause whose text is already on the line is
+/// not repeated: printing the chain naively said the same driver error three times.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }

@@ -18,6 +18,32 @@ pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(2);
 /// Default largest delay between two immediate retries of one call.
 pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
+/// A year as humantime counts it (365.25 days), so limits print as whole years.
+const YEAR: u64 = 31_557_600;
+/// The longest duration any key accepts: 10 years. Times are computed as `now ± duration` with
+/// `chrono`, whose range ends a few hundred thousand years out: a longer value (e.g.
+/// `"300000years"`) would overflow that arithmetic, and nothing here needs more than years.
+/// Keys: `source.idle_after`, `sweep.interval`, `sweep.lease`, `sweep.retry_base`,
+/// `sweep.retry_max`.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * YEAR);
+/// The longest `sweep.heartbeat`: a worker is declared dead 3 beats after its last one, so a
+/// longer beat would leave a crashed worker's sessions stranded for hours.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+/// The shortest `sweep.heartbeat`: a worker fences itself 2 beats after its last good beat and
+/// peers may take its sessions after 3, so one beat must cover a database round trip plus the
+/// cancellation of the calls in flight.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+/// The longest `sweep.shutdown_grace`: a stop must stay well inside what service managers allow.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+/// The longest `iyzico.timeout` and `iyzico.connect_timeout`: a call is seconds; minutes are
+/// already a broken network.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most immediate retries of one call (`iyzico.retries`).
+pub const MAX_RETRIES: u32 = 20;
+/// The longest `iyzico.retry_min_delay` and `iyzico.retry_max_delay`: immediate retries are for
+/// transient failures; longer waits are what `sweep.retry_base` is for.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
 /// A configuration error: which key, and what is wrong with it. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,11 +56,16 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML.
-    #[error("config file {path} is not valid TOML: {message}")]
+    #[error("config file {path} is not valid TOML at line {line}, column {column}: {message}")]
     Syntax {
         /// The file.
         path: PathBuf,
-        /// The parser's message.
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error, in characters.
+        column: usize,
+        /// The parser's message (without the parser's excerpt of the line, which could hold a
+        /// secret).
         message: String,
     },
     /// A key holds a value that is not allowed, or is unknown or missing.
@@ -245,6 +276,14 @@ impl SweepConfig {
     pub fn stale_after(&self) -> Duration {
         self.heartbeat * 3
     }
+
+    /// A worker whose last good heartbeat is older than this stops sending and cancels its
+    /// calls in flight (self-fencing). It is one heartbeat before [`Self::stale_after`]
+    /// (3 × heartbeat), when peers may take its sessions; that beat of margin is why
+    /// `sweep.heartbeat` is at least [`MIN_HEARTBEAT`].
+    pub fn fence_after(&self) -> Duration {
+        self.heartbeat * 2
+    }
 }
 
 /// `[iyzico]`.
@@ -363,6 +402,81 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+impl Config {
+    /// The longest one attempt on one session can keep its lease busy: every call of it
+    /// (the first and `iyzico.retries` immediate retries) waiting out `iyzico.timeout`, every
+    /// wait before a retry at its longest (the larger of `iyzico.retry_max_delay` and the
+    /// `Retry-After` cap, [`crate::iyzico::client::MAX_RETRY_AFTER`]), plus one
+    /// `sweep.heartbeat` for the renewal that follows:
+    ///
+    /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
+    ///
+    /// `sweep.lease` must be at least this, so a lease never lapses under an attempt even if
+    /// renewals stop. (Rate-limiter and concurrency waits come before a call, not during one.)
+    pub fn worst_case_attempt(&self) -> Duration {
+        worst_case_attempt(&self.sweep, &self.iyzico)
+    }
+}
+
+/// The longest wait before one immediate retry.
+fn longest_retry_wait(iyzico: &IyzicoConfig) -> Duration {
+    iyzico
+        .retry_max_delay
+        .max(crate::iyzico::client::MAX_RETRY_AFTER)
+}
+
+/// [`Config::worst_case_attempt`] on the two sections (saturating: the inputs are bounded, so
+/// it never saturates in practice).
+fn worst_case_attempt(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Duration {
+    iyzico
+        .timeout
+        .saturating_mul(iyzico.retries + 1)
+        .saturating_add(longest_retry_wait(iyzico).saturating_mul(iyzico.retries))
+        .saturating_add(sweep.heartbeat)
+}
+
+/// The rules between `[sweep]` and `[iyzico]`: the lease against the heartbeat and against the
+/// longest attempt.
+fn validate_lease(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Result<(), ConfigError> {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let beats = sweep.stale_after();
+    if sweep.lease < beats {
+        return Err(ConfigError::invalid(
+            "sweep.lease",
+            format!(
+                "{} is shorter than 3 × sweep.heartbeat ({}) = {}: leases are renewed with each \
+                 heartbeat, and a shorter lease lapses between renewals, so this worker's next \
+                 claim would take its own sessions again",
+                human(sweep.lease),
+                human(sweep.heartbeat),
+                human(beats)
+            ),
+        ));
+    }
+    let worst = worst_case_attempt(sweep, iyzico);
+    if sweep.lease < worst {
+        return Err(ConfigError::invalid(
+            "sweep.lease",
+            format!(
+                "{} is shorter than the longest attempt, {} = (iyzico.retries {} + 1) × \
+                 iyzico.timeout {} + {} × {} (the longest wait before a retry: \
+                 iyzico.retry_max_delay {} or a Retry-After of up to {}) + sweep.heartbeat {}; \
+                 raise sweep.lease or lower those",
+                human(sweep.lease),
+                human(worst),
+                iyzico.retries,
+                human(iyzico.timeout),
+                iyzico.retries,
+                human(longest_retry_wait(iyzico)),
+                human(iyzico.retry_max_delay),
+                human(crate::iyzico::client::MAX_RETRY_AFTER),
+                human(sweep.heartbeat),
+            ),
+        ));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw, as written. Every section refuses unknown keys so a typo cannot pass silently.
 
@@ -385,7 +499,7 @@ struct RawConfig {
 struct RawDatabase {
     url: String,
     #[serde(default, deserialize_with = "de::opt_num")]
-    max_connections: Option<i64>,
+    max_connections: Option<de::RawNum>,
 }
 
 #[derive(Deserialize)]
@@ -414,13 +528,13 @@ struct RawSweep {
     interval: Option<Duration>,
     schedule: Option<String>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    batch_size: Option<i64>,
+    batch_size: Option<de::RawNum>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    concurrency: Option<i64>,
+    concurrency: Option<de::RawNum>,
     #[serde(default, with = "humantime_serde")]
     lease: Option<Duration>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    max_attempts: Option<i64>,
+    max_attempts: Option<de::RawNum>,
     #[serde(default, with = "humantime_serde")]
     retry_base: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -445,11 +559,11 @@ struct RawIyzico {
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    rate_per_second: Option<i64>,
+    rate_per_second: Option<de::RawNum>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    burst: Option<i64>,
+    burst: Option<de::RawNum>,
     #[serde(default, deserialize_with = "de::opt_num")]
-    retries: Option<i64>,
+    retries: Option<de::RawNum>,
     #[serde(default, with = "humantime_serde")]
     retry_min_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -475,11 +589,58 @@ struct RawLog {
 mod de {
     use serde::{Deserialize, Deserializer};
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum NumOrStr {
-        Num(i64),
-        Str(String),
+    /// A number as written: a whole number, or anything else, kept as text for a message that
+    /// says what is wrong with it in words.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum RawNum {
+        /// A whole number (also `10.0`, and a string holding one, as overrides arrive).
+        Whole(i64),
+        /// A fraction, a number out of range, or text that is not a number.
+        Other(String),
+    }
+
+    struct RawNumVisitor;
+
+    impl serde::de::Visitor<'_> for RawNumVisitor {
+        type Value = RawNum;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawNum, E> {
+            Ok(RawNum::Whole(v))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawNum, E> {
+            Ok(i64::try_from(v).map_or_else(|_| RawNum::Other(v.to_string()), RawNum::Whole))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawNum, E> {
+            // i64::MAX as f64 rounds up to 2^63, so the upper bound is exclusive.
+            if v.fract() == 0.0 && v >= i64::MIN as f64 && v < i64::MAX as f64 {
+                Ok(RawNum::Whole(v as i64))
+            } else {
+                Ok(RawNum::Other(v.to_string()))
+            }
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawNum, E> {
+            let t = v.trim();
+            if let Ok(n) = t.parse::<i64>() {
+                return Ok(RawNum::Whole(n));
+            }
+            match t.parse::<f64>() {
+                Ok(f) if f.is_finite() => self.visit_f64(f),
+                _ => Ok(RawNum::Other(format!("{v:?}"))),
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for RawNum {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(RawNumVisitor)
+        }
     }
 
     #[derive(Deserialize)]
@@ -489,15 +650,8 @@ mod de {
         Str(String),
     }
 
-    pub fn opt_num<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        match NumOrStr::deserialize(d)? {
-            NumOrStr::Num(n) => Ok(Some(n)),
-            NumOrStr::Str(s) => s
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
-        }
+    pub fn opt_num<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawNum>, D::Error> {
+        RawNum::deserialize(d).map(Some)
     }
 
     pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
@@ -527,8 +681,15 @@ impl Config {
             source,
         })?;
         Self::from_toml_str(&text, env).map_err(|e| match e {
-            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+            ConfigError::Syntax {
+                line,
+                column,
+                message,
+                ..
+            } => ConfigError::Syntax {
                 path: path.to_owned(),
+                line,
+                column,
                 message,
             },
             other => other,
@@ -540,12 +701,15 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: PathBuf::new(),
-                    message: e.message().to_owned(),
-                })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let (line, column) = line_and_column(text, e.span().map_or(0, |s| s.start));
+            ConfigError::Syntax {
+                path: PathBuf::new(),
+                line,
+                column,
+                message: e.message().trim().replace('\n', "; "),
+            }
+        })?;
         apply_env_overrides(&mut table, env)?;
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -569,6 +733,18 @@ impl Config {
             })?;
         raw.validate()
     }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
 }
 
 /// Overlays `SWEEPER_<SECTION>__<KEY>=value` onto the parsed file, as string values.
@@ -611,25 +787,66 @@ fn apply_env_overrides(
     Ok(())
 }
 
-fn positive(key: &str, value: Option<i64>, default: i64) -> Result<u32, ConfigError> {
-    let v = value.unwrap_or(default);
-    if v <= 0 {
-        return Err(ConfigError::invalid(
+/// A whole number of `unit` from `min` to `max` (or the default), refused in words otherwise:
+/// "must be a whole number of requests per second, at least 1; got 0.001".
+fn whole(
+    key: &str,
+    value: Option<de::RawNum>,
+    default: u32,
+    unit: &str,
+    (min, max): (u32, u32),
+) -> Result<u32, ConfigError> {
+    let range = if max == u32::MAX {
+        format!("at least {min}")
+    } else {
+        format!("from {min} to {max}")
+    };
+    let refuse = |got: &dyn fmt::Display| {
+        ConfigError::invalid(
             key,
-            format!("must be positive, got {v}"),
-        ));
+            format!("must be a whole number of {unit}, {range}; got {got}"),
+        )
+    };
+    match value {
+        None => Ok(default),
+        Some(de::RawNum::Whole(v)) => u32::try_from(v)
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| refuse(&v)),
+        Some(de::RawNum::Other(text)) => Err(refuse(&text)),
     }
-    u32::try_from(v).map_err(|_| ConfigError::invalid(key, format!("{v} is too large")))
 }
 
-fn nonzero_duration(
+/// [`whole`] for a count that must be at least 1.
+fn positive(
+    key: &str,
+    value: Option<de::RawNum>,
+    default: u32,
+    unit: &str,
+) -> Result<u32, ConfigError> {
+    whole(key, value, default, unit, (1, u32::MAX))
+}
+
+/// A duration longer than zero and at most `max` (or the default).
+fn duration(
     key: &str,
     value: Option<Duration>,
     default: Duration,
+    max: Duration,
 ) -> Result<Duration, ConfigError> {
     let v = value.unwrap_or(default);
     if v.is_zero() {
         return Err(ConfigError::invalid(key, "must be longer than zero"));
+    }
+    if v > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{} is too long: at most {}",
+                humantime::format_duration(v),
+                humantime::format_duration(max)
+            ),
+        ));
     }
     Ok(v)
 }
@@ -644,11 +861,16 @@ fn nz(v: u32) -> NonZeroU32 {
 
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
+        let database = self.database.validate()?;
+        let source = self.source.validate()?;
+        let sweep = self.sweep.validate()?;
+        let iyzico = self.iyzico.validate()?;
+        validate_lease(&sweep, &iyzico)?;
         Ok(Config {
-            database: self.database.validate()?,
-            source: self.source.validate()?,
-            sweep: self.sweep.validate()?,
-            iyzico: self.iyzico.validate()?,
+            database,
+            source,
+            sweep,
+            iyzico,
             server: self.server.validate()?,
             log: self.log.validate()?,
         })
@@ -688,6 +910,7 @@ impl RawDatabase {
                 "database.max_connections",
                 self.max_connections,
                 8,
+                "connections",
             )?),
         })
     }
@@ -731,10 +954,11 @@ impl RawSource {
             },
             active_value: self.active_value,
             passive_value: self.passive_value,
-            idle_after: nonzero_duration(
+            idle_after: duration(
                 "source.idle_after",
                 Some(self.idle_after),
                 Duration::ZERO,
+                MAX_DURATION,
             )?,
             mark_passive: self.mark_passive.unwrap_or(true),
         })
@@ -750,36 +974,93 @@ impl RawSweep {
                     "set either sweep.interval or sweep.schedule, not both",
                 ));
             }
-            (Some(i), None) => Schedule::Interval(nonzero_duration("sweep.interval", Some(i), i)?),
+            (Some(i), None) => {
+                Schedule::Interval(duration("sweep.interval", Some(i), i, MAX_DURATION)?)
+            }
             (None, Some(cron)) => {
                 validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
                 Schedule::Cron(cron)
             }
             (None, None) => Schedule::Interval(Duration::from_secs(60)),
         };
-        let retry_base =
-            nonzero_duration("sweep.retry_base", self.retry_base, Duration::from_secs(30))?;
-        let retry_max =
-            nonzero_duration("sweep.retry_max", self.retry_max, Duration::from_secs(3600))?;
+        let retry_base = duration(
+            "sweep.retry_base",
+            self.retry_base,
+            Duration::from_secs(30),
+            MAX_DURATION,
+        )?;
+        let retry_max = duration(
+            "sweep.retry_max",
+            self.retry_max,
+            Duration::from_secs(3600),
+            MAX_DURATION,
+        )?;
         if retry_max < retry_base {
             return Err(ConfigError::invalid(
                 "sweep.retry_max",
                 "must be at least sweep.retry_base",
             ));
         }
+        let heartbeat = duration(
+            "sweep.heartbeat",
+            self.heartbeat,
+            DEFAULT_HEARTBEAT,
+            MAX_HEARTBEAT,
+        )?;
+        if heartbeat < MIN_HEARTBEAT {
+            return Err(ConfigError::invalid(
+                "sweep.heartbeat",
+                format!(
+                    "{} is too short: at least {}, so that the beat between fencing (2 beats \
+                     without a good heartbeat) and staleness (3 beats) covers a database round \
+                     trip and the cancellation of calls in flight",
+                    humantime::format_duration(heartbeat),
+                    humantime::format_duration(MIN_HEARTBEAT)
+                ),
+            ));
+        }
+        let shutdown_grace = self.shutdown_grace.unwrap_or(Duration::from_secs(25));
+        if shutdown_grace > MAX_SHUTDOWN_GRACE {
+            return Err(ConfigError::invalid(
+                "sweep.shutdown_grace",
+                format!(
+                    "{} is too long: at most {}",
+                    humantime::format_duration(shutdown_grace),
+                    humantime::format_duration(MAX_SHUTDOWN_GRACE)
+                ),
+            ));
+        }
         Ok(SweepConfig {
             schedule,
-            batch_size: nz(positive("sweep.batch_size", self.batch_size, 500)?),
-            concurrency: NonZeroUsize::new(
-                positive("sweep.concurrency", self.concurrency, 16)? as usize
-            )
+            batch_size: nz(positive(
+                "sweep.batch_size",
+                self.batch_size,
+                500,
+                "sessions",
+            )?),
+            concurrency: NonZeroUsize::new(positive(
+                "sweep.concurrency",
+                self.concurrency,
+                16,
+                "calls in flight",
+            )? as usize)
             .expect("checked positive"),
-            lease: nonzero_duration("sweep.lease", self.lease, Duration::from_secs(300))?,
-            max_attempts: nz(positive("sweep.max_attempts", self.max_attempts, 10)?),
+            lease: duration(
+                "sweep.lease",
+                self.lease,
+                Duration::from_secs(300),
+                MAX_DURATION,
+            )?,
+            max_attempts: nz(positive(
+                "sweep.max_attempts",
+                self.max_attempts,
+                10,
+                "attempts",
+            )?),
             retry_base,
             retry_max,
-            shutdown_grace: self.shutdown_grace.unwrap_or(Duration::from_secs(25)),
-            heartbeat: nonzero_duration("sweep.heartbeat", self.heartbeat, DEFAULT_HEARTBEAT)?,
+            shutdown_grace,
+            heartbeat,
         })
     }
 }
@@ -874,22 +1155,24 @@ impl RawIyzico {
                 ));
             }
         };
-        let retries = self.retries.unwrap_or(3);
-        if !(0..=20).contains(&retries) {
-            return Err(ConfigError::invalid(
-                "iyzico.retries",
-                format!("must be between 0 and 20, got {retries}"),
-            ));
-        }
-        let retry_min_delay = nonzero_duration(
+        let retries = whole(
+            "iyzico.retries",
+            self.retries,
+            3,
+            "retries",
+            (0, MAX_RETRIES),
+        )?;
+        let retry_min_delay = duration(
             "iyzico.retry_min_delay",
             self.retry_min_delay,
             DEFAULT_RETRY_MIN_DELAY,
+            MAX_RETRY_DELAY,
         )?;
-        let retry_max_delay = nonzero_duration(
+        let retry_max_delay = duration(
             "iyzico.retry_max_delay",
             self.retry_max_delay,
             DEFAULT_RETRY_MAX_DELAY,
+            MAX_RETRY_DELAY,
         )?;
         if retry_max_delay < retry_min_delay {
             return Err(ConfigError::invalid(
@@ -902,19 +1185,26 @@ impl RawIyzico {
             api_key: SecretString::from(self.api_key),
             secret_key,
             locale,
-            timeout: nonzero_duration("iyzico.timeout", self.timeout, Duration::from_secs(10))?,
-            connect_timeout: nonzero_duration(
+            timeout: duration(
+                "iyzico.timeout",
+                self.timeout,
+                Duration::from_secs(10),
+                MAX_TIMEOUT,
+            )?,
+            connect_timeout: duration(
                 "iyzico.connect_timeout",
                 self.connect_timeout,
                 Duration::from_secs(5),
+                MAX_TIMEOUT,
             )?,
             rate_per_second: nz(positive(
                 "iyzico.rate_per_second",
                 self.rate_per_second,
                 10,
+                "requests per second",
             )?),
-            burst: nz(positive("iyzico.burst", self.burst, 10)?),
-            retries: retries as u32,
+            burst: nz(positive("iyzico.burst", self.burst, 10, "requests")?),
+            retries,
             retry_min_delay,
             retry_max_delay,
         })
@@ -998,6 +1288,73 @@ mod tests {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    const MINIMAL: &str = r#"
+[database]
+url = "sqlite://x.db"
+[source]
+table = "t"
+token_column = "a"
+member_column = "b"
+status_column = "c"
+last_activity_column = "d"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+[iyzico]
+base_url = "https://api.iyzipay.com"
+api_key = "k"
+secret_key = "s"
+"#;
+
+    #[test]
+    fn the_defaults_leave_the_lease_its_margins() {
+        let c = Config::from_toml_str(MINIMAL, []).unwrap();
+        assert_eq!(c.sweep.fence_after(), Duration::from_secs(10));
+        assert_eq!(c.sweep.stale_after(), Duration::from_secs(15));
+        // 4 × 10 s + 3 × 60 s (the Retry-After cap exceeds the 30 s backoff) + 5 s.
+        assert_eq!(c.worst_case_attempt(), Duration::from_secs(225));
+        assert!(c.sweep.lease >= c.worst_case_attempt());
+    }
+
+    #[test]
+    fn numbers_are_refused_in_words() {
+        let load = |k: &str, v: &str| {
+            Config::from_toml_str(MINIMAL, [(k.to_owned(), v.to_owned())])
+                .map(|c| c.iyzico.rate_per_second.get())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load("SWEEPER_IYZICO__RATE_PER_SECOND", "12"), Ok(12));
+        assert_eq!(load("SWEEPER_IYZICO__RATE_PER_SECOND", "12.0"), Ok(12));
+        for (v, got) in [
+            ("0.001", "0.001"),
+            ("0", "0"),
+            ("-3", "-3"),
+            ("lots", "\"lots\""),
+            ("99999999999", "99999999999"),
+        ] {
+            assert_eq!(
+                load("SWEEPER_IYZICO__RATE_PER_SECOND", v).unwrap_err(),
+                format!(
+                    "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got {got}"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        assert_eq!(line_and_column("ab\ncdé\nx", 7), (2, 4));
+        assert_eq!(line_and_column("abc", 0), (1, 1));
+        assert_eq!(line_and_column("abc", 99), (1, 4));
+        let err = Config::from_toml_str("[database]\nurl = \"x\"\nmore\n", [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not valid TOML at line 3, column 5: key with no value"),
+            "{err}"
+        );
     }
 
     #[test]

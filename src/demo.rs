@@ -83,6 +83,8 @@ async fn demo_in(dir: &std::path::Path, sessions: u32) -> anyhow::Result<()> {
                 too_many_requests: 0.03,
                 retry_after_secs: 1,
                 malformed: 0.02,
+                // iyzico never redirects; the sweeper does not follow one and retries.
+                redirect: 0.01,
                 ..Faults::default()
             },
             always_fail: rejected,

@@ -48,12 +48,6 @@ pub fn this_worker() -> WorkerInfo {
     }
 }
 
-/// How old this worker's last good heartbeat may get before it stops calling and cancels its
-/// calls in flight: two beats, one beat before peers judge it dead (`stale_after`, three beats).
-pub fn fence_after(heartbeat: Duration) -> Duration {
-    heartbeat * 2
-}
-
 /// Whether a process with this pid exists on this host.
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()

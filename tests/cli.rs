@@ -6,7 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{Kind, SECRET, TestDb, fresh_session, idle_sessions, simulator};
+use common::{
+    Kind, SECRET, TestDb, fresh_session, idle_sessions, signal, simulator, spawn_sweeper,
+};
 use session_sweeper::config::Config;
 use session_sweeper::iyzico::simulator::SimulatorConfig;
 
@@ -188,12 +190,12 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         (
             "zero batch",
             Box::new(|t| t.replace("batch_size = 500", "batch_size = 0")),
-            "sweep.batch_size: must be positive",
+            "sweep.batch_size: must be a whole number of sessions, at least 1; got 0",
         ),
         (
             "negative concurrency",
             Box::new(|t| t.replace("concurrency = 16", "concurrency = -4")),
-            "sweep.concurrency: must be positive",
+            "sweep.concurrency: must be a whole number of calls in flight, at least 1; got -4",
         ),
         (
             "zero rate",
@@ -268,7 +270,145 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         (
             "not toml",
             Box::new(|t| t.replace("[sweep]", "[sweep")),
-            "not valid TOML",
+            "is not valid TOML at line 17, column 7: unclosed table, expected `]`",
+        ),
+        (
+            "unterminated string holding the secret",
+            Box::new(|t| {
+                t.replace(
+                    &format!("secret_key = \"{SECRET}\""),
+                    &format!("secret_key = \"{SECRET}"),
+                )
+            }),
+            "is not valid TOML at line 30, column 37: invalid basic string",
+        ),
+        // Numbers: in words, whatever serde's shape of the mistake.
+        (
+            "fractional rate",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = 0.001")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got 0.001",
+        ),
+        (
+            "rate out of range",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = 99999999999")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got 99999999999",
+        ),
+        (
+            "rate as text",
+            Box::new(|t| t.replace("rate_per_second = 10", "rate_per_second = \"fast\"")),
+            "iyzico.rate_per_second: must be a whole number of requests per second, at least 1; got \"fast\"",
+        ),
+        (
+            "fractional burst",
+            Box::new(|t| t.replace("burst = 10", "burst = 2.5")),
+            "iyzico.burst: must be a whole number of requests, at least 1; got 2.5",
+        ),
+        (
+            "too many retries",
+            Box::new(|t| t.replace("retries = 3", "retries = 21")),
+            "iyzico.retries: must be a whole number of retries, from 0 to 20; got 21",
+        ),
+        // Durations past what the time arithmetic supports: exit 2, never a panic.
+        (
+            "idle for 300000 years",
+            Box::new(|t| t.replace("idle_after = \"30m\"", "idle_after = \"300000years\"")),
+            "source.idle_after: 300000years is too long: at most 10years",
+        ),
+        (
+            "heartbeat of 500000 years",
+            Box::new(|t| {
+                t.replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"500000years\"",
+                )
+            }),
+            "sweep.heartbeat: 500000years is too long: at most 1h",
+        ),
+        (
+            "huge retry base",
+            Box::new(|t| t.replace("retry_base = \"30s\"", "retry_base = \"100000years\"")),
+            "sweep.retry_base: 100000years is too long",
+        ),
+        (
+            "huge retry max",
+            Box::new(|t| t.replace("retry_max = \"1h\"", "retry_max = \"100000years\"")),
+            "sweep.retry_max: 100000years is too long",
+        ),
+        (
+            "huge interval",
+            Box::new(|t| t.replace("interval = \"1m\"", "interval = \"20years\"")),
+            "sweep.interval: 20years is too long",
+        ),
+        (
+            "huge lease",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"11years\"")),
+            "sweep.lease: 11years is too long",
+        ),
+        (
+            "huge grace",
+            Box::new(|t| t.replace("shutdown_grace = \"25s\"", "shutdown_grace = \"2h\"")),
+            "sweep.shutdown_grace: 2h is too long: at most 1h",
+        ),
+        (
+            "huge timeout",
+            Box::new(|t| t.replace("timeout = \"10s\"", "timeout = \"1h\"")),
+            "iyzico.timeout: 1h is too long: at most 10m",
+        ),
+        (
+            "huge connect timeout",
+            Box::new(|t| {
+                t.replace(
+                    "timeout = \"10s\"",
+                    "timeout = \"10s\"\nconnect_timeout = \"1000years\"",
+                )
+            }),
+            "iyzico.connect_timeout: 1000years is too long",
+        ),
+        (
+            "huge retry min delay",
+            Box::new(|t| t.replace("retries = 3", "retries = 3\nretry_min_delay = \"2h\"")),
+            "iyzico.retry_min_delay: 2h is too long: at most 1h",
+        ),
+        (
+            "huge retry max delay",
+            Box::new(|t| t.replace("retries = 3", "retries = 3\nretry_max_delay = \"2h\"")),
+            "iyzico.retry_max_delay: 2h is too long: at most 1h",
+        ),
+        // The lease, the heartbeat and the longest attempt.
+        (
+            "heartbeat under a second",
+            Box::new(|t| {
+                t.replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"500ms\"",
+                )
+            }),
+            "sweep.heartbeat: 500ms is too short: at least 1s",
+        ),
+        (
+            "lease of one second",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"1s\"")),
+            "sweep.lease: 1s is shorter than 3 × sweep.heartbeat (5s) = 15s",
+        ),
+        (
+            "lease under three heartbeats",
+            Box::new(|t| {
+                t.replace("lease = \"5m\"", "lease = \"1m\"").replace(
+                    "shutdown_grace = \"25s\"",
+                    "shutdown_grace = \"25s\"\nheartbeat = \"30s\"",
+                )
+            }),
+            "sweep.lease: 1m is shorter than 3 × sweep.heartbeat (30s) = 1m 30s",
+        ),
+        (
+            "lease under the longest attempt",
+            Box::new(|t| t.replace("lease = \"5m\"", "lease = \"3m\"")),
+            "sweep.lease: 3m is shorter than the longest attempt, 3m 45s = (iyzico.retries 3 + 1) × iyzico.timeout 10s + 3 × 1m",
+        ),
+        (
+            "lease under the longest attempt with long timeouts",
+            Box::new(|t| t.replace("timeout = \"10s\"", "timeout = \"2m\"")),
+            "sweep.lease: 5m is shorter than the longest attempt, 11m 5s",
         ),
         (
             "bad log level",
@@ -285,6 +425,15 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         assert!(
             all.contains(expected),
             "{name}: expected {expected:?} in: {all}"
+        );
+        assert_eq!(
+            all.matches("error: ").count(),
+            1,
+            "{name}: the error is said once: {all}"
+        );
+        assert!(
+            !all.contains("untagged enum") && !all.contains("panicked"),
+            "{name}: {all}"
         );
         assert!(!all.contains(SECRET), "{name}: the secret leaked: {all}");
         assert!(!all.contains("424242"), "{name}: the secret leaked: {all}");
@@ -414,6 +563,201 @@ fn an_unreachable_database_is_a_runtime_failure() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
+/// Every runtime error is printed once, as one chain: "database error while X: Y". A SQLite
+/// error used to be printed three times (the error, then its source, then the source's source).
+#[test]
+fn a_database_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("no-such-dir").join("app.db").display()
+    );
+    for command in ["check", "migrate", "once", "report"] {
+        let out = run(&path, &[command], &[("SWEEPER_DATABASE__URL", &url)]);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {all}");
+        assert!(
+            all.starts_with("error: database error while "),
+            "{command}: {all}"
+        );
+        assert_eq!(
+            all.matches("unable to open database file").count(),
+            1,
+            "{command}: the cause is said once: {all}"
+        );
+        assert_eq!(all.lines().count(), 1, "{command}: {all}");
+    }
+}
+
+/// A database that accepts connections and never answers: the first SIGTERM ends the wait at
+/// once (exit 1, saying so) instead of after the pool's timeout, and is not a forced stop.
+#[test]
+fn the_first_signal_ends_a_wait_for_a_silent_database() {
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    for command in ["once", "check", "dry-run", "report"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+            .arg("--config")
+            .arg(&path)
+            .arg(command)
+            .env_remove("SWEEPER_CONFIG")
+            .env("RUST_LOG", "warn")
+            .env("SWEEPER_DATABASE__URL", &url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{command} should still be waiting for the database"
+        );
+        let signalled = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if signalled.elapsed() > std::time::Duration::from_secs(5) {
+                child.kill().unwrap();
+                panic!("{command} ignored SIGTERM while waiting for the database");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let took = signalled.elapsed();
+        let out = child.wait_with_output().unwrap();
+        let all = text(&out);
+        assert_eq!(status.code(), Some(1), "{command}: {all}");
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{command} took {took:?} to obey SIGTERM"
+        );
+        assert!(all.contains("stopped by a signal"), "{command}: {all}");
+        assert_eq!(all.matches("error: ").count(), 1, "{command}: {all}");
+    }
+}
+
+/// Holds the lock `migrate` needs (SQLite: a write transaction; PostgreSQL: the migration's
+/// advisory lock, `MIGRATION_LOCK` in src/store/postgres.rs) until `release` is sent.
+async fn hold_migration_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel::<()>();
+    match &db.pool {
+        common::Pool::Sqlite(p) => {
+            // The sweeper's connections switch the file to WAL, which cannot happen under a
+            // writer: switch first (it persists), so that migrate waits in BEGIN IMMEDIATE.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(p)
+                .await
+                .unwrap();
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await.unwrap();
+                sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+                locked.send(()).unwrap();
+                let _ = released.await;
+                tx.rollback().await.unwrap();
+            });
+        }
+        common::Pool::Pg(p) => {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query("SELECT pg_advisory_xact_lock(7933737)")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                locked.send(()).unwrap();
+                let _ = released.await;
+                tx.rollback().await.unwrap();
+            });
+        }
+    }
+    is_locked.await.unwrap();
+    release
+}
+
+/// A single SIGTERM during `migrate` lets the migration finish (exit 0, tables current); only a
+/// second one forces 143, and then nothing is half-applied.
+async fn one_signal_lets_migrate_finish_and_two_force_it(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    std::fs::write(
+        db.dir.path().join("sweeper.toml"),
+        db.config_toml("http://127.0.0.1:9"),
+    )
+    .unwrap();
+    let migrations = || async {
+        let sql = match kind {
+            Kind::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'sweeper_schema_migrations'"
+            }
+            Kind::Postgres => {
+                "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'sweeper_schema_migrations'"
+            }
+        };
+        db.scalar(sql).await
+    };
+
+    // Two signals: forced, 143, and the migration's transaction is never committed.
+    let release = hold_migration_lock(&db).await;
+    let mut child = spawn_sweeper(&db, "migrate", &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    if child.try_wait().unwrap().is_some() {
+        let out = child.wait_with_output().await.unwrap();
+        panic!("migrate did not wait for the lock: {}", text(&out));
+    }
+    signal(&child, "-TERM");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "one signal does not stop migrate"
+    );
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+        .await
+        .expect("a second signal stops at once")
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    release.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(migrations().await, 0, "a forced stop commits nothing");
+
+    // One signal: the migration finishes once the lock is free, and the exit is 0.
+    let release = hold_migration_lock(&db).await;
+    let child = spawn_sweeper(&db, "migrate", &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("migrate finishes")
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("migrations applied"), "{all}");
+    assert_eq!(migrations().await, 1);
+    assert!(
+        db.store()
+            .await
+            .pending_migrations()
+            .await
+            .unwrap()
+            .is_empty(),
+        "the tables are current"
+    );
+}
+
 async fn the_commands_tell_a_consistent_story(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -513,4 +857,7 @@ async fn the_commands_tell_a_consistent_story(kind: Kind) {
     );
 }
 
-both_backends!(the_commands_tell_a_consistent_story);
+both_backends!(
+    the_commands_tell_a_consistent_story,
+    one_signal_lets_migrate_finish_and_two_force_it,
+);

@@ -370,6 +370,73 @@ async fn a_refused_connection_is_retryable() {
     );
 }
 
+/// iyzico never redirects: a 307 to a host that would answer success is not followed (that host
+/// sees nothing, so the token and member never leave for it) and the call is retryable, naming
+/// the status and the host but not the Location's path or query.
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_is_retryable() {
+    let elsewhere = common::simulator(SimulatorConfig::default()).await;
+    let redirecting = common::simulator(SimulatorConfig {
+        faults: Faults {
+            redirect: 1.0,
+            redirect_to: Some(elsewhere.addr),
+            ..Faults::default()
+        },
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let r = invalidate(&redirecting.base_url(), &[]).await;
+    let load = |s: &session_sweeper::iyzico::simulator::Simulator| {
+        s.stats.requests.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(
+        load(&elsewhere),
+        0,
+        "the redirect was followed: {:?}",
+        r.calls
+    );
+    assert_eq!(load(&redirecting), 3, "retries = 2: three calls");
+    let Err(InvalidateError::Api(ApiError::Retryable { reason, .. })) = &r.result else {
+        panic!("not retryable: {:?}", r.result);
+    };
+    assert_eq!(
+        reason,
+        &format!(
+            "HTTP 307 redirect to http://{}, not followed (iyzico never redirects)",
+            elsewhere.addr
+        )
+    );
+    assert!(
+        !reason.contains("redirected=1"),
+        "the query leaked: {reason}"
+    );
+    assert!(
+        r.calls
+            .iter()
+            .all(|c| c.class == "retryable" && c.http_status == Some(307)),
+        "{:?}",
+        r.calls
+    );
+
+    // A scripted 302 to a URL with a token in its query: the query never reaches the error.
+    let (url, _) = scripted(vec![Canned {
+        headers: vec![(
+            "location",
+            "https://other.example/v1/x?sessionToken=tok-1".into(),
+        )],
+        ..canned(302, serde_json::json!({"status": "success"}))
+    }])
+    .await;
+    let r = invalidate(&url, &[("SWEEPER_IYZICO__RETRIES", "0")]).await;
+    let message = r.calls[0].error_message.clone().unwrap_or_default();
+    assert_eq!(r.calls[0].class, "retryable", "{message}");
+    assert!(
+        message.contains("HTTP 302") && message.contains("other.example"),
+        "{message}"
+    );
+    assert!(!message.contains("tok-1"), "{message}");
+}
+
 #[tokio::test]
 async fn a_transient_failure_then_success_is_a_success() {
     let (url, script) = scripted(vec![
@@ -479,7 +546,14 @@ async fn the_simulator_injects_faults_that_the_client_survives() {
         ..SimulatorConfig::default()
     })
     .await;
-    let config = config(&sim.base_url(), &[("SWEEPER_IYZICO__RETRIES", "12")]);
+    // Twelve retries may take 12 Retry-After waits: the lease must cover such an attempt.
+    let config = config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_IYZICO__RETRIES", "12"),
+            ("SWEEPER_SWEEP__LEASE", "15m"),
+        ],
+    );
     let c = client(&config);
     for i in 0..30 {
         let r = c

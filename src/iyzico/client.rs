@@ -253,6 +253,33 @@ fn parse_body(body: &[u8]) -> Result<ResponseBody, String> {
     }
 }
 
+/// A 3xx answer: never followed, always retryable. The reason names the status and where it
+/// pointed (scheme, host and port only: a `Location`'s path or query may carry anything, and
+/// never reaches a log line or the attempt log).
+pub fn redirect_error(
+    http_status: u16,
+    location: Option<&str>,
+    endpoint: &reqwest::Url,
+    retry_after: Option<Duration>,
+) -> ApiError {
+    let target = match location.map(|l| endpoint.join(l.trim())) {
+        None => "without a Location".to_owned(),
+        Some(Err(_)) => "with a Location that is not a URL".to_owned(),
+        Some(Ok(url)) => match (url.host_str(), url.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("to {}://{host}:{port}", url.scheme()),
+            (Some(host), None) => format!("to {}://{host}", url.scheme()),
+            (None, _) => "with a Location that names no host".to_owned(),
+        },
+    };
+    ApiError::Retryable {
+        reason: format!(
+            "HTTP {http_status} redirect {target}, not followed (iyzico never redirects)"
+        ),
+        code: None,
+        retry_after,
+    }
+}
+
 fn code_string(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
@@ -308,6 +335,9 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(concurrency)
             .tcp_nodelay(true)
+            // iyzico never redirects. Following one would re-post the token and member to a host
+            // iyzico never sees, and record its answer as iyzico's: a 3xx is a failure instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let endpoint = config
             .base_url
@@ -525,6 +555,21 @@ impl Client {
         };
         let status = response.status().as_u16();
         let retry_after = parse_retry_after(response.headers());
+        if response.status().is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            return (
+                Some(status),
+                Err(redirect_error(
+                    status,
+                    location,
+                    &self.endpoint,
+                    retry_after,
+                )),
+            );
+        }
         let mut body = Vec::new();
         loop {
             match response.chunk().await {
@@ -680,6 +725,33 @@ mod tests {
                 code: "11".into(),
                 message: "Geçersiz istek".into()
             })
+        );
+    }
+
+    #[test]
+    fn a_redirect_names_status_and_host_but_never_path_or_query() {
+        let endpoint: reqwest::Url = "https://api.iyzipay.com/v1/x".parse().unwrap();
+        let e = redirect_error(
+            307,
+            Some("https://evil.example:8443/steal?sessionToken=abc#frag"),
+            &endpoint,
+            None,
+        );
+        assert_eq!(e.class(), "retryable");
+        assert_eq!(
+            e.message(),
+            "HTTP 307 redirect to https://evil.example:8443, not followed (iyzico never redirects)"
+        );
+        let e = redirect_error(302, Some("/elsewhere?token=abc"), &endpoint, None);
+        assert!(
+            e.message().contains("to https://api.iyzipay.com:443"),
+            "{e}"
+        );
+        assert!(!e.message().contains("abc"), "{e}");
+        let e = redirect_error(301, None, &endpoint, None);
+        assert!(
+            e.message().contains("HTTP 301 redirect without a Location"),
+            "{e}"
         );
     }
 

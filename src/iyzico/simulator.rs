@@ -35,7 +35,19 @@ pub struct Faults {
     pub malformed: f64,
     /// A permanent failure (`errorCode` 11, invalid request).
     pub permanent: f64,
+    /// HTTP 307 to another host (`redirect_to`), which iyzico never sends: the client must not
+    /// follow it.
+    pub redirect: f64,
+    /// Where a redirect points; `None`: [`DEFAULT_REDIRECT_TO`].
+    pub redirect_to: Option<SocketAddr>,
 }
+
+/// Where an injected redirect points by default: another loopback host, so that a client that
+/// wrongly followed it would reach nothing of ours.
+pub const DEFAULT_REDIRECT_TO: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(127, 0, 0, 2),
+    8089,
+));
 
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
@@ -354,6 +366,17 @@ async fn invalidate(
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
             "{\"status\":\"succ",
+        )
+            .into_response();
+    }
+    if hit(faults.redirect) {
+        let to = faults.redirect_to.unwrap_or(DEFAULT_REDIRECT_TO);
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(
+                header::LOCATION,
+                format!("http://{to}{INVALIDATE_PATH}?redirected=1"),
+            )],
         )
             .into_response();
     }
