@@ -27,7 +27,7 @@ pub const DEFAULT_CONFIG: &str = "session-sweeper.toml";
 
 /// session-sweeper: invalidates abandoned "Pay with iyzico" checkout sessions.
 #[derive(Debug, Parser)]
-#[command(name = "session-sweeper", version, about, long_about = None)]
+#[command(name = "session-sweeper", version = crate::release::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     /// Config file [default: $SWEEPER_CONFIG, then ./session-sweeper.toml]
     #[arg(long, global = true, env = "SWEEPER_CONFIG", value_name = "FILE")]
@@ -103,6 +103,10 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         sessions: u32,
     },
+    /// Exit 0 when the sweeper's /healthz answers 2xx, 1 otherwise (for container health checks).
+    Healthcheck(crate::release::HealthcheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(crate::release::CompletionsArgs),
 }
 
 /// Options of `simulate-api`.
@@ -242,10 +246,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             );
             crate::demo::run(sessions).await.map_err(CliError::Runtime)
         }
+        Command::Healthcheck(args) => crate::release::healthcheck(&args, cli.config.as_deref()),
+        Command::Completions(args) => crate::release::completions(&args),
         command => {
             let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             let config = Config::load(&path, std::env::vars())?;
             init_logging(&config.log, std::io::stderr);
+            if matches!(command, Command::Run | Command::Once { .. }) {
+                use crate::release::{BUILD_DATE, COMMIT, VERSION};
+                tracing::info!(
+                    version = VERSION,
+                    commit = COMMIT,
+                    built = BUILD_DATE,
+                    "session-sweeper {VERSION} ({COMMIT}) starting"
+                );
+            }
             run_with_config(command, config).await
         }
     }
@@ -385,7 +400,11 @@ async fn run_command(
             Ok(())
         }
         Command::Once { max } => once(store, config, max, shutdown).await,
-        Command::Run | Command::SimulateApi(_) | Command::Demo { .. } => {
+        Command::Run
+        | Command::SimulateApi(_)
+        | Command::Demo { .. }
+        | Command::Healthcheck(_)
+        | Command::Completions(_) => {
             unreachable!("handled before")
         }
     }

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fleet;
 pub mod iyzico;
+pub mod release;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -58,6 +58,12 @@ struct ApiCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildInfoLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -187,6 +193,18 @@ impl Metrics {
             "sweeper_ready",
             "1 when the database is reachable and sweeps succeed",
             ready.clone(),
+        );
+        let build_info = Family::<BuildInfoLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildInfoLabels {
+                version: crate::release::VERSION,
+                commit: crate::release::COMMIT,
+            })
+            .set(1);
+        registry.register(
+            "sweeper_build_info",
+            "Always 1; the labels name the running build",
+            build_info,
         );
         Self {
             inner: Arc::new(Inner {
