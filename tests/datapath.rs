@@ -47,15 +47,19 @@ async fn unix_seconds_under_the_default_text_format_are_never_sent_and_check_nam
     let config = db.config(&sim.base_url(), &[]);
     let summary = sweep_once(&config).await.unwrap();
     assert_eq!(summary.invalidated, 0);
-    assert_eq!(requests(&sim), 0, "nothing is sent for values the format cannot read");
+    assert_eq!(
+        requests(&sim),
+        0,
+        "nothing is sent for values the format cannot read"
+    );
     let store = db.store().await;
     let report = store.report(5).await.unwrap();
     assert_eq!(report.unusable.unreadable_last_activity, 2);
     let findings = store.check().await.unwrap();
     let errs = errors(&findings);
     assert!(
-        errs.iter().any(|e| e.contains("source.last_activity_format")
-            && e.contains("unix_seconds")),
+        errs.iter()
+            .any(|e| e.contains("source.last_activity_format") && e.contains("unix_seconds")),
         "{findings:?}"
     );
     // With the format that fits, the idle one goes and the live one stays.
@@ -90,7 +94,11 @@ async fn seconds_read_as_milliseconds_and_offsets_in_text_are_never_eligible() {
             &sim.base_url(),
             &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", format)],
         );
-        assert_eq!(sweep_once(&config).await.unwrap().invalidated, 0, "{format}");
+        assert_eq!(
+            sweep_once(&config).await.unwrap().invalidated,
+            0,
+            "{format}"
+        );
     }
     assert_eq!(requests(&sim), 0);
 }
@@ -143,7 +151,11 @@ async fn naive_timestamps_in_a_non_utc_database_need_the_zone_and_then_spare_liv
     );
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 1);
     assert_eq!(db.status("old").await, "PASSIVE");
-    assert_eq!(db.status("live").await, "ACTIVE", "a live session is never invalidated");
+    assert_eq!(
+        db.status("live").await,
+        "ACTIVE",
+        "a live session is never invalidated"
+    );
 }
 
 async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) {
@@ -169,7 +181,11 @@ async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) 
     let config = db.config(&sim.base_url(), &[]);
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 5);
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 0);
-    assert_eq!(requests(&sim), 5, "every session was sent once, never again");
+    assert_eq!(
+        requests(&sim),
+        5,
+        "every session was sent once, never again"
+    );
     assert_eq!(db.count_state("invalidated").await, 5);
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM sweeper_attempts").await,
@@ -221,7 +237,11 @@ async fn null_duplicate_and_unreadable_rows_never_stop_a_sweep(kind: Kind) {
     let summary = sweep_once(&config).await.unwrap();
     assert_eq!(summary.invalidated, 2, "{summary:?}");
     let calls = sim.stats.calls_per_token();
-    assert_eq!(calls.get("dup"), Some(&1), "a duplicated token is sent once");
+    assert_eq!(
+        calls.get("dup"),
+        Some(&1),
+        "a duplicated token is sent once"
+    );
     assert_eq!(calls.get("fine"), Some(&1));
     assert_eq!(calls.len(), 2, "nothing else was sent: {calls:?}");
     let report = db.store().await.report(5).await.unwrap();
@@ -229,15 +249,20 @@ async fn null_duplicate_and_unreadable_rows_never_stop_a_sweep(kind: Kind) {
     if kind == Kind::Sqlite {
         // Text that is not UTF-8 is settled failed, with a code that says why.
         assert_eq!(
-            db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE last_error_code = 'bad_source_row'")
-                .await,
+            db.scalar(
+                "SELECT COUNT(*) FROM sweeper_sessions WHERE last_error_code = 'bad_source_row'"
+            )
+            .await,
             1
         );
     }
     // The dry run lists what a sweep would take, without panicking on the rest.
     let summary = sweep_once(&config).await.unwrap();
     assert_eq!(summary.processed(), 0);
-    let counts = report.counts.iter().find(|(o, _)| *o == Outcome::Invalidated);
+    let counts = report
+        .counts
+        .iter()
+        .find(|(o, _)| *o == Outcome::Invalidated);
     assert_eq!(counts.map(|c| c.1), Some(2));
 }
 
@@ -256,7 +281,10 @@ async fn a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent(kind: 
         ],
     );
     let sweep = tokio::spawn(async move { sweep_once(&config).await });
-    common::wait_for("the first call", Duration::from_secs(10), || requests(&sim) >= 1).await;
+    common::wait_for("the first call", Duration::from_secs(10), || {
+        requests(&sim) >= 1
+    })
+    .await;
     // Every session is claimed by now; the shopper behind s-5 comes back.
     for i in 0..6 {
         if sim.stats.calls_per_token().contains_key(&format!("s-{i}")) {
