@@ -135,16 +135,26 @@ fn parse_http_url(raw: &str) -> Result<(SocketAddr, String, String), CliError> {
 
 /// One HTTP/1.1 GET with a short timeout; the status code of the answer.
 fn get(addr: SocketAddr, host: &str, target: &str) -> std::io::Result<u16> {
+    // One deadline for the whole exchange: a server that drips a byte at a time must not keep
+    // the check alive past it.
+    let deadline = std::time::Instant::now() + HEALTH_TIMEOUT;
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))
+    };
     let mut stream = TcpStream::connect_timeout(&addr, HEALTH_TIMEOUT)?;
-    stream.set_read_timeout(Some(HEALTH_TIMEOUT))?;
-    stream.set_write_timeout(Some(HEALTH_TIMEOUT))?;
-    write!(
-        stream,
+    stream.set_write_timeout(Some(left()?))?;
+    // One write: a server that answers after its first read sees the whole request.
+    let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: session-sweeper-healthcheck/{VERSION}\r\nConnection: close\r\n\r\n"
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut head = Vec::new();
     let mut buf = [0u8; 256];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        stream.set_read_timeout(Some(left()?))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;
