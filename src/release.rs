@@ -67,7 +67,10 @@ pub fn completions(args: &CompletionsArgs) -> Result<(), CliError> {
 pub fn healthcheck(args: &HealthcheckArgs, config: Option<&Path>) -> Result<(), CliError> {
     let url = match &args.url {
         Some(u) => u.clone(),
-        None => format!("http://{}/healthz", health_addr(config)),
+        None => format!(
+            "http://{}/healthz",
+            health_addr(config, std::env::var("SWEEPER_SERVER__LISTEN").ok())
+        ),
     };
     let (addr, host, path) = parse_http_url(&url)?;
     match get(addr, &host, &path) {
@@ -83,16 +86,14 @@ pub fn healthcheck(args: &HealthcheckArgs, config: Option<&Path>) -> Result<(), 
 /// The address to check: `SWEEPER_SERVER__LISTEN`, else `server.listen` from the config file
 /// (read on its own, so a health check works whatever else the config needs), else the default.
 /// A wildcard listen address is checked on loopback.
-fn health_addr(config: Option<&Path>) -> SocketAddr {
+fn health_addr(config: Option<&Path>, env_listen: Option<String>) -> SocketAddr {
     let from_file = || {
         let path = config.unwrap_or(Path::new(crate::cli::DEFAULT_CONFIG));
         let text = std::fs::read_to_string(path).ok()?;
         let table: toml::Table = text.parse().ok()?;
         Some(table.get("server")?.get("listen")?.as_str()?.to_owned())
     };
-    let listen = std::env::var("SWEEPER_SERVER__LISTEN")
-        .ok()
-        .or_else(from_file);
+    let listen = env_listen.or_else(from_file);
     let Some(mut addr) = listen.and_then(|l| l.trim().parse::<SocketAddr>().ok()) else {
         return DEFAULT_HEALTH_ADDR;
     };
@@ -193,6 +194,26 @@ mod tests {
             parse_http_url("https://127.0.0.1/healthz"),
             Err(CliError::Usage(_))
         ));
+    }
+
+    #[test]
+    fn health_address_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sweeper.toml");
+        let at = |listen: &str| {
+            std::fs::write(&file, format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
+            health_addr(Some(&file), None).to_string()
+        };
+        assert_eq!(at("127.0.0.1:9500"), "127.0.0.1:9500");
+        assert_eq!(at("0.0.0.0:9501"), "127.0.0.1:9501");
+        assert_eq!(at("[::]:9502"), "[::1]:9502");
+        assert_eq!(at("not an address"), "127.0.0.1:9464");
+        assert_eq!(
+            health_addr(Some(&file), Some("127.0.0.2:9600".into())).to_string(),
+            "127.0.0.2:9600"
+        );
+        let absent = dir.path().join("absent.toml");
+        assert_eq!(health_addr(Some(&absent), None), DEFAULT_HEALTH_ADDR);
     }
 
     #[test]
