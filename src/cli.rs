@@ -251,7 +251,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         command => {
             let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             let config = Config::load(&path, std::env::vars())?;
-            init_logging(&config.log, std::io::stderr);
+            let log = init_logging(&config.log, std::io::stderr);
             if matches!(command, Command::Run | Command::Once { .. }) {
                 use crate::release::{BUILD_DATE, COMMIT, VERSION};
                 tracing::info!(
@@ -260,6 +260,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     built = BUILD_DATE,
                     "session-sweeper {VERSION} ({COMMIT}) starting"
                 );
+            }
+            if let Command::Run = command {
+                let store = store::open(&config).await?;
+                let reload = crate::daemon::ReloadSource { path, log };
+                let result = crate::daemon::run(store.clone(), config, reload).await;
+                store.close().await;
+                return result;
             }
             run_with_config(command, config).await
         }
@@ -289,11 +296,6 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 /// or roll back, and `once` drains its sweep), so 130/143 only ever mean a second signal.
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
     let store = store::open(&config).await?;
-    if let Command::Run = command {
-        let result = crate::daemon::run(store.clone(), config).await;
-        store.close().await;
-        return result;
-    }
     let shutdown = Shutdown::new();
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(|e| CliError::Runtime(e.into()))?;
@@ -637,13 +639,13 @@ async fn once(
     max: Option<u64>,
     shutdown: &Shutdown,
 ) -> Result<(), CliError> {
-    let mut engine = unless_stopped(
+    let engine = unless_stopped(
         shutdown,
         "while waiting for the database",
         Engine::start(store, config, Metrics::new()),
     )
     .await?;
-    engine.sweeper.settings_mut().max_sessions = max;
+    engine.sweeper.update_settings(|s| s.max_sessions = max);
     let progress = Arc::new(Progress::default());
     let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
     let mut reporter = tokio::spawn(report_progress(progress.clone(), show_bar));

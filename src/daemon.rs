@@ -13,20 +13,60 @@ use crate::config::{Config, Schedule};
 use crate::shutdown::{Shutdown, listen_for_signals};
 use crate::store::Store;
 use crate::sweep::{Progress, SweepError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{LogLevelHandle, Metrics};
 
 /// Longest wait between retries after a failed sweep or an unreachable database.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
-/// Runs the daemon until SIGTERM/SIGINT (or a forced second signal).
-pub async fn run(store: Arc<dyn Store>, config: Config) -> Result<(), CliError> {
+/// Where SIGHUP re-reads the config from, and the log filter it may change.
+#[derive(Debug, Clone)]
+pub struct ReloadSource {
+    /// The config file `run` was started with.
+    pub path: std::path::PathBuf,
+    /// The running log filter, when this process installed it.
+    pub log: Option<LogLevelHandle>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or a forced second signal); SIGHUP reloads.
+pub async fn run(
+    store: Arc<dyn Store>,
+    config: Config,
+    reload: ReloadSource,
+) -> Result<(), CliError> {
     let shutdown = Shutdown::new();
+    let hangups =
+        listen_for_hangups(reload.path.clone()).map_err(|e| CliError::Runtime(e.into()))?;
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(|e| CliError::Runtime(e.into()))?;
     tokio::select! {
-        r = serve(store, config, Metrics::new(), shutdown) => r,
+        r = serve_with_reloads(store, config, Metrics::new(), shutdown, hangups, reload.log) => r,
         code = forced => Err(CliError::Forced(code)),
     }
+}
+
+/// Re-reads and validates `path` on every SIGHUP; sends each valid config. An invalid file is
+/// logged and changes nothing: the running settings stay.
+fn listen_for_hangups(path: std::path::PathBuf) -> std::io::Result<mpsc::Receiver<Config>> {
+    use futures::StreamExt as _;
+    let mut signals = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while signals.next().await.is_some() {
+            match Config::load(&path, std::env::vars()) {
+                Ok(config) => {
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!(
+                    config = %path.display(),
+                    error = %e,
+                    "SIGHUP: the config file is invalid; keeping the running settings"
+                ),
+            }
+        }
+    });
+    Ok(rx)
 }
 
 fn notify(state: sd_notify::NotifyState<'_>) {
@@ -40,6 +80,19 @@ pub async fn serve(
     config: Config,
     metrics: Metrics,
     shutdown: Shutdown,
+) -> Result<(), CliError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    serve_with_reloads(store, config, metrics, shutdown, reloads, None).await
+}
+
+/// [`serve`], applying each config that arrives on `reloads` (see `reload`).
+pub async fn serve_with_reloads(
+    store: Arc<dyn Store>,
+    mut config: Config,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    mut reloads: mpsc::Receiver<Config>,
+    log: Option<LogLevelHandle>,
 ) -> Result<(), CliError> {
     if let Some(addr) = config.server.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -93,7 +146,7 @@ pub async fn serve(
     let sweeper = Arc::new(sweeper);
 
     let (tick_tx, mut ticks) = mpsc::channel::<()>(1);
-    let _scheduler = start_schedule(&config.sweep.schedule, tick_tx, shutdown.clone()).await?;
+    let mut schedule = Ticks::start(&config.sweep.schedule, &tick_tx, &shutdown).await?;
 
     let mut running: Option<
         tokio::task::JoinHandle<Result<crate::sweep::SweepSummary, SweepError>>,
@@ -115,6 +168,27 @@ pub async fn serve(
             _ = retry, if idle => {
                 retry_at = None;
                 running = Some(spawn_sweep(sweeper.clone(), shutdown.clone()));
+            }
+            Some(new) = reloads.recv() => {
+                let changes = crate::reload::diff(&config, &new);
+                if changes.is_empty() {
+                    tracing::info!("SIGHUP: the config file is unchanged");
+                    continue;
+                }
+                crate::reload::apply(&new, &sweeper, log.as_ref());
+                if changes.schedule {
+                    match Ticks::start(&new.sweep.schedule, &tick_tx, &shutdown).await {
+                        Ok(t) => schedule.replace(t).await,
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: the new schedule could not start; keeping the old one"),
+                    }
+                }
+                for change in &changes.applied {
+                    tracing::info!(%change, "SIGHUP: applied");
+                }
+                if !changes.need_restart.is_empty() {
+                    tracing::warn!(keys = ?changes.need_restart, "SIGHUP: these changed in the file but only take effect after a restart");
+                }
+                config = new;
             }
             Some(()) = ticks.recv() => {
                 if running.is_some() {
@@ -201,6 +275,33 @@ fn is_transient(e: &anyhow::Error) -> bool {
                     if matches!(source, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed))
             })
     })
+}
+
+/// The running tick source; a reload replaces it.
+struct Ticks {
+    stop: Shutdown,
+    cron: Option<tokio_cron_scheduler::JobScheduler>,
+}
+
+impl Ticks {
+    async fn start(
+        schedule: &Schedule,
+        ticks: &mpsc::Sender<()>,
+        shutdown: &Shutdown,
+    ) -> Result<Self, CliError> {
+        let stop = shutdown.child();
+        let cron = start_schedule(schedule, ticks.clone(), stop.clone()).await?;
+        Ok(Self { stop, cron })
+    }
+
+    /// Stops this tick source and keeps `next` in its place.
+    async fn replace(&mut self, next: Ticks) {
+        self.stop.abort();
+        if let Some(mut cron) = self.cron.take() {
+            let _ = cron.shutdown().await;
+        }
+        *self = next;
+    }
 }
 
 /// Starts the tick source: a plain interval or the cron scheduler. Keeps it alive while held.

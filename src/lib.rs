@@ -12,6 +12,7 @@ pub mod demo;
 pub mod fleet;
 pub mod iyzico;
 pub mod release;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod store;

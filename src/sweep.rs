@@ -231,7 +231,8 @@ pub enum SweepError {
 pub struct Sweeper {
     store: Arc<dyn Store>,
     client: Arc<Client>,
-    settings: SweepSettings,
+    /// Read once per sweep; a config reload replaces it between sweeps.
+    settings: std::sync::RwLock<SweepSettings>,
     worker: String,
     metrics: Metrics,
     clock: DbClock,
@@ -255,7 +256,7 @@ impl Sweeper {
         Self {
             store,
             client,
-            settings,
+            settings: std::sync::RwLock::new(settings),
             worker,
             metrics,
             clock: DbClock::new(),
@@ -268,24 +269,37 @@ impl Sweeper {
         self
     }
 
-    fn params(&self, limit: u32) -> ClaimParams<'_> {
+    fn params<'a>(&'a self, settings: &SweepSettings, limit: u32) -> ClaimParams<'a> {
         ClaimParams {
             worker: &self.worker,
-            idle_before: cutoff_before(self.clock.now(), self.settings.idle_after),
-            stale_after: self.settings.stale_after,
-            lease: self.settings.lease,
+            idle_before: cutoff_before(self.clock.now(), settings.idle_after),
+            stale_after: settings.stale_after,
+            lease: settings.lease,
             limit,
         }
     }
 
-    /// The settings, e.g. to set `max_sessions` for `once --max`.
-    pub fn settings_mut(&mut self) -> &mut SweepSettings {
-        &mut self.settings
+    /// The settings the next sweep will use.
+    pub fn settings(&self) -> SweepSettings {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// Changes the settings for the sweeps that start from now on (`once --max`, a reload).
+    pub fn update_settings(&self, change: impl FnOnce(&mut SweepSettings)) {
+        change(&mut self.settings.write().expect("settings lock"));
+    }
+
+    /// The API client (a reload re-sizes its concurrency and retry policy).
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
     }
 
     /// Sessions eligible now (for the backlog gauge and progress bars).
     pub async fn backlog(&self) -> Result<u64, StoreError> {
-        let n = self.store.count_eligible(self.params(0)).await?;
+        let n = self
+            .store
+            .count_eligible(self.params(&self.settings(), 0))
+            .await?;
         self.metrics.set_backlog(n);
         Ok(n)
     }
@@ -293,9 +307,9 @@ impl Sweeper {
     /// Before claiming: give back our own leases from an interrupted sweep, finish source
     /// updates still owed, settle revived pending sessions, and count rows we cannot use.
     /// Returns how many were skipped as revived.
-    async fn prepare(&self) -> Result<u64, StoreError> {
+    async fn prepare(&self, settings: &SweepSettings) -> Result<u64, StoreError> {
         self.store.release_all(&self.worker).await?;
-        if self.settings.mark_passive {
+        if settings.mark_passive {
             let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
             if !owed.is_empty() {
                 match self.store.mark_passive(&owed).await {
@@ -309,7 +323,7 @@ impl Sweeper {
                 }
             }
         }
-        let skipped = self.store.skip_revived(self.params(0)).await?;
+        let skipped = self.store.skip_revived(self.params(settings, 0)).await?;
         for _ in 0..skipped {
             self.metrics.session_settled(Outcome::Skipped.as_str());
         }
@@ -334,13 +348,14 @@ impl Sweeper {
         progress: Arc<Progress>,
     ) -> Result<SweepSummary, SweepError> {
         let started = Instant::now();
+        let settings = self.settings();
         let sweep = shutdown.child();
         let state = Arc::new(SweepState {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
         let skipped = tokio::select! {
-            r = self.prepare() => r?,
+            r = self.prepare(&settings) => r?,
             _ = sweep.stopping() => return Ok(SweepSummary::default()),
         };
         let eligible = tokio::select! {
@@ -361,26 +376,26 @@ impl Sweeper {
                 state: state.clone(),
                 sweep: sweep.clone(),
                 progress: progress.clone(),
-                mark_passive: self.settings.mark_passive,
+                mark_passive: settings.mark_passive,
             }
             .run(settle_rx),
         );
         // Twice the calls in flight: while one set of calls is on the wire the next set has
         // its rate tokens and its re-check done, so the pipe never drains between sessions.
-        let slots = Arc::new(Semaphore::new(self.settings.concurrency * 2));
+        let slots = Arc::new(Semaphore::new(settings.concurrency * 2));
         let mut tasks = JoinSet::new();
         let mut claimed_total = 0u64;
         let mut claim_error = None;
         'claiming: while !sweep.is_stopping() {
-            let limit = match self.settings.max_sessions {
+            let limit = match settings.max_sessions {
                 Some(max) if claimed_total >= max => break,
                 Some(max) => (max - claimed_total).min(u64::from(
-                    self.settings.claim_size(self.client.limiter().replicas()),
+                    settings.claim_size(self.client.limiter().replicas()),
                 )) as u32,
-                None => self.settings.claim_size(self.client.limiter().replicas()),
+                None => settings.claim_size(self.client.limiter().replicas()),
             };
             let leases = tokio::select! {
-                r = self.store.claim(self.params(limit)) => match r {
+                r = self.store.claim(self.params(&settings, limit)) => match r {
                     Ok(l) => l,
                     Err(e) => {
                         claim_error = Some(e);
@@ -406,7 +421,7 @@ impl Sweeper {
                 let attempt = Attempt {
                     store: self.store.clone(),
                     client: self.client.clone(),
-                    settings: self.settings.clone(),
+                    settings: settings.clone(),
                     worker: self.worker.clone(),
                     clock: self.clock.clone(),
                     state: state.clone(),

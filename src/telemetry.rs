@@ -16,9 +16,30 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Changes the log filter of the running process (`log.level` on a config reload).
+#[derive(Clone)]
+pub struct LogLevelHandle(Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>);
+
+impl LogLevelHandle {
+    /// Applies `level` (a `tracing` filter directive). `RUST_LOG`, when set, still wins.
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Err("RUST_LOG is set and wins over log.level".into());
+        }
+        (self.0)(level)
+    }
+}
+
+impl std::fmt::Debug for LogLevelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogLevelHandle")
+    }
+}
+
 /// Installs the global `tracing` subscriber writing to `sink`. `RUST_LOG` wins over the config.
-/// Returns false when a subscriber was already installed (tests install one per process).
-pub fn init_logging<W>(log: &LogConfig, sink: W) -> bool
+/// Returns a handle to change the level later, or `None` when a subscriber was already
+/// installed (tests install one per process).
+pub fn init_logging<W>(log: &LogConfig, sink: W) -> Option<LogLevelHandle>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -29,14 +50,29 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink);
+    fn handle<S: Send + Sync + 'static>(
+        h: tracing_subscriber::reload::Handle<EnvFilter, S>,
+    ) -> LogLevelHandle {
+        LogLevelHandle(Arc::new(move |level: &str| {
+            let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            h.reload(filter).map_err(|e| e.to_string())
+        }))
+    }
     match log.format {
-        LogFormat::Text => builder.with_target(false).try_init().is_ok(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init()
-            .is_ok(),
+        LogFormat::Text => {
+            let builder = builder.with_target(false).with_filter_reloading();
+            let h = handle(builder.reload_handle());
+            builder.try_init().is_ok().then_some(h)
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_filter_reloading();
+            let h = handle(builder.reload_handle());
+            builder.try_init().is_ok().then_some(h)
+        }
     }
 }
 

@@ -475,3 +475,78 @@ async fn systemd_is_told_ready_watchdog_and_stopping() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_and_keeps_running() {
+    let (db, sim) = sessions_and_simulator(Kind::Sqlite, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let path = db.dir.path().join("sweeper.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut child = spawn_sweeper(&db, "run", &[("RUST_LOG", "info")]);
+    wait_for("the worker to register", Duration::from_secs(10), || {
+        std::fs::metadata(db.dir.path().join("sweeper.db-wal")).is_ok()
+    })
+    .await;
+    let registered = async {
+        for _ in 0..100 {
+            if db.scalar("SELECT COUNT(*) FROM sweeper_workers").await == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the daemon never registered");
+    };
+    registered.await;
+    // Two calls a second and a sweep every second, from a reload; the process keeps running.
+    std::fs::write(
+        &path,
+        original
+            .replace("rate_per_second = 10000", "rate_per_second = 2")
+            .replace("burst = 1000", "burst = 1")
+            .replace("interval = \"1h\"", "interval = \"1s\""),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP never stops run"
+    );
+    db.seed(&common::idle_sessions("s", 8)).await;
+    wait_for("the next scheduled sweep", Duration::from_secs(5), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = sim.stats.requests.load(Ordering::SeqCst);
+    assert!(
+        (1..=5).contains(&sent),
+        "the reloaded rate of 2/s holds: {sent} calls in about 1.5 s"
+    );
+    // An invalid file changes nothing: the process keeps running on the settings it has.
+    std::fs::write(
+        &path,
+        original.replace("rate_per_second = 10000", "rate_per_second = 0"),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(child.try_wait().unwrap().is_none());
+    let later = sim.stats.requests.load(Ordering::SeqCst);
+    assert!(
+        later - sent <= 3,
+        "still 2/s after an invalid reload: {sent} → {later}"
+    );
+    signal(&child, "-TERM");
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("iyzico.rate_per_second: 10000 → 2"), "{logs}");
+    assert!(logs.contains("sweep.schedule"), "{logs}");
+    assert!(logs.contains("the config file is invalid"), "{logs}");
+    assert!(!logs.contains(common::SECRET), "no secret in the logs");
+}

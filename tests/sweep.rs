@@ -136,10 +136,12 @@ async fn once_max_stops_after_n(kind: Kind) {
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__BATCH_SIZE", "7")]);
     let store = session_sweeper::store::open(&config).await.unwrap();
     store.migrate().await.unwrap();
-    let mut engine = session_sweeper::cli::Engine::start(store, &config, Default::default())
+    let engine = session_sweeper::cli::Engine::start(store, &config, Default::default())
         .await
         .unwrap();
-    engine.sweeper.settings_mut().max_sessions = Some(10);
+    engine
+        .sweeper
+        .update_settings(|s| s.max_sessions = Some(10));
     let summary = engine
         .sweeper
         .run_once(&Default::default(), Default::default())

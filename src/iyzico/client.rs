@@ -306,11 +306,22 @@ pub struct Client {
     locale: Locale,
     limiter: Arc<SharedLimiter>,
     in_flight: Arc<Semaphore>,
-    retries: u32,
-    retry_min_delay: Duration,
-    retry_max_delay: Duration,
+    /// The permits `in_flight` should hold (a reload may change it while calls run).
+    concurrency: std::sync::Mutex<usize>,
+    retry: std::sync::RwLock<RetryPolicy>,
     metrics: Metrics,
     liveness: Liveness,
+}
+
+/// Immediate retries of a transient failure within one attempt (reloadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first call.
+    pub retries: u32,
+    /// Smallest backoff between two calls.
+    pub min_delay: Duration,
+    /// Largest backoff between two calls.
+    pub max_delay: Duration,
 }
 
 /// Why the client could not be built.
@@ -351,9 +362,12 @@ impl Client {
             locale: config.locale,
             limiter,
             in_flight: Arc::new(Semaphore::new(concurrency)),
-            retries: config.retries,
-            retry_min_delay: config.retry_min_delay,
-            retry_max_delay: config.retry_max_delay,
+            concurrency: std::sync::Mutex::new(concurrency),
+            retry: std::sync::RwLock::new(RetryPolicy {
+                retries: config.retries,
+                min_delay: config.retry_min_delay,
+                max_delay: config.retry_max_delay,
+            }),
             metrics,
             liveness: Liveness::always(),
         })
@@ -363,6 +377,28 @@ impl Client {
     pub fn with_liveness(mut self, liveness: Liveness) -> Self {
         self.liveness = liveness;
         self
+    }
+
+    /// Changes the retry policy for attempts that start from now on (a config reload).
+    pub fn set_retry_policy(&self, policy: RetryPolicy) {
+        *self.retry.write().expect("retry policy lock") = policy;
+    }
+
+    /// Changes how many calls may be in flight at once (a config reload). Growing takes effect
+    /// at once; shrinking as calls in flight end.
+    pub fn set_concurrency(&self, concurrency: usize) {
+        let mut current = self.concurrency.lock().expect("concurrency lock");
+        if concurrency > *current {
+            self.in_flight.add_permits(concurrency - *current);
+        } else if concurrency < *current {
+            let (sem, excess) = (self.in_flight.clone(), (*current - concurrency) as u32);
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many(excess).await {
+                    p.forget();
+                }
+            });
+        }
+        *current = concurrency;
     }
 
     /// The shared rate limiter (the daemon re-sizes it as replicas come and go).
@@ -401,12 +437,13 @@ impl Client {
         Fut: Future<Output = bool>,
     {
         let mut calls = Vec::new();
+        let retry = *self.retry.read().expect("retry policy lock");
         let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(self.retry_min_delay)
-            .with_max_delay(self.retry_max_delay)
+            .with_min_delay(retry.min_delay)
+            .with_max_delay(retry.max_delay)
             .with_factor(2.0)
             .with_jitter()
-            .with_max_times(self.retries as usize)
+            .with_max_times(retry.retries as usize)
             .build();
         loop {
             let waited = tokio::select! {

@@ -8,8 +8,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 
 /// A rate limiter shared by every task, whose share of the fleet budget can change.
 pub struct SharedLimiter {
-    rate: NonZeroU32,
-    burst: NonZeroU32,
+    budget: RwLock<(NonZeroU32, NonZeroU32)>,
     current: RwLock<(u32, Arc<DefaultDirectRateLimiter>)>,
 }
 
@@ -17,8 +16,7 @@ impl SharedLimiter {
     /// A limiter allowing `rate` requests per second with bursts of `burst`.
     pub fn new(rate: NonZeroU32, burst: NonZeroU32) -> Self {
         Self {
-            rate,
-            burst,
+            budget: RwLock::new((rate, burst)),
             current: RwLock::new((1, Arc::new(Self::build(rate, burst)))),
         }
     }
@@ -31,19 +29,29 @@ impl SharedLimiter {
     /// Takes `1/replicas` of the fleet budget (at least one request per second and a burst of 1).
     pub fn set_replicas(&self, replicas: u32) {
         let replicas = replicas.max(1);
-        let mut guard = self.current.write().expect("limiter lock");
-        if guard.0 == replicas {
+        if self.current.read().expect("limiter lock").0 == replicas {
             return;
         }
-        let share = |v: NonZeroU32| NonZeroU32::new((v.get() / replicas).max(1)).expect("max(1)");
-        let limiter = Self::build(share(self.rate), share(self.burst));
-        // A replacement starts with an empty bucket: the old one's burst was already ours to
-        // spend, and a fresh one at every fleet change would let the fleet exceed its budget.
-        let _ = limiter.check_n(share(self.burst));
-        *guard = (replicas, Arc::new(limiter));
+        self.rebuild(replicas);
     }
 
-    /// The replica count the current share is based on.
+    /// Changes the fleet's budget (a config reload): this replica's share is rebuilt at once.
+    pub fn set_budget(&self, rate: NonZeroU32, burst: NonZeroU32) {
+        *self.budget.write().expect("limiter lock") = (rate, burst);
+        let replicas = self.replicas();
+        self.rebuild(replicas);
+    }
+
+    /// A fresh limiter for `replicas`' share, starting empty so that a re-share never lets a
+    /// burst through twice; waiters on the old one wait again on it.
+    fn rebuild(&self, replicas: u32) {
+        let (rate, burst) = *self.budget.read().expect("limiter lock");
+        let share = |v: NonZeroU32| NonZeroU32::new((v.get() / replicas).max(1)).expect("max(1)");
+        let limiter = Self::build(share(rate), share(burst));
+        let _ = limiter.check_n(share(burst));
+        *self.current.write().expect("limiter lock") = (replicas, Arc::new(limiter));
+    }
+
     pub fn replicas(&self) -> u32 {
         self.current.read().expect("limiter lock").0
     }
