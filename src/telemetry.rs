@@ -18,7 +18,10 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Changes the log filter of the running process (`log.level` on a config reload).
 #[derive(Clone)]
-pub struct LogLevelHandle(Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>);
+pub struct LogLevelHandle(Arc<SetFilter>);
+
+/// Replaces the running filter with the one a directive describes.
+type SetFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 
 impl LogLevelHandle {
     /// Applies `level` (a `tracing` filter directive). `RUST_LOG`, when set, still wins.
