@@ -550,3 +550,115 @@ async fn sighup_reloads_the_config_and_keeps_running() {
     assert!(logs.contains("the config file is invalid"), "{logs}");
     assert!(!logs.contains(common::SECRET), "no secret in the logs");
 }
+
+#[tokio::test]
+async fn a_stalled_database_turns_readiness_off_and_shutdown_stays_bounded() {
+    let Some((db, sim)) =
+        sessions_and_simulator(Kind::Postgres, 60, Duration::from_millis(300)).await
+    else {
+        return;
+    };
+    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = common::StallProxy::start(target).await;
+    let mut url: url::Url = db.url.parse().unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_DATABASE__URL", url.as_str()),
+            ("SWEEPER_SWEEP__CONCURRENCY", "4"),
+            ("SWEEPER_IYZICO__RATE_PER_SECOND", "20"),
+        ],
+    );
+    let daemon = common::Daemon::start(config).await;
+    wait_for("calls in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    assert!(daemon.metrics.is_ready());
+    // The database stops answering: the next heartbeat (1 s period) cannot complete.
+    proxy.stall();
+    let stalled_at = Instant::now();
+    wait_for("readiness to turn off", Duration::from_secs(4), || {
+        !daemon.metrics.is_ready()
+    })
+    .await;
+    assert!(stalled_at.elapsed() < Duration::from_millis(3500));
+    // It comes back: so does readiness, at the next good beat.
+    proxy.resume();
+    wait_for("readiness to come back", Duration::from_secs(5), || {
+        daemon.metrics.is_ready()
+    })
+    .await;
+    // Stalled again, a stop is bounded by the grace plus one short try per remaining step.
+    proxy.stall();
+    let grace = Duration::from_secs(2);
+    let stopping = Instant::now();
+    daemon.stop(grace, Duration::from_secs(15)).await;
+    assert!(
+        stopping.elapsed() < grace + Duration::from_secs(9),
+        "stopped {:?} after SIGTERM with a stalled database",
+        stopping.elapsed()
+    );
+    proxy.resume();
+}
+
+/// libfaketime, from Debian's `faketime` package (`.ci/run` installs it when missing).
+fn libfaketime() -> Option<&'static str> {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    if std::path::Path::new(LIB).exists() {
+        return Some(LIB);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{LIB} is missing in CI: install the faketime package"
+    );
+    eprintln!("notice: libfaketime not installed; skipping the clock-skew test");
+    None
+}
+
+#[tokio::test]
+async fn a_replica_whose_clock_runs_ahead_never_takes_a_live_peers_sessions() {
+    let Some(lib) = libfaketime() else { return };
+    let Some((db, sim)) =
+        sessions_and_simulator(Kind::Postgres, 40, Duration::from_millis(1500)).await
+    else {
+        return;
+    };
+    // Long calls, few at a time: sessions stay leased for seconds, so a replica that judged its
+    // peer dead by its own clock (30 s ahead: the peer's heartbeat looks 30 s old) would take
+    // them while the peer's calls are still open.
+    let env = [
+        ("SWEEPER_SWEEP__CONCURRENCY", "4"),
+        ("SWEEPER_SWEEP__BATCH_SIZE", "40"),
+    ];
+    let mut honest = spawn_sweeper(&db, "run", &env);
+    wait_for("the first replica's calls", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let mut ahead_env = env.to_vec();
+    ahead_env.extend([
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", "+30s"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    let mut ahead = spawn_sweeper(&db, "run", &ahead_env);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(&honest, "-TERM");
+    signal(&ahead, "-TERM");
+    let honest = honest.wait_with_output().await.unwrap();
+    let ahead = ahead.wait_with_output().await.unwrap();
+    assert_eq!(honest.status.code(), Some(0));
+    assert_eq!(ahead.status.code(), Some(0));
+    assert_eq!(
+        sim.stats.overlapping_calls.load(Ordering::SeqCst),
+        0,
+        "a session was in flight from two workers at once"
+    );
+    let logs = String::from_utf8_lossy(&ahead.stderr);
+    assert!(
+        logs.contains("clock differs from the database's"),
+        "the replica whose clock runs ahead says so: {logs}"
+    );
+}

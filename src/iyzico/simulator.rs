@@ -97,6 +97,11 @@ pub struct Stats {
     /// Total time spent answering signed requests, in microseconds (for the mean service time).
     pub service_micros: AtomicU64,
     calls_per_token: Mutex<HashMap<String, u32>>,
+    /// Calls per token being answered right now.
+    tokens_in_flight: Mutex<HashMap<String, u32>>,
+    /// Calls that arrived while another call for the same token was still being answered: a
+    /// session in flight twice at once, which the fleet must never do.
+    pub overlapping_calls: AtomicU64,
     arrivals: Mutex<Vec<Instant>>,
 }
 
@@ -216,6 +221,33 @@ struct Request {
 
 struct InFlight<'a>(&'a Stats);
 
+/// One call for a token being answered; counts overlaps with others for the same token.
+struct TokenInFlight<'a>(&'a Stats, String);
+
+impl<'a> TokenInFlight<'a> {
+    fn enter(stats: &'a Stats, token: &str) -> Self {
+        let mut map = stats.tokens_in_flight.lock().expect("stats lock");
+        let n = map.entry(token.to_owned()).or_default();
+        if *n > 0 {
+            stats.overlapping_calls.fetch_add(1, Ordering::SeqCst);
+        }
+        *n += 1;
+        Self(stats, token.to_owned())
+    }
+}
+
+impl Drop for TokenInFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.tokens_in_flight.lock().expect("stats lock");
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Adds the time until it is dropped to the service time.
 struct Timed<'a>(&'a Stats, Instant);
 
@@ -308,6 +340,7 @@ async fn invalidate(
     let cid = request.conversation_id.as_deref();
     let arrived = Instant::now();
     let _timed = Timed(stats, arrived);
+    let _token = TokenInFlight::enter(stats, &request.session_token);
     {
         stats
             .arrivals
