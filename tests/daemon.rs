@@ -632,7 +632,7 @@ async fn a_replica_whose_clock_runs_ahead_never_takes_a_live_peers_sessions() {
         ("SWEEPER_SWEEP__CONCURRENCY", "4"),
         ("SWEEPER_SWEEP__BATCH_SIZE", "40"),
     ];
-    let mut honest = spawn_sweeper(&db, "run", &env);
+    let honest = spawn_sweeper(&db, "run", &env);
     wait_for("the first replica's calls", Duration::from_secs(20), || {
         sim.stats.requests.load(Ordering::SeqCst) >= 2
     })
@@ -643,7 +643,7 @@ async fn a_replica_whose_clock_runs_ahead_never_takes_a_live_peers_sessions() {
         ("FAKETIME", "+30s"),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
     ]);
-    let mut ahead = spawn_sweeper(&db, "run", &ahead_env);
+    let ahead = spawn_sweeper(&db, "run", &ahead_env);
     tokio::time::sleep(Duration::from_secs(8)).await;
     signal(&honest, "-TERM");
     signal(&ahead, "-TERM");
