@@ -174,6 +174,8 @@ pub enum Backend {
     Sqlite,
     /// A PostgreSQL server.
     Postgres,
+    /// A MySQL (8.0+) or MariaDB (10.6+) server.
+    MySql,
 }
 
 /// `[database]`.
@@ -883,11 +885,13 @@ impl RawDatabase {
             Backend::Sqlite
         } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
             Backend::Postgres
+        } else if self.url.starts_with("mysql://") || self.url.starts_with("mariadb://") {
+            Backend::MySql
         } else {
             // The value may be a DSN with a password in it: never echo it.
             return Err(ConfigError::invalid(
                 "database.url",
-                "must start with sqlite:, postgres:// or postgresql://",
+                "must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
             ));
         };
         // Parse it now, so a malformed URL is bad configuration (exit 2), not a runtime failure.
@@ -899,6 +903,9 @@ impl RawDatabase {
             Backend::Postgres => self
                 .url
                 .parse::<sqlx::postgres::PgConnectOptions>()
+                .map(drop),
+            Backend::MySql => crate::store::mysql_url(&self.url)
+                .parse::<sqlx::mysql::MySqlConnectOptions>()
                 .map(drop),
         };
         parsed

@@ -2,8 +2,16 @@
 //! sweeper's own `sweeper_*` tables. One operation-named trait, one module per backend; the
 //! sweep never sees `sqlx` types.
 
-pub mod postgres;
-pub mod sqlite;
+mod core;
+mod dialect;
+mod mysql;
+mod postgres;
+mod sqlite;
+
+pub use self::core::{ACQUIRE_TIMEOUT, SqlStore};
+pub use self::dialect::Dialect;
+pub use self::postgres::MIGRATION_LOCK;
+pub use self::sqlite::BUSY_TIMEOUT;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -374,14 +382,22 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
     let (db, source) = (&config.database, &config.source);
     let url = db.url.expose_secret();
-    Ok(match db.backend {
-        Backend::Sqlite => Arc::new(
-            sqlite::SqliteStore::connect(url, db.max_connections.get(), source.clone()).await?,
-        ),
-        Backend::Postgres => Arc::new(
-            postgres::PgStore::connect(url, db.max_connections.get(), source.clone()).await?,
-        ),
-    })
+    let dialect = match db.backend {
+        Backend::Sqlite => Dialect::Sqlite,
+        Backend::Postgres => Dialect::Postgres,
+        Backend::MySql => Dialect::MySql,
+    };
+    Ok(Arc::new(
+        SqlStore::connect(url, dialect, db.max_connections.get(), source.clone()).await?,
+    ))
+}
+
+/// A `mariadb://` URL as the MySQL driver reads it (the same protocol).
+pub fn mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    }
 }
 
 /// One embedded migration.
@@ -412,6 +428,8 @@ pub(crate) enum IndexDialect {
     Postgres,
     /// SQLite: the schema goes on the index name, never on the table.
     Sqlite,
+    /// MySQL and MariaDB: backticks; no `CONCURRENTLY` (InnoDB builds indexes online).
+    MySql,
 }
 
 /// A `CREATE INDEX` statement on `columns` that runs as printed.
@@ -434,6 +452,18 @@ pub(crate) fn create_index(
             "CREATE {unique}INDEX CONCURRENTLY \"{name}\" ON {} ({cols});",
             source.table.quoted()
         ),
+        IndexDialect::MySql => {
+            let table = match source.table.schema() {
+                Some(schema) => format!("`{schema}`.`{}`", source.table.name()),
+                None => format!("`{}`", source.table.name()),
+            };
+            let cols = columns
+                .iter()
+                .map(|c| format!("`{}`", c.name()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("CREATE {unique}INDEX `{name}` ON {table} ({cols});")
+        }
         IndexDialect::Sqlite => {
             let index = match source.table.schema() {
                 Some(schema) => format!("\"{schema}\".\"{name}\""),

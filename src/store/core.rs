@@ -1,0 +1,1097 @@
+//! The store's operations, written once for every database. Each runs SQL rendered for the
+//! store's [`Dialect`] over one `sqlx` Any pool; the few things only a catalog can answer (the
+//! source's types, its indexes, privileges) and the claim's locking come from the backend files.
+//! The sweeper's own tables keep time as Unix milliseconds of the database's clock everywhere.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone as _, Utc};
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Connection as _, Row as _};
+use tokio::sync::OnceCell;
+
+use super::dialect::{Dialect, Stmt};
+use super::{
+    ClaimParams, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary, Recheck, Report,
+    RequeueFilter, Result, SampleValue, Settlement, Store, StoreError, UnusableRows, WorkerInfo,
+    WorkerRow, column_findings, count_rows, format_findings, index_findings, ledger_blocks,
+    migration_finding, naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text,
+    unusable_findings,
+};
+use crate::config::{SourceConfig, TimestampFormat};
+use crate::telemetry::fingerprint;
+
+/// How long to wait for a pooled connection before reporting the database unreachable.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rows per multi-row statement (a handful of statement texts, far below every bind limit).
+const CHUNK: usize = 64;
+
+/// One bound value.
+#[derive(Debug, Clone)]
+pub(crate) enum Arg {
+    Int(i64),
+    Text(String),
+    Bytes(Vec<u8>),
+    NullInt,
+    NullText,
+}
+
+impl Arg {
+    fn opt_int(v: Option<i64>) -> Self {
+        v.map_or(Arg::NullInt, Arg::Int)
+    }
+    /// A text value or a typed NULL.
+    pub(crate) fn opt_text_pub(v: Option<&str>) -> Self {
+        Self::opt_text(v)
+    }
+    fn opt_text(v: Option<&str>) -> Self {
+        v.map_or(Arg::NullText, |s| Arg::Text(s.to_owned()))
+    }
+}
+
+/// A query with its arguments bound in the statement's order.
+pub(crate) fn query<'q>(stmt: &'q Stmt, args: &[Arg]) -> sqlx::query::Query<'q, Any, AnyArguments<'q>> {
+    let mut q = sqlx::query(&stmt.text);
+    for &i in &stmt.binds {
+        q = match &args[i] {
+            Arg::Int(v) => q.bind(*v),
+            Arg::Text(v) => q.bind(v.clone()),
+            Arg::Bytes(v) => q.bind(v.clone()),
+            Arg::NullInt => q.bind(None::<i64>),
+            Arg::NullText => q.bind(None::<String>),
+        };
+    }
+    q
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn int(r: &AnyRow, i: usize) -> i64 {
+    r.try_get::<Option<i64>, _>(i).ok().flatten().unwrap_or_default()
+}
+
+fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
+    r.try_get::<Option<i64>, _>(i).ok().flatten()
+}
+
+fn text(r: &AnyRow, i: usize) -> Option<String> {
+    r.try_get::<Option<String>, _>(i).ok().flatten()
+}
+
+/// How the source's last-activity column holds time, as its catalog (or the config) says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Activity {
+    /// An instant (PostgreSQL `timestamptz`, MySQL `TIMESTAMP`).
+    Instant,
+    /// A wall-clock time in this zone (PostgreSQL `timestamp`, MySQL `DATETIME`, SQLite text).
+    Naive(chrono_tz::Tz),
+    /// RFC 3339 text in UTC (SQLite).
+    Rfc3339,
+    /// Integer Unix seconds.
+    UnixSeconds,
+    /// Integer Unix milliseconds.
+    UnixMillis,
+}
+
+/// What the backend learned from its catalog, once.
+#[derive(Debug, Clone)]
+pub(crate) struct Shape {
+    /// How time is held.
+    pub activity: Activity,
+    /// `s.tok = <this>` compares a source token with a text value (a cast on PostgreSQL,
+    /// where a `uuid` column never equals `text`); `{}` stands for the value.
+    pub token_from_text: String,
+}
+
+/// The statements of the source-side operations, rendered once.
+struct Statements {
+    shape: Shape,
+    claim: Stmt,
+    eligible: Stmt,
+    count: Stmt,
+    recheck: Stmt,
+    skip_revived: Stmt,
+    unusable: Stmt,
+    sample_newest: Stmt,
+    sample_oldest: Stmt,
+}
+
+/// The store: one pool, one dialect, the source's config.
+pub struct SqlStore {
+    pub(crate) pool: AnyPool,
+    pub(crate) url: String,
+    pub(crate) dialect: Dialect,
+    pub(crate) source: SourceConfig,
+    sql: OnceCell<Statements>,
+}
+
+impl SqlStore {
+    /// Opens (lazily) a pool of at most `max_connections` on `url`.
+    pub async fn connect(
+        url: &str,
+        dialect: Dialect,
+        max_connections: u32,
+        source: SourceConfig,
+    ) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let url = match dialect {
+            Dialect::MySql => super::mysql_url(url),
+            _ => url.to_owned(),
+        };
+        let options: sqlx::any::AnyConnectOptions = url.parse().op("parsing the database URL")?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(match dialect {
+                Dialect::Sqlite => super::sqlite::BUSY_TIMEOUT,
+                _ => ACQUIRE_TIMEOUT,
+            })
+            .test_before_acquire(dialect != Dialect::Sqlite)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    for statement in session_setup(dialect) {
+                        sqlx::query(statement).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            url,
+            dialect,
+            source,
+            sql: OnceCell::new(),
+        })
+    }
+
+    fn q(&self, template: &str) -> Stmt {
+        self.dialect.render(template)
+    }
+
+    pub(crate) fn col(&self, c: &crate::config::SqlIdent) -> String {
+        self.dialect.quote(c)
+    }
+
+    async fn sql(&self) -> Result<&Statements> {
+        self.sql
+            .get_or_try_init(|| async {
+                let shape = match self.dialect {
+                    Dialect::Sqlite => super::sqlite::shape(self).await?,
+                    Dialect::Postgres => super::postgres::shape(self).await?,
+                    Dialect::MySql => super::mysql::shape(self).await?,
+                };
+                Ok(self.statements(shape))
+            })
+            .await
+    }
+
+    /// The idle cutoff, in the column's own terms ($2 of the eligibility statements).
+    fn cutoff_expr(&self, activity: Activity) -> &'static str {
+        match (self.dialect, activity) {
+            (Dialect::Postgres, Activity::Instant) => "CAST($2 AS timestamptz)",
+            (Dialect::Postgres, Activity::Naive(_)) => "CAST($2 AS timestamp)",
+            (Dialect::MySql, Activity::Instant | Activity::Naive(_)) => "CAST($2 AS DATETIME(6))",
+            _ => "$2",
+        }
+    }
+
+    /// The cutoff's value. Truncated to whole seconds: that only ever moves it earlier, so a
+    /// live session is never taken.
+    fn cutoff(&self, activity: Activity, idle_before: DateTime<Utc>) -> Arg {
+        match activity {
+            Activity::Instant => match self.dialect {
+                Dialect::Postgres => Arg::Text(idle_before.format("%Y-%m-%d %H:%M:%S+00").to_string()),
+                _ => Arg::Text(idle_before.format("%Y-%m-%d %H:%M:%S").to_string()),
+            },
+            Activity::Naive(tz) => Arg::Text(
+                naive_cutoff(tz, idle_before)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
+            ),
+            Activity::Rfc3339 => Arg::Text(idle_before.format("%Y-%m-%dT%H:%M:%S").to_string()),
+            Activity::UnixSeconds => Arg::Int(idle_before.timestamp()),
+            Activity::UnixMillis => Arg::Int(idle_before.timestamp_millis()),
+        }
+    }
+
+    /// The condition under which a row is fit to send: its time fits the column's format and
+    /// its token and member can be read.
+    fn usable(&self, activity: Activity) -> String {
+        let (tok, mem, last) = (
+            format!("s.{}", self.col(&self.source.token_column)),
+            format!("s.{}", self.col(&self.source.member_column)),
+            format!("s.{}", self.col(&self.source.last_activity_column)),
+        );
+        match self.dialect {
+            Dialect::Sqlite => format!(
+                "{} AND typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer')",
+                super::sqlite::fits(&last, self.source.last_activity_format)
+            ),
+            _ => {
+                let floor = match activity {
+                    Activity::UnixSeconds => format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS),
+                    Activity::UnixMillis => format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000),
+                    _ => String::new(),
+                };
+                format!("{last} IS NOT NULL{floor} AND {tok} IS NOT NULL AND {mem} IS NOT NULL")
+            }
+        }
+    }
+
+    /// Only the time part of [`SqlStore::usable`] (for the re-check and revived sessions).
+    fn time_fits(&self, activity: Activity) -> String {
+        let last = format!("s.{}", self.col(&self.source.last_activity_column));
+        match (self.dialect, activity) {
+            (Dialect::Sqlite, _) => super::sqlite::fits(&last, self.source.last_activity_format),
+            (_, Activity::UnixSeconds) => format!("{last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS),
+            (_, Activity::UnixMillis) => format!("{last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000),
+            _ => format!("{last} IS NOT NULL"),
+        }
+    }
+
+    fn statements(&self, shape: Shape) -> Statements {
+        let d = self.dialect;
+        let table = self.col(&self.source.table);
+        let tok = self.col(&self.source.token_column);
+        let mem = self.col(&self.source.member_column);
+        let status = self.col(&self.source.status_column);
+        let last = self.col(&self.source.last_activity_column);
+        let now = d.now_ms();
+        let stale = format!("{now} - $3");
+        let cutoff = self.cutoff_expr(shape.activity);
+        let usable = self.usable(shape.activity);
+        let fits = self.time_fits(shape.activity);
+        let token_text = d.text(&format!("s.{tok}"));
+        let member_text = d.text(&format!("s.{mem}"));
+        let token_eq_ledger = shape.token_from_text.replace("{}", "l.session_token");
+        // $1 active value, $2 idle cutoff, $3 staleness (ms); claims add $4 limit, $5 worker,
+        // $6 lease (ms).
+        let eligible_where = format!(
+            "s.{status} = $1 AND s.{last} < {cutoff} AND {usable} AND NOT EXISTS \
+             (SELECT 1 FROM sweeper_sessions l WHERE l.session_token = {token_text} AND {})",
+            ledger_blocks(now, &stale)
+        );
+        let candidates = format!(
+            "SELECT {token_text} AS token, {member_text} AS member FROM {table} s \
+             WHERE {eligible_where} ORDER BY s.{last} LIMIT $4"
+        );
+        let claim = match d {
+            Dialect::Postgres => super::postgres::claim(&candidates, now, &stale),
+            Dialect::Sqlite => super::sqlite::claim(&candidates, now),
+            Dialect::MySql => super::mysql::candidates(&candidates),
+        };
+        let activity_value = match d {
+            Dialect::Sqlite => format!("s.{last}"),
+            Dialect::Postgres => d.int(&format!("extract(epoch FROM s.{last}) * 1000")),
+            Dialect::MySql => match shape.activity {
+                Activity::UnixSeconds | Activity::UnixMillis => format!("s.{last}"),
+                _ => d.int(&format!("UNIX_TIMESTAMP(s.{last}) * 1000")),
+            },
+        };
+        let sample = |order: &str| {
+            let kind = match d {
+                Dialect::Sqlite => format!("typeof(s.{last})"),
+                _ => "'typed'".into(),
+            };
+            self.q(&format!(
+                "SELECT {activity_value}, {kind} FROM {table} s WHERE s.{status} = $1 \
+                 AND s.{last} IS NOT NULL ORDER BY s.{last} {order} LIMIT 1"
+            ))
+        };
+        Statements {
+            claim: self.q(&claim),
+            eligible: self.q(&format!(
+                "SELECT {token_text}, {member_text}, {activity_value} FROM {table} s \
+                 WHERE {eligible_where} ORDER BY s.{last} LIMIT $4"
+            )),
+            count: self.q(&format!(
+                "SELECT {} FROM {table} s WHERE {eligible_where}",
+                d.int(&format!("COUNT(DISTINCT {token_text})"))
+            )),
+            recheck: self.q(&format!(
+                "SELECT {}, {} FROM sweeper_sessions l WHERE l.session_token = $4",
+                d.flag("l.lease_owner = $1"),
+                d.flag(&format!(
+                    "EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = {token_eq_ledger} \
+                     AND s.{status} = $2 AND s.{last} < {} AND {fits})",
+                    cutoff.replace("$2", "$3")
+                )),
+            )),
+            skip_revived: self.q(&format!(
+                "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
+                 lease_expires_at = NULL, updated_at = {now}, settled_at = {now} \
+                 WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= {now}) \
+                 AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} AND EXISTS \
+                   (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})) \
+                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = {token_eq_ledger} \
+                   AND s.{status} = $1 AND s.{last} < {cutoff} AND {fits})"
+            )),
+            unusable: self.q(&format!(
+                "SELECT {}, {} FROM {table} s WHERE s.{status} = $1",
+                d.int(&format!("COALESCE(SUM(CASE WHEN {fits} THEN 0 ELSE 1 END), 0)")),
+                d.int(&format!(
+                    "COALESCE(SUM(CASE WHEN {fits} AND NOT ({usable}) THEN 1 ELSE 0 END), 0)"
+                )),
+            )),
+            sample_newest: sample("DESC"),
+            sample_oldest: sample("ASC"),
+            shape,
+        }
+    }
+
+    /// Binds $1..$3 of the eligibility statements (and the claim's $4..$6 when given).
+    fn eligible_args(&self, shape: &Shape, p: &ClaimParams<'_>) -> Vec<Arg> {
+        vec![
+            Arg::Text(self.source.active_value.clone()),
+            self.cutoff(shape.activity, p.idle_before),
+            Arg::Int(millis(p.stale_after)),
+            Arg::Int(i64::from(p.limit)),
+            Arg::Text(p.worker.to_owned()),
+            Arg::Int(millis(p.lease)),
+        ]
+    }
+
+    /// The instant a stored value means (as the dialect's sample and listing select it).
+    fn activity_instant(&self, activity: Activity, row: &AnyRow, i: usize) -> Option<DateTime<Utc>> {
+        let value = match row.try_get::<Option<i64>, _>(i) {
+            Ok(Some(v)) => SampleValue::Int(v),
+            _ => SampleValue::Text(text(row, i)?),
+        };
+        self.parse_activity(activity, &value)
+    }
+
+    fn parse_activity(&self, activity: Activity, v: &SampleValue) -> Option<DateTime<Utc>> {
+        let naive_ms = |ms: i64| from_ms(ms).naive_utc();
+        match (self.dialect, activity, v) {
+            (Dialect::Sqlite, Activity::Naive(tz), SampleValue::Text(s)) => parse_sqlite_text(s)
+                .and_then(|n| n.and_local_timezone(tz).latest())
+                .map(|t| t.with_timezone(&Utc)),
+            (_, Activity::Rfc3339, SampleValue::Text(s)) => parse_rfc3339_utc(s),
+            (_, Activity::UnixSeconds, SampleValue::Int(i)) => Utc.timestamp_opt(*i, 0).single(),
+            (_, Activity::UnixMillis, SampleValue::Int(i)) => Utc.timestamp_millis_opt(*i).single(),
+            (Dialect::Sqlite, _, _) => None,
+            (_, Activity::Instant, SampleValue::Int(i)) => Some(from_ms(*i)),
+            (_, Activity::Naive(tz), SampleValue::Int(i)) => naive_ms(*i)
+                .and_local_timezone(tz)
+                .latest()
+                .map(|t| t.with_timezone(&Utc)),
+            _ => None,
+        }
+    }
+
+    /// Samples the newest and oldest active last-activity values for `check`.
+    async fn timestamp_findings(&self) -> Result<Vec<Finding>> {
+        let sql = match self.sql().await {
+            Ok(sql) => sql,
+            Err(e) => return Ok(vec![Finding::Error(e.to_string())]),
+        };
+        let active = [Arg::Text(self.source.active_value.clone())];
+        let mut samples = Vec::new();
+        let mut newest = None;
+        for (which, stmt) in [("newest", &sql.sample_newest), ("oldest", &sql.sample_oldest)] {
+            let Some(row) = query(stmt, &active)
+                .fetch_optional(&self.pool)
+                .await
+                .op("sampling last-activity values")?
+            else {
+                continue;
+            };
+            if which == "newest" {
+                newest = self.activity_instant(sql.shape.activity, &row, 0);
+            }
+            if self.dialect == Dialect::Sqlite {
+                samples.push((which, super::sqlite::sample_value(&row)));
+            }
+        }
+        let mut findings = if self.dialect == Dialect::Sqlite {
+            format_findings(self.source.last_activity_format, &samples)
+        } else {
+            vec![Finding::Ok(format!(
+                "{} is read as {}",
+                self.source.last_activity_column,
+                match sql.shape.activity {
+                    Activity::Instant => "an instant".to_owned(),
+                    Activity::Naive(tz) => format!("wall-clock time in {tz}"),
+                    Activity::UnixSeconds => "Unix seconds".to_owned(),
+                    Activity::UnixMillis => "Unix milliseconds".to_owned(),
+                    Activity::Rfc3339 => "RFC 3339 text".to_owned(),
+                }
+            ))]
+        };
+        if !findings.iter().any(Finding::is_error) {
+            findings.push(newest_finding(newest, self.database_time().await?));
+        }
+        Ok(findings)
+    }
+
+    /// Settles the rows of `batch` whose lease `worker` still holds; returns their tokens.
+    async fn record_chunk(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        worker: &str,
+        chunk: &[Settlement],
+    ) -> Result<Vec<String>> {
+        let d = self.dialect;
+        // Which leases are still ours, locked until the end of the transaction.
+        let mut args = vec![Arg::Text(worker.to_owned())];
+        let list = list_of(&mut args, chunk.iter().map(|s| s.token.as_str()));
+        let held: Vec<String> = query(
+            &self.q(&format!(
+                "SELECT session_token FROM sweeper_sessions WHERE lease_owner = $1 \
+                 AND session_token IN ({list}){}",
+                d.for_update()
+            )),
+            &args,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .op("reading held leases")?
+        .iter()
+        .filter_map(|r| text(r, 0))
+        .collect();
+        self.insert_attempts(tx, worker, chunk).await?;
+        let mine: Vec<&Settlement> = chunk.iter().filter(|s| held.contains(&s.token)).collect();
+        if mine.is_empty() {
+            return Ok(held);
+        }
+        let now = d.now_ms();
+        let owed = if self.source.mark_passive { "0" } else { "NULL" };
+        let mut args = vec![Arg::Text(worker.to_owned())];
+        let mut rows = Vec::new();
+        for s in &mine {
+            let f = super::FlatDecision::of(&s.decision);
+            let base = args.len();
+            args.extend([
+                Arg::Text(s.token.clone()),
+                Arg::opt_text(f.state),
+                Arg::opt_int(f.attempts.map(i64::from)),
+                Arg::opt_int(f.retry_in.map(millis)),
+                Arg::opt_text(f.error_code),
+                Arg::opt_text(f.error_message),
+            ]);
+            rows.push(format!(
+                "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
+                format_args!("${}", base + 1),
+                format_args!("${}", base + 2),
+                format_args!("${}", base + 3),
+                format_args!("${}", base + 4),
+                format_args!("${}", base + 5),
+                format_args!("${}", base + 6),
+            ));
+        }
+        let derived = rows.join(" UNION ALL ");
+        // A NULL state releases the lease and leaves everything else as it was.
+        let keep = |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
+        let sets = [
+            ("state", "COALESCE(u.state, l.state)".to_owned()),
+            ("attempts", "COALESCE(u.attempts, l.attempts)".to_owned()),
+            (
+                "next_attempt_at",
+                keep("next_attempt_at", &format!("CASE WHEN u.retry_ms IS NULL THEN NULL ELSE {now} + u.retry_ms END")),
+            ),
+            ("last_error_code", keep("last_error_code", "u.code")),
+            ("last_error_message", keep("last_error_message", "u.msg")),
+            (
+                "source_marked",
+                format!("CASE WHEN u.state IN ('invalidated', 'already_invalidated') THEN {owed} ELSE l.source_marked END"),
+            ),
+            (
+                "settled_at",
+                format!("CASE WHEN u.state IS NULL THEN l.settled_at WHEN u.state = 'pending' THEN NULL ELSE {now} END"),
+            ),
+            ("lease_owner", "NULL".to_owned()),
+            ("lease_expires_at", "NULL".to_owned()),
+            ("updated_at", now.to_owned()),
+        ];
+        let update = d.update_from(
+            "sweeper_sessions",
+            &sets,
+            &derived,
+            "l.session_token = u.token",
+            "l.lease_owner = $1",
+        );
+        query(&self.q(&update), &args)
+            .execute(&mut *tx)
+            .await
+            .op("settling sessions")?;
+        Ok(held)
+    }
+
+    async fn insert_attempts(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        worker: &str,
+        chunk: &[Settlement],
+    ) -> Result<()> {
+        let calls: Vec<_> = chunk
+            .iter()
+            .flat_map(|s| s.calls.iter().map(move |c| (s, c)))
+            .collect();
+        for calls in calls.chunks(CHUNK) {
+            let mut args = vec![Arg::Text(worker.to_owned())];
+            let mut rows = Vec::new();
+            for (s, c) in calls {
+                let latency = i64::try_from(c.latency.as_millis()).unwrap_or(i64::MAX);
+                let base = args.len();
+                args.extend([
+                    Arg::Text(s.token.clone()),
+                    Arg::Int(i64::from(s.attempt)),
+                    Arg::Text(c.conversation_id.clone()),
+                    Arg::Text(c.class.to_owned()),
+                    Arg::opt_int(c.http_status.map(i64::from)),
+                    Arg::opt_text(c.error_code.as_deref()),
+                    Arg::opt_text(c.error_message.as_deref()),
+                    Arg::Int(latency),
+                    Arg::Int(ms(c.started_at)),
+                    Arg::Int(ms(c.started_at).saturating_add(latency)),
+                ]);
+                let p: Vec<String> = (1..=10).map(|k| format!("${}", base + k)).collect();
+                rows.push(format!("({}, $1, {})", p[0..2].join(", "), p[2..].join(", ")));
+            }
+            let stmt = self.q(&format!(
+                "INSERT INTO sweeper_attempts (session_token, attempt, worker_id, conversation_id, \
+                 outcome, http_status, error_code, error_message, latency_ms, started_at, finished_at) \
+                 VALUES {}",
+                rows.join(", ")
+            ));
+            query(&stmt, &args)
+                .execute(&mut *tx)
+                .await
+                .op("recording attempts")?;
+        }
+        Ok(())
+    }
+
+    /// A write transaction (SQLite takes its write lock at once).
+    pub(crate) async fn begin_write(&self, op: &'static str) -> Result<sqlx::Transaction<'static, Any>> {
+        match self.dialect.begin_write() {
+            Some(begin) => self.pool.begin_with(begin).await.op(op),
+            None => self.pool.begin().await.op(op),
+        }
+    }
+}
+
+/// Appends `values` to `args` as text and returns the placeholder list (`$k, $k+1, …`).
+pub(crate) fn list_of<'a>(args: &mut Vec<Arg>, values: impl Iterator<Item = &'a str>) -> String {
+    let mut list = Vec::new();
+    for v in values {
+        args.push(Arg::Text(v.to_owned()));
+        list.push(format!("${}", args.len()));
+    }
+    list.join(", ")
+}
+
+/// Statements every new connection runs: the session settings the sweeper relies on.
+fn session_setup(dialect: Dialect) -> &'static [&'static str] {
+    match dialect {
+        Dialect::Sqlite => &[
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA busy_timeout = 30000",
+        ],
+        // Never wait forever on the application's row locks or a stuck statement: a failed
+        // write is retried by the recorder, a hung one would stall the sweep and its shutdown.
+        Dialect::Postgres => &[
+            "SET application_name = 'session-sweeper'",
+            "SET lock_timeout = '5s'",
+            "SET statement_timeout = '60s'",
+        ],
+        // UTC for TIMESTAMP columns and UNIX_TIMESTAMP(); READ COMMITTED so a claim takes no
+        // gap locks that would block the shop's own inserts.
+        Dialect::MySql => &[
+            "SET time_zone = '+00:00'",
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET SESSION innodb_lock_wait_timeout = 5",
+        ],
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn migrate(&self) -> Result<()> {
+        match self.dialect {
+            Dialect::Sqlite => super::sqlite::migrate(self).await,
+            Dialect::Postgres => super::postgres::migrate(self).await,
+            Dialect::MySql => super::mysql::migrate(self).await,
+        }
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<String>> {
+        let (migrations, applied) = match self.dialect {
+            Dialect::Sqlite => (super::sqlite::MIGRATIONS, super::sqlite::applied(self).await?),
+            Dialect::Postgres => (super::postgres::MIGRATIONS, super::postgres::applied(self).await?),
+            Dialect::MySql => (super::mysql::MIGRATIONS, super::mysql::applied(self).await?),
+        };
+        Ok(super::pending(migrations, &applied))
+    }
+
+    async fn check(&self) -> Result<Vec<Finding>> {
+        let mut findings = Vec::new();
+        if self.dialect == Dialect::MySql {
+            findings.push(super::mysql::version_finding(self).await?);
+        }
+        let catalog = match self.dialect {
+            Dialect::Sqlite => super::sqlite::catalog(self).await?,
+            Dialect::Postgres => super::postgres::catalog(self).await?,
+            Dialect::MySql => super::mysql::catalog(self).await?,
+        };
+        findings.extend(column_findings(&self.source, &catalog.columns));
+        if !findings.iter().any(Finding::is_error) {
+            if catalog.is_view {
+                findings.push(super::view_finding(&self.source));
+            } else {
+                findings.extend(index_findings(&self.source, &catalog.indexes, catalog.index_dialect));
+            }
+            findings.extend(catalog.status);
+            let timestamps = self.timestamp_findings().await?;
+            let usable = !timestamps.iter().any(Finding::is_error);
+            findings.extend(timestamps);
+            if usable {
+                findings.extend(unusable_findings(self.unusable_rows().await?, &self.source));
+            }
+        }
+        findings.push(migration_finding(self.pending_migrations().await?));
+        Ok(findings)
+    }
+
+    async fn eligible(&self, p: ClaimParams<'_>) -> Result<Vec<IdleSession>> {
+        let sql = self.sql().await?;
+        let rows = query(&sql.eligible, &self.eligible_args(&sql.shape, &p))
+            .fetch_all(&self.pool)
+            .await
+            .op("listing eligible sessions")?;
+        let now = self.database_time().await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let last = self.activity_instant(sql.shape.activity, r, 2)?;
+                Some(IdleSession {
+                    token: text(r, 0)?,
+                    member: text(r, 1)?,
+                    idle_for: (now - last).to_std().unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64> {
+        let sql = self.sql().await?;
+        let row = query(&sql.count, &self.eligible_args(&sql.shape, &p))
+            .fetch_one(&self.pool)
+            .await
+            .op("counting eligible sessions")?;
+        Ok(int(&row, 0) as u64)
+    }
+
+    async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {
+        let sql = self.sql().await?;
+        let args = self.eligible_args(&sql.shape, &p);
+        match self.dialect {
+            Dialect::Postgres => super::postgres::run_claim(self, &sql.claim, &args).await,
+            Dialect::Sqlite => super::sqlite::run_claim(self, &sql.claim, &args).await,
+            Dialect::MySql => super::mysql::run_claim(self, &sql.claim, &args, &p).await,
+        }
+    }
+
+    async fn explain_claim(&self, p: ClaimParams<'_>) -> Result<String> {
+        let sql = self.sql().await?;
+        let (prefix, col) = match self.dialect {
+            Dialect::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
+            _ => ("EXPLAIN ", 0),
+        };
+        let stmt = Stmt {
+            text: format!("{prefix}{}", sql.claim.text),
+            binds: sql.claim.binds.clone(),
+        };
+        let rows = query(&stmt, &self.eligible_args(&sql.shape, &p))
+            .fetch_all(&self.pool)
+            .await
+            .op("explaining the claim")?;
+        Ok(rows
+            .iter()
+            .map(|r| format!("{}\n", text(r, col).unwrap_or_default()))
+            .collect())
+    }
+
+    async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
+        let sql = self.sql().await?;
+        let mut tx = self.begin_write("starting a skip").await?;
+        let done = query(&sql.skip_revived, &self.eligible_args(&sql.shape, &p))
+            .execute(&mut *tx)
+            .await
+            .op("skipping revived sessions")?;
+        tx.commit().await.op("committing a skip")?;
+        Ok(done.rows_affected())
+    }
+
+    async fn recheck(
+        &self,
+        worker: &str,
+        token: &str,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Recheck> {
+        let sql = self.sql().await?;
+        let args = [
+            Arg::Text(worker.to_owned()),
+            Arg::Text(self.source.active_value.clone()),
+            self.cutoff(sql.shape.activity, idle_before),
+            Arg::Text(token.to_owned()),
+        ];
+        let row = query(&sql.recheck, &args)
+            .fetch_optional(&self.pool)
+            .await
+            .op("rechecking a session")?;
+        Ok(match row {
+            None => Recheck::LeaseLost,
+            Some(r) if opt_int(&r, 0) != Some(1) => Recheck::LeaseLost,
+            Some(r) if opt_int(&r, 1) != Some(1) => Recheck::NoLongerEligible,
+            Some(_) => Recheck::Eligible,
+        })
+    }
+
+    async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write("starting to record").await?;
+        let mut accepted = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(CHUNK) {
+            accepted.extend(self.record_chunk(&mut tx, worker, chunk).await?);
+        }
+        tx.commit().await.op("committing recorded outcomes")?;
+        Ok(accepted)
+    }
+
+    async fn mark_passive(&self, tokens: &[String]) -> Result<u64> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql().await?;
+        let table = self.col(&self.source.table);
+        let (tok, status) = (self.col(&self.source.token_column), self.col(&self.source.status_column));
+        let mut tx = self.begin_write("starting to mark sessions passive").await?;
+        let mut noted = 0;
+        for chunk in tokens.chunks(CHUNK * 4) {
+            let mut args = vec![
+                Arg::Text(self.source.passive_value.clone()),
+                Arg::Text(self.source.active_value.clone()),
+            ];
+            let mut list = Vec::new();
+            for t in chunk {
+                args.push(Arg::Text(t.clone()));
+                list.push(sql.shape.token_from_text.replace("{}", &format!("${}", args.len())));
+            }
+            query(
+                &self.q(&format!(
+                    "UPDATE {table} SET {status} = $1 WHERE {tok} IN ({}) AND {status} = $2",
+                    list.join(", ")
+                )),
+                &args,
+            )
+            .execute(&mut *tx)
+            .await
+            .op("marking sessions passive")?;
+            let mut args = Vec::new();
+            let list = list_of(&mut args, chunk.iter().map(String::as_str));
+            noted += query(
+                &self.q(&format!(
+                    "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({list})"
+                )),
+                &args,
+            )
+            .execute(&mut *tx)
+            .await
+            .op("noting marked sessions")?
+            .rows_affected();
+        }
+        tx.commit().await.op("committing marked sessions")?;
+        Ok(noted)
+    }
+
+    async fn unmarked(&self, limit: u32) -> Result<Vec<String>> {
+        let rows = query(
+            &self.q("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT $1"),
+            &[Arg::Int(i64::from(limit))],
+        )
+        .fetch_all(&self.pool)
+        .await
+        .op("listing sessions whose source row is not marked")?;
+        Ok(rows.iter().filter_map(|r| text(r, 0)).collect())
+    }
+
+    async fn unusable_rows(&self) -> Result<UnusableRows> {
+        let sql = self.sql().await?;
+        let row = query(&sql.unusable, &[Arg::Text(self.source.active_value.clone())])
+            .fetch_one(&self.pool)
+            .await
+            .op("counting unusable source rows")?;
+        Ok(UnusableRows {
+            unreadable_last_activity: int(&row, 0) as u64,
+            bad_source_row: int(&row, 1) as u64,
+        })
+    }
+
+    async fn release_all(&self, worker: &str) -> Result<u64> {
+        let done = query(
+            &self.q("UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1"),
+            &[Arg::Text(worker.to_owned())],
+        )
+        .execute(&self.pool)
+        .await
+        .op("releasing leases")?;
+        Ok(done.rows_affected())
+    }
+
+    async fn renew_leases(&self, worker: &str, lease: Duration) -> Result<u64> {
+        let done = query(
+            &self.q(&format!(
+                "UPDATE sweeper_sessions SET lease_expires_at = {} + $1 WHERE lease_owner = $2",
+                self.dialect.now_ms()
+            )),
+            &[Arg::Int(millis(lease)), Arg::Text(worker.to_owned())],
+        )
+        .execute(&self.pool)
+        .await
+        .op("renewing leases")?;
+        Ok(done.rows_affected())
+    }
+
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<DateTime<Utc>> {
+        let now = self.database_time().await?;
+        query(
+            &self.q(&format!(
+                "INSERT INTO sweeper_workers (worker_id, hostname, pid, version, started_at, heartbeat_at) \
+                 VALUES ($1, $2, $3, $4, $5, $5) {}",
+                self.dialect.upsert_heartbeat()
+            )),
+            &[
+                Arg::Text(worker.id.clone()),
+                Arg::Text(worker.hostname.clone()),
+                Arg::Int(i64::from(worker.pid)),
+                Arg::Text(env!("CARGO_PKG_VERSION").into()),
+                Arg::Int(ms(now)),
+            ],
+        )
+        .execute(&self.pool)
+        .await
+        .op("recording a heartbeat")?;
+        Ok(now)
+    }
+
+    async fn database_time(&self) -> Result<DateTime<Utc>> {
+        let row = sqlx::query(&format!("SELECT {}", self.dialect.now_ms()))
+            .fetch_one(&self.pool)
+            .await
+            .op("reading the database's clock")?;
+        Ok(from_ms(int(&row, 0)))
+    }
+
+    async fn live_workers(&self, stale_after: Duration) -> Result<u32> {
+        let row = query(
+            &self.q(&format!(
+                "SELECT {} FROM sweeper_workers WHERE heartbeat_at > {} - $1",
+                self.dialect.int("COUNT(*)"),
+                self.dialect.now_ms()
+            )),
+            &[Arg::Int(millis(stale_after))],
+        )
+        .fetch_one(&self.pool)
+        .await
+        .op("counting live workers")?;
+        Ok(int(&row, 0) as u32)
+    }
+
+    async fn workers_on_host(&self, hostname: &str) -> Result<Vec<WorkerRow>> {
+        let rows = query(
+            &self.q("SELECT worker_id, pid FROM sweeper_workers WHERE hostname = $1"),
+            &[Arg::Text(hostname.to_owned())],
+        )
+        .fetch_all(&self.pool)
+        .await
+        .op("listing workers")?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(WorkerRow {
+                    id: text(r, 0)?,
+                    pid: opt_int(r, 1)? as u32,
+                })
+            })
+            .collect())
+    }
+
+    async fn forget_worker(&self, worker: &str) -> Result<()> {
+        query(
+            &self.q("DELETE FROM sweeper_workers WHERE worker_id = $1"),
+            &[Arg::Text(worker.to_owned())],
+        )
+        .execute(&self.pool)
+        .await
+        .op("removing a worker")?;
+        Ok(())
+    }
+
+    async fn report(&self, failures: u32) -> Result<Report> {
+        let d = self.dialect;
+        let rows = sqlx::query(&format!(
+            "SELECT state, {} FROM sweeper_sessions GROUP BY state",
+            d.int("COUNT(*)")
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .op("counting outcomes")?;
+        let counts = count_rows(rows.iter().filter_map(|r| Some((text(r, 0)?, int(r, 1)))));
+        let now = d.now_ms();
+        let p = sqlx::query(&format!(
+            "SELECT {}, MIN(next_attempt_at), {}, \
+             (SELECT {} FROM sweeper_sessions WHERE lease_owner IS NOT NULL), \
+             (SELECT {} FROM sweeper_sessions WHERE source_marked = 0) \
+             FROM sweeper_sessions WHERE state = 'pending'",
+            d.int("COUNT(*)"),
+            d.int(&format!(
+                "COALESCE(SUM(CASE WHEN next_attempt_at IS NULL OR next_attempt_at <= {now} THEN 1 ELSE 0 END), 0)"
+            )),
+            d.int("COUNT(*)"),
+            d.int("COUNT(*)"),
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .op("summarising pending sessions")?;
+        let recent = query(
+            &self.q(
+                "SELECT session_token, last_error_code, last_error_message, attempts, settled_at \
+                 FROM sweeper_sessions WHERE state = 'failed' ORDER BY settled_at DESC LIMIT $1",
+            ),
+            &[Arg::Int(i64::from(failures))],
+        )
+        .fetch_all(&self.pool)
+        .await
+        .op("listing failures")?;
+        Ok(Report {
+            counts,
+            pending: PendingSummary {
+                count: int(&p, 0) as u64,
+                next_due: opt_int(&p, 1).map(from_ms),
+                due_now: int(&p, 2) as u64,
+            },
+            leased: int(&p, 3) as u64,
+            recent_failures: recent
+                .iter()
+                .map(|r| FailureRow {
+                    session: fingerprint(&text(r, 0).unwrap_or_default()),
+                    error_code: text(r, 1),
+                    error_message: text(r, 2),
+                    attempts: int(r, 3) as u32,
+                    failed_at: opt_int(r, 4).map(from_ms),
+                })
+                .collect(),
+            source_not_marked: int(&p, 4) as u64,
+            unusable: self.unusable_rows().await?,
+        })
+    }
+
+    async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
+        let done = query(
+            &self.q(&format!(
+                "UPDATE sweeper_sessions SET state = 'pending', attempts = 0, next_attempt_at = NULL, \
+                 settled_at = NULL, updated_at = {} WHERE state = 'failed' AND ($1 IS NULL OR last_error_code = $1)",
+                self.dialect.now_ms()
+            )),
+            &[Arg::opt_text(filter.error_code.as_deref())],
+        )
+        .execute(&self.pool)
+        .await
+        .op("requeueing failed sessions")?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        // A fresh connection, not the pool: the pool retries a refused connection until its
+        // acquire timeout and then says only "timed out".
+        let connect = sqlx::AnyConnection::connect(&self.url);
+        let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, connect)
+            .await
+            .map_err(|_| StoreError::Database {
+                op: "connecting to the database",
+                source: sqlx::Error::PoolTimedOut,
+            })?
+            .op("connecting to the database")?;
+        conn.ping().await.op("pinging the database")?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// What a backend's catalog says about the source table, for `check`.
+pub(crate) struct Catalog {
+    /// Its column names (none: it does not exist).
+    pub columns: Vec<String>,
+    /// Column lists of its indexes.
+    pub indexes: Vec<Vec<String>>,
+    /// Whether it is a view.
+    pub is_view: bool,
+    /// Findings about writing the status column.
+    pub status: Vec<Finding>,
+    /// How a suggested `CREATE INDEX` is written.
+    pub index_dialect: super::IndexDialect,
+}
+
+/// Rows of a query as strings (catalog queries), NULLs skipped.
+pub(crate) async fn strings(store: &SqlStore, stmt: &Stmt, args: &[Arg], op: &'static str) -> Result<Vec<String>> {
+    Ok(query(stmt, args)
+        .fetch_all(&store.pool)
+        .await
+        .op(op)?
+        .iter()
+        .filter_map(|r| text(r, 0))
+        .collect())
+}
+
+/// Used by the backends' claims.
+pub(crate) fn lease_from_row(r: &AnyRow) -> Option<Lease> {
+    Some(Lease {
+        token: text(r, 0)?,
+        member: text(r, 1)?,
+        attempts: opt_int(r, 2)? as u32,
+    })
+}
+
+/// Used by SQLite's claim.
+pub(crate) fn bytes(r: &AnyRow, i: usize) -> Option<Vec<u8>> {
+    r.try_get::<Option<Vec<u8>>, _>(i).ok().flatten()
+}
+
+/// Used by SQLite's claim.
+pub(crate) fn int_at(r: &AnyRow, i: usize) -> i64 {
+    int(r, i)
+}
+
+/// The current format, for SQLite's activity kinds.
+pub(crate) fn sqlite_activity(format: TimestampFormat, tz: chrono_tz::Tz) -> Activity {
+    match format {
+        TimestampFormat::SqliteText => Activity::Naive(tz),
+        TimestampFormat::Rfc3339 => Activity::Rfc3339,
+        TimestampFormat::UnixSeconds => Activity::UnixSeconds,
+        TimestampFormat::UnixMillis => Activity::UnixMillis,
+    }
+}
+
+/// The store's now in Rust terms, for backends that need it as a value.
+pub(crate) fn now_ms_value(t: DateTime<Utc>) -> i64 {
+    ms(t)
+}

@@ -1,0 +1,401 @@
+//! MySQL 8.0+ and MariaDB 10.6+: claims lock source rows `FOR UPDATE SKIP LOCKED` under READ
+//! COMMITTED (no gap locks that would hold up the shop's own writes), write the ledger with an
+//! upsert that leaves a live lease or a settlement alone, and read back what this claim took by
+//! its claim id (there is no `RETURNING`). Sessions run with `time_zone = '+00:00'`.
+
+use sqlx::Row as _;
+
+use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
+use super::dialect::Stmt;
+use super::{
+    ClaimParams, Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks,
+    naive_zone,
+};
+use crate::config::TimestampFormat;
+
+/// The sweeper's own tables, version by version.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "ledger",
+    sql: include_str!("../../migrations/mysql/0001_ledger.sql"),
+}];
+
+/// The oldest servers with `SELECT … FOR UPDATE SKIP LOCKED`.
+const MIN_MYSQL: (u32, u32) = (8, 0);
+const MIN_MARIADB: (u32, u32) = (10, 6);
+
+/// The candidate rows, locked; skipping rows another claim holds.
+pub(crate) fn candidates(candidates: &str) -> String {
+    format!("{candidates} FOR UPDATE SKIP LOCKED")
+}
+
+/// Locks candidates, writes their leases under a fresh claim id, reads back what it took.
+pub(crate) async fn run_claim(
+    store: &SqlStore,
+    candidates: &Stmt,
+    args: &[Arg],
+    p: &ClaimParams<'_>,
+) -> Result<Vec<Lease>> {
+    let d = store.dialect;
+    let mut tx = store.pool.begin().await.op("starting a claim")?;
+    let rows = query(candidates, args)
+        .fetch_all(&mut *tx)
+        .await
+        .op("claiming sessions")?;
+    // Duplicate tokens in the source collapse to one claim.
+    let mut seen = std::collections::HashSet::new();
+    let picked: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|r| Some((r.try_get::<String, _>(0).ok()?, r.try_get::<String, _>(1).ok()?)))
+        .filter(|(t, _)| seen.insert(t.clone()))
+        .collect();
+    if picked.is_empty() {
+        tx.commit().await.op("committing a claim")?;
+        return Ok(Vec::new());
+    }
+    let claim_id = i64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().expect("8 bytes")) & i64::MAX;
+    let now = d.now_ms();
+    let mut binds = vec![
+        Arg::Text(p.worker.to_owned()),
+        Arg::Int(i64::try_from(p.lease.as_millis()).unwrap_or(i64::MAX)),
+        Arg::Int(claim_id),
+        Arg::Int(i64::try_from(p.stale_after.as_millis()).unwrap_or(i64::MAX)),
+    ];
+    let mut values = Vec::new();
+    for (token, member) in &picked {
+        binds.push(Arg::Text(token.clone()));
+        binds.push(Arg::Text(member.clone()));
+        let (t, m) = (binds.len() - 1, binds.len());
+        values.push(format!("(${t}, ${m}, 'pending', 0, $1, {now} + $2, {now}, {now}, $3)"));
+    }
+    // The first assignment decides, on the row as it was, whether this claim may take it; the
+    // others follow that decision (MySQL applies assignments left to right).
+    let blocks = ledger_blocks(now, &format!("{now} - $4")).replace("l.", "sweeper_sessions.");
+    let ours = "sweeper_sessions.claim_id = VALUES(claim_id)";
+    let upsert = d.render(&format!(
+        "INSERT INTO sweeper_sessions (session_token, member_identifier, state, attempts, \
+         lease_owner, lease_expires_at, created_at, updated_at, claim_id) VALUES {} \
+         ON DUPLICATE KEY UPDATE \
+         claim_id = IF({blocks}, sweeper_sessions.claim_id, VALUES(claim_id)), \
+         lease_owner = IF({ours}, VALUES(lease_owner), sweeper_sessions.lease_owner), \
+         lease_expires_at = IF({ours}, VALUES(lease_expires_at), sweeper_sessions.lease_expires_at), \
+         updated_at = IF({ours}, VALUES(updated_at), sweeper_sessions.updated_at), \
+         state = IF({ours}, 'pending', sweeper_sessions.state)",
+        values.join(", ")
+    ));
+    query(&upsert, &binds)
+        .execute(&mut *tx)
+        .await
+        .op("claiming sessions")?;
+    let taken = query(
+        &d.render(
+            "SELECT CAST(session_token AS CHAR), CAST(member_identifier AS CHAR), CAST(attempts AS SIGNED) \
+             FROM sweeper_sessions WHERE claim_id = $1 AND lease_owner = $2",
+        ),
+        &[Arg::Int(claim_id), Arg::Text(p.worker.to_owned())],
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .op("reading claimed sessions")?;
+    tx.commit().await.op("committing a claim")?;
+    Ok(taken.iter().filter_map(lease_from_row).collect())
+}
+
+/// The table's schema: the one named in `source.table`, else the connection's database.
+fn schema_arg(store: &SqlStore) -> Arg {
+    Arg::opt_text_pub(store.source.table.schema())
+}
+
+async fn column_type(store: &SqlStore, column: &str) -> Result<Option<String>> {
+    Ok(strings(
+        store,
+        &store.dialect.render(
+            "SELECT CAST(LOWER(DATA_TYPE) AS CHAR) FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 AND COLUMN_NAME = $3",
+        ),
+        &[schema_arg(store), Arg::Text(store.source.table.name().into()), Arg::Text(column.into())],
+        "reading a source column's type",
+    )
+    .await?
+    .pop())
+}
+
+/// How the last-activity column holds time: `DATETIME` in a zone, `TIMESTAMP` as an instant
+/// (read in UTC), or integers in the configured unit.
+pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
+    let src = &store.source;
+    let t = column_type(store, src.last_activity_column.name())
+        .await?
+        .ok_or_else(|| {
+            StoreError::Schema(format!(
+                "source.last_activity_column: column {} not found in {} (run `session-sweeper check`)",
+                src.last_activity_column, src.table
+            ))
+        })?;
+    let activity = match t.as_str() {
+        "timestamp" => Activity::Instant,
+        "datetime" => Activity::Naive(naive_zone(
+            src.last_activity_timezone,
+            &server_zone(store).await?,
+            &format!("{} (DATETIME)", src.last_activity_column),
+        )?),
+        "int" | "bigint" | "integer" | "mediumint" => match src.last_activity_format {
+            TimestampFormat::UnixSeconds => Activity::UnixSeconds,
+            TimestampFormat::UnixMillis => Activity::UnixMillis,
+            other => {
+                return Err(StoreError::Schema(format!(
+                    "source.last_activity_format: is {:?} but {} holds integers; set \
+                     source.last_activity_format = \"unix_seconds\" or \"unix_millis\"",
+                    super::format_name(other),
+                    src.last_activity_column
+                )));
+            }
+        },
+        other => {
+            return Err(StoreError::Schema(format!(
+                "source.last_activity_column: {} is of type {other}; MySQL sources need DATETIME, \
+                 TIMESTAMP, or integer Unix seconds or milliseconds",
+                src.last_activity_column
+            )));
+        }
+    };
+    Ok(Shape {
+        activity,
+        token_from_text: "{}".into(),
+    })
+}
+
+/// The server's zone, as the shop's own connections see it (ours run in UTC).
+async fn server_zone(store: &SqlStore) -> Result<String> {
+    let row = sqlx::query("SELECT CAST(@@global.time_zone AS CHAR), CAST(@@system_time_zone AS CHAR)")
+        .fetch_one(&store.pool)
+        .await
+        .op("reading the server's time zone")?;
+    let global: String = row.try_get(0).unwrap_or_default();
+    Ok(if global.eq_ignore_ascii_case("SYSTEM") {
+        row.try_get(1).unwrap_or_default()
+    } else {
+        global
+    })
+}
+
+/// `check`'s finding on the server's version: both need `SKIP LOCKED`.
+pub(crate) async fn version_finding(store: &SqlStore) -> Result<Finding> {
+    let version = strings(
+        store,
+        &store.dialect.render("SELECT CAST(VERSION() AS CHAR)"),
+        &[],
+        "reading the server's version",
+    )
+    .await?
+    .pop()
+    .unwrap_or_default();
+    Ok(version_verdict(&version))
+}
+
+/// Whether a `VERSION()` string names a supported server.
+fn version_verdict(version: &str) -> Finding {
+    let mariadb = version.to_ascii_lowercase().contains("mariadb");
+    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let found = (next(), next());
+    let (name, needed) = if mariadb {
+        ("MariaDB", MIN_MARIADB)
+    } else {
+        ("MySQL", MIN_MYSQL)
+    };
+    if found >= needed {
+        Finding::Ok(format!("{name} {version} supports SKIP LOCKED"))
+    } else {
+        Finding::Error(format!(
+            "database.url: the server is {name} {version}; the sweeper needs {name} {}.{} or newer \
+             (SELECT … FOR UPDATE SKIP LOCKED)",
+            needed.0, needed.1
+        ))
+    }
+}
+
+/// The source's columns, indexes and kind, and whether this user may write its status.
+pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
+    let src = &store.source;
+    let q = |t: &str| store.dialect.render(t);
+    let at = || [schema_arg(store), Arg::Text(src.table.name().into())];
+    let columns = strings(
+        store,
+        &q("SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2"),
+        &at(),
+        "reading the source table's columns",
+    )
+    .await?;
+    let indexes = strings(
+        store,
+        &q("SELECT CAST(GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX) AS CHAR) FROM information_schema.STATISTICS \
+            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 GROUP BY INDEX_NAME"),
+        &at(),
+        "listing the source table's indexes",
+    )
+    .await?
+    .into_iter()
+    .map(|cols| cols.split(',').map(str::to_owned).collect())
+    .collect();
+    let is_view = strings(
+        store,
+        &q("SELECT CAST(TABLE_TYPE AS CHAR) FROM information_schema.TABLES \
+            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2"),
+        &at(),
+        "reading the source table's kind",
+    )
+    .await?
+    .iter()
+    .any(|t| t == "VIEW");
+    let mut status = Vec::new();
+    if src.mark_passive {
+        // UPDATE granted globally, on the database, on the table, or on the column.
+        let grantee = "CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')";
+        let may = strings(
+            store,
+            &q(&format!(
+                "SELECT CAST(COUNT(*) AS CHAR) FROM ( \
+                 SELECT 1 AS x FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+                 UNION ALL SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) \
+                 UNION ALL SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 \
+                 UNION ALL SELECT 1 FROM information_schema.COLUMN_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 AND COLUMN_NAME = $3) g"
+            )),
+            &[schema_arg(store), Arg::Text(src.table.name().into()), Arg::Text(src.status_column.name().into())],
+            "checking the status column's privileges",
+        )
+        .await?
+        .pop()
+        .and_then(|n| n.parse::<i64>().ok())
+        .unwrap_or(0);
+        status.push(if may > 0 {
+            Finding::Ok(format!("{} can be set to the passive value", src.status_column))
+        } else {
+            Finding::Error(format!(
+                "source.status_column: this user has no UPDATE privilege on {} in {}; grant \
+                 UPDATE ({}) ON {} or set source.mark_passive = false",
+                src.status_column,
+                src.table,
+                store.col(&src.status_column),
+                store.col(&src.table)
+            ))
+        });
+    }
+    Ok(Catalog {
+        columns,
+        indexes,
+        is_view,
+        status,
+        index_dialect: IndexDialect::MySql,
+    })
+}
+
+/// Applies the pending migrations under a named lock. MySQL commits DDL as it goes, so every
+/// statement is idempotent on its own (`IF NOT EXISTS`).
+pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
+    let mut conn = store.pool.acquire().await.op("starting the migration")?;
+    sqlx::query("SELECT GET_LOCK('session_sweeper_migrate', 60)")
+        .execute(&mut *conn)
+        .await
+        .op("locking for the migration")?;
+    let result = apply(store, &mut conn).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK('session_sweeper_migrate')")
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+async fn apply(store: &SqlStore, conn: &mut sqlx::AnyConnection) -> Result<()> {
+        sqlx::Executor::execute(&mut *conn, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
+             name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",)
+        .await
+        .op("creating the migrations table")?;
+        let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
+            .fetch_all(&mut *conn)
+            .await
+            .op("reading applied migrations")?
+            .iter()
+            .filter_map(|r| r.try_get::<i64, _>(0).ok())
+            .collect();
+        for m in MIGRATIONS {
+            if done.contains(&m.version) {
+                continue;
+            }
+            for statement in statements(m.sql) {
+                sqlx::Executor::execute(&mut *conn, statement.as_str())
+                    .await
+                    .op("applying a migration")?;
+            }
+            query(
+                &store.dialect.render(&format!(
+                    "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
+                    store.dialect.now_ms()
+                )),
+                &[Arg::Int(m.version), Arg::Text(m.name.into())],
+            )
+            .execute(&mut *conn)
+            .await
+            .op("recording a migration")?;
+        }
+        Ok(())
+}
+
+/// The statements of a migration file, comments dropped.
+fn statements(sql: &str) -> Vec<String> {
+    let text: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Versions already applied.
+pub(crate) async fn applied(store: &SqlStore) -> Result<Vec<i64>> {
+    let exists = strings(
+        store,
+        &store.dialect.render(
+            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sweeper_schema_migrations'",
+        ),
+        &[],
+        "looking for the migrations table",
+    )
+    .await?;
+    if exists.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query("SELECT version FROM sweeper_schema_migrations")
+        .fetch_all(&store.pool)
+        .await
+        .op("reading applied migrations")?
+        .iter()
+        .filter_map(|r| r.try_get::<i64, _>(0).ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_without_skip_locked_are_refused() {
+        assert!(!version_verdict("10.11.19-MariaDB-0+deb12u1").is_error());
+        assert!(!version_verdict("8.0.36").is_error());
+        assert!(version_verdict("10.5.2-MariaDB").is_error());
+        assert!(version_verdict("5.7.44-log").is_error());
+    }
+
+    #[test]
+    fn migration_files_split_into_statements() {
+        assert_eq!(statements(MIGRATIONS[0].sql).len(), 3);
+    }
+}
