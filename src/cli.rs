@@ -356,6 +356,20 @@ async fn run_command(
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<(), CliError> {
+    if matches!(
+        command,
+        Command::Migrate
+            | Command::DryRun { .. }
+            | Command::Report { .. }
+            | Command::Requeue { .. }
+    ) {
+        // As `check` and `once` do: a refused connection is said at once, not after the pool's
+        // acquire timeout as "timed out".
+        unless_stopped(shutdown, "while waiting for the database", async {
+            Ok(store.ping().await?)
+        })
+        .await?;
+    }
     match command {
         Command::Migrate => {
             despite_stop(shutdown, "the migration", async {
@@ -580,6 +594,9 @@ impl Engine {
         config: &Config,
         metrics: Metrics,
     ) -> Result<Self, CliError> {
+        // A fresh connection first: a refused or unreachable server is reported as such at
+        // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
+        store.ping().await?;
         let pending = store.pending_migrations().await?;
         if !pending.is_empty() {
             return Err(CliError::Runtime(anyhow::anyhow!(

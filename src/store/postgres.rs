@@ -296,13 +296,23 @@ impl PgStore {
         q.bind(millis(p.stale_after))
     }
 
+    /// The source relation's kind as `pg_class.relkind` says it (`r` table, `v` view, `m`
+    /// materialised view, `p` partitioned table, ...); `None` when it does not exist.
+    async fn relation_kind(&self) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(self.source.table.quoted())
+            .fetch_optional(&self.pool)
+            .await
+            .op("reading the source table's kind")
+    }
+
     /// Whether the status column can be written: privileges, and for a view its updatability.
     async fn status_findings(&self) -> Result<Vec<Finding>> {
         if !self.source.mark_passive {
             return Ok(vec![]);
         }
         let row = sqlx::query(
-            "SELECT has_column_privilege(to_regclass($1), $2, 'UPDATE'), c.relkind::text, \
+            "SELECT has_column_privilege(to_regclass($1), $2, 'UPDATE'), \
              pg_relation_is_updatable(to_regclass($1), false) \
              FROM pg_class c WHERE c.oid = to_regclass($1)",
         )
@@ -313,15 +323,10 @@ impl PgStore {
         .op("checking the status column's privileges")?;
         let Some(row) = row else { return Ok(vec![]) };
         let may_update: bool = row.try_get(0).unwrap_or(false);
-        let kind: String = row.try_get(1).unwrap_or_default();
-        let updatable: i32 = row.try_get(2).unwrap_or(0);
-        let mut out = Vec::new();
-        if matches!(kind.as_str(), "v" | "m") {
-            out.push(super::view_finding(&self.source));
-        }
+        let updatable: i32 = row.try_get(1).unwrap_or(0);
         // Bit 2 (4) of pg_relation_is_updatable: UPDATE.
-        if !may_update || updatable & 4 == 0 {
-            out.push(Finding::Error(format!(
+        Ok(vec![if !may_update || updatable & 4 == 0 {
+            Finding::Error(format!(
                 "source.status_column: {} in {} cannot be updated by this role ({}); grant \
                  UPDATE ({}) ON {} or set source.mark_passive = false",
                 self.source.status_column,
@@ -333,14 +338,13 @@ impl PgStore {
                 },
                 self.source.status_column.quoted(),
                 self.source.table.quoted(),
-            )));
+            ))
         } else {
-            out.push(Finding::Ok(format!(
+            Finding::Ok(format!(
                 "{} can be set to the passive value",
                 self.source.status_column
-            )));
-        }
-        Ok(out)
+            ))
+        }])
     }
 
     /// Type, zone and the newest and oldest active values of the last-activity column.
@@ -479,18 +483,18 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .op("listing the source table's indexes")?;
-            let status = self.status_findings().await?;
-            let is_view = status
-                .iter()
-                .any(|f| matches!(f, Finding::Warning(m) if m.contains("is a view")));
-            if !is_view {
+            // Whatever `mark_passive` says: a view cannot be indexed, so it is never offered
+            // an index (a materialised view can be, and is).
+            if self.relation_kind().await?.as_deref() == Some("v") {
+                findings.push(super::view_finding(&self.source));
+            } else {
                 findings.extend(index_findings(
                     &self.source,
                     &indexes,
                     IndexDialect::Postgres,
                 ));
             }
-            findings.extend(status);
+            findings.extend(self.status_findings().await?);
             let timestamps = self.timestamp_findings().await?;
             let usable = !timestamps.iter().any(Finding::is_error);
             findings.extend(timestamps);

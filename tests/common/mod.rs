@@ -634,5 +634,56 @@ impl StallProxy {
     pub fn resume(&self) {
         self.stalled
             .store(false, std::sync::atomic::Ordering::SeqCst);
+/// Runs the binary to its end with `--config config`, `args` and `env` (`RUST_LOG=warn`,
+/// `SWEEPER_CONFIG` removed); returns its output and how long it took.
+pub fn run_binary(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Output, Duration) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("SWEEPER_CONFIG")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = std::time::Instant::now();
+    let out = cmd.output().unwrap();
+    (out, started.elapsed())
+}
+
+/// Writes this database's test config (API calls to `api_url`) as `sweeper.toml` in its
+/// directory and returns the path, for [`run_binary`].
+pub fn write_config(db: &TestDb, api_url: &str) -> std::path::PathBuf {
+    let path = db.dir.path().join("sweeper.toml");
+    std::fs::write(&path, db.config_toml(api_url)).unwrap();
+    path
+}
+
+impl TestDb {
+    /// A login role on the test server that may only read (`SELECT` on every table of the test
+    /// database's `public` schema), and this database's URL as that role. Drop it with
+    /// [`TestDb::drop_role`].
+    pub async fn read_only_role(&self) -> (String, String) {
+        let role = format!(
+            "sweeper_ro_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        self.exec(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"
+        ))
+        .await;
+        let mut url: url::Url = self.url.parse().unwrap();
+        url.set_username(&role).unwrap();
+        (role, url.to_string())
+    }
+
+    /// Drops a role made by [`TestDb::read_only_role`] (its grants in this database first).
+    pub async fn drop_role(&self, role: &str) {
+        self.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+            .await;
     }
 }
