@@ -198,16 +198,17 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
-/// A URL with any password replaced by `***`, for logs and errors.
+/// A URL with any password replaced by `***`, for logs and errors. Everything between the
+/// first `:` of the user information and the last `@` is hidden, so a password holding `@` or
+/// `/` is hidden whole; without a `scheme://` (a mistyped URL) the user information is taken
+/// from the start.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => match url[start..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..start], &url[at..]),
+            None => url.to_owned(),
+        },
         _ => url.to_owned(),
     }
 }
@@ -1355,6 +1356,9 @@ mod tests {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(redact_url("http://u:p@ss/w@h:1/x"), "http://u:***@h:1/x");
+        assert_eq!(redact_url("u:pw@h:1/x"), "u:***@h:1/x");
+        assert_eq!(redact_url("http://h:1/x"), "http://h:1/x");
     }
 
     const MINIMAL: &str = r#"
