@@ -634,6 +634,9 @@ impl StallProxy {
     pub fn resume(&self) {
         self.stalled
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Runs the binary to its end with `--config config`, `args` and `env` (`RUST_LOG=warn`,
 /// `SWEEPER_CONFIG` removed); returns its output and how long it took.
 pub fn run_binary(
