@@ -337,9 +337,10 @@ pub trait Store: Send + Sync {
     /// that fails can never take the record of an accepted call with it. Returns the tokens
     /// whose ledger row changed (those whose lease we still held): only those count.
     async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>>;
-    /// Sets the source status of these invalidated sessions to the passive value and notes in
-    /// the ledger that it was done, in one transaction. Returns how many ledger rows it noted.
-    async fn mark_passive(&self, tokens: &[String]) -> Result<u64>;
+    /// Sets the source status of these invalidated sessions to the passive value (rows still
+    /// idle before `idle_before` only) and notes in the ledger that it was done, in one
+    /// transaction. Returns how many ledger rows it noted.
+    async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64>;
     /// Up to `limit` invalidated sessions whose source row is not marked passive yet.
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>>;
     /// Active source rows the sweep cannot use, by reason (never sent; counted and reported).

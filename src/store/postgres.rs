@@ -83,6 +83,7 @@ impl Statements {
         // are never taken: there is nothing to send.
         let eligible_where = format!(
             "s.{status} = $1 AND s.{last} < $2 AND s.{tok} IS NOT NULL AND s.{mem} IS NOT NULL \
+             AND s.{tok}::text <> '' AND s.{mem}::text <> '' \
              AND NOT EXISTS (SELECT 1 FROM sweeper_sessions l \
              WHERE l.session_token = s.{tok}::text AND {})",
             ledger_blocks("now()", &ago("$3"))
@@ -113,9 +114,8 @@ impl Statements {
                 "SELECT COUNT(DISTINCT s.{tok}::text) FROM {table} s WHERE {eligible_where}"
             ),
             recheck: format!(
-                "SELECT l.lease_owner = $1, EXISTS (SELECT 1 FROM {table} s \
-                   WHERE s.{tok} = CAST(l.session_token AS {token_type}) AND s.{status} = $2 AND s.{last} < $3) \
-                 FROM sweeper_sessions l WHERE l.session_token = $4"
+                "SELECT l.lease_owner = $1, {} FROM sweeper_sessions l WHERE l.session_token = $4",
+                still_idle(&table, &tok, &status, &last, token_type, "$2", "$3")
             ),
             skip_revived: format!(
                 "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
@@ -123,16 +123,19 @@ impl Statements {
                  WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= now()) \
                  AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > now() AND EXISTS \
                    (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {})) \
-                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = CAST(l.session_token AS {token_type}) \
-                   AND s.{status} = $1 AND s.{last} < $2)",
-                ago("$3")
+                 AND NOT {}",
+                ago("$3"),
+                still_idle(&table, &tok, &status, &last, token_type, "$1", "$2")
             ),
+            // Only rows still idle: a duplicate token touched a moment ago stays active.
             mark_passive: format!(
-                "UPDATE {table} SET {status} = $1 WHERE {tok} = ANY(CAST($2 AS {token_type}[])) AND {status} = $3"
+                "UPDATE {table} SET {status} = $1 WHERE {tok} = ANY(CAST($2 AS {token_type}[])) \
+                 AND {status} = $3 AND {last} < $4"
             ),
             unusable: format!(
                 "SELECT COUNT(*) FILTER (WHERE s.{last} IS NULL), \
-                 COUNT(*) FILTER (WHERE s.{last} IS NOT NULL AND (s.{tok} IS NULL OR s.{mem} IS NULL)) \
+                 COUNT(*) FILTER (WHERE s.{last} IS NOT NULL AND (s.{tok} IS NULL OR s.{mem} IS NULL \
+                   OR s.{tok}::text = '' OR s.{mem}::text = '')) \
                  FROM {table} s WHERE s.{status} = $1"
             ),
             sample: format!(
@@ -142,6 +145,25 @@ impl Statements {
             ),
         }
     }
+}
+
+/// The session behind `l` is still idle: some active row with its token is idle, and none is
+/// live (a duplicate token touched a moment ago makes the whole session live).
+fn still_idle(
+    table: &str,
+    tok: &str,
+    status: &str,
+    last: &str,
+    token_type: &str,
+    active: &str,
+    cutoff: &str,
+) -> String {
+    let same = format!("s.{tok} = CAST(l.session_token AS {token_type})");
+    format!(
+        "(EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} AND s.{last} < {cutoff}) \
+         AND NOT EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
+           AND NOT COALESCE(s.{last} < {cutoff}, FALSE)))"
+    )
 }
 
 /// A catalog type name is interpolated into SQL, so it must look like one (`uuid`,
@@ -637,7 +659,7 @@ impl Store for PgStore {
         Ok(accepted)
     }
 
-    async fn mark_passive(&self, tokens: &[String]) -> Result<u64> {
+    async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64> {
         if tokens.is_empty() {
             return Ok(0);
         }
@@ -647,10 +669,11 @@ impl Store for PgStore {
             .begin()
             .await
             .op("starting to mark sessions passive")?;
-        sqlx::query(&sql.mark_passive)
+        let q = sqlx::query(&sql.mark_passive)
             .bind(&self.source.passive_value)
             .bind(tokens)
-            .bind(&self.source.active_value)
+            .bind(&self.source.active_value);
+        bind_cutoff(q, sql.activity, idle_before)
             .execute(&mut *tx)
             .await
             .op("marking sessions passive")?;

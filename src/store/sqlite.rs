@@ -94,7 +94,36 @@ fn fits(col: &str, format: TimestampFormat) -> String {
 
 /// Tokens and members must be text or integers; a BLOB or a NULL is never sent.
 fn readable(col: &str) -> String {
-    format!("typeof({col}) IN ('text', 'integer')")
+    format!("(typeof({col}) IN ('text', 'integer') AND {col} <> '')")
+}
+
+/// Source rows whose token is the ledger's `l.session_token`: by the index (as text, or as the
+/// integer a column without text affinity stores), then exactly as text.
+fn same_token(tok: &str) -> String {
+    format!(
+        "s.{tok} IN (l.session_token, CAST(l.session_token AS INTEGER)) \
+         AND CAST(s.{tok} AS TEXT) = l.session_token"
+    )
+}
+
+/// The session behind `l` is still idle: some active row with its token is idle, and none is
+/// live (a duplicate token touched a moment ago makes the whole session live). A row whose time
+/// cannot be read counts as live: ambiguous data is never sent.
+fn still_idle(
+    table: &str,
+    tok: &str,
+    status: &str,
+    last: &str,
+    fits: &str,
+    active: &str,
+    cutoff: &str,
+) -> String {
+    let same = same_token(tok);
+    format!(
+        "(EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} AND s.{last} < {cutoff} AND {fits}) \
+         AND NOT EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
+           AND NOT COALESCE(s.{last} < {cutoff} AND {fits}, 0)))"
+    )
 }
 
 impl Statements {
@@ -144,9 +173,8 @@ impl Statements {
                 "SELECT COUNT(DISTINCT CAST(s.{tok} AS TEXT)) FROM {table} s WHERE {eligible_where}"
             ),
             recheck: format!(
-                "SELECT l.lease_owner = ?1, EXISTS (SELECT 1 FROM {table} s \
-                   WHERE s.{tok} = l.session_token AND s.{status} = ?2 AND s.{last} < ?3 AND {fits}) \
-                 FROM sweeper_sessions l WHERE l.session_token = ?4"
+                "SELECT l.lease_owner = ?1, {} FROM sweeper_sessions l WHERE l.session_token = ?4",
+                still_idle(&table, &tok, &status, &last, &fits, "?2", "?3")
             ),
             skip_revived: format!(
                 "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
@@ -154,8 +182,8 @@ impl Statements {
                  WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= ?3) \
                  AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > ?3 AND EXISTS \
                    (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > ?4)) \
-                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = l.session_token \
-                   AND s.{status} = ?1 AND s.{last} < ?2 AND {fits})"
+                 AND NOT {}",
+                still_idle(&table, &tok, &status, &last, &fits, "?1", "?2")
             ),
             unusable: format!(
                 "SELECT COALESCE(SUM(CASE WHEN {fits} THEN 0 ELSE 1 END), 0), \
@@ -696,7 +724,9 @@ impl Store for SqliteStore {
         Ok(accepted)
     }
 
-    async fn mark_passive(&self, tokens: &[String]) -> Result<u64> {
+    async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64> {
+        let last = self.source.last_activity_column.quoted();
+        let fits = fits(&last, self.source.last_activity_format);
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -713,9 +743,21 @@ impl Store for SqliteStore {
             let mut list = q.separated(", ");
             for t in chunk {
                 list.push_bind(t);
+                // A column without text affinity stores an integer token as an integer.
+                if let Ok(i) = t.parse::<i64>()
+                    && i.to_string() == *t
+                {
+                    list.push_bind(i);
+                }
             }
             q.push(format!(") AND {} = ", self.sql.status_column));
             q.push_bind(&self.source.active_value);
+            // Only rows still idle: a duplicate token touched a moment ago stays active.
+            q.push(format!(" AND {fits} AND {last} < "));
+            match self.cutoff(idle_before) {
+                Cutoff::Text(t) => q.push_bind(t),
+                Cutoff::Int(i) => q.push_bind(i),
+            };
             q.build()
                 .execute(&mut *tx)
                 .await
