@@ -177,6 +177,13 @@ async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) 
         }
     })
     .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| matches!(f, Finding::Warning(m) if m.contains("BEFORE UPDATE trigger"))),
+        "check warns of the trigger: {findings:?}"
+    );
     let sim = simulator(SimulatorConfig::default()).await;
     let config = db.config(&sim.base_url(), &[]);
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 5);
@@ -378,6 +385,29 @@ async fn integer_and_empty_tokens_are_handled_as_what_they_are() {
 #[tokio::test]
 async fn integer_and_empty_tokens_on_sqlite() {
     integer_and_empty_tokens_are_handled_as_what_they_are().await;
+}
+
+#[tokio::test]
+async fn check_warns_when_every_active_session_reads_as_idle() {
+    // A UTC database whose application writes New York wall-clock time into `timestamp`:
+    // read as UTC, every session touched a minute ago looks five hours idle.
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
+         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
+           (now() AT TIME ZONE 'America/New_York') - interval '1 minute')",
+    )
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Warning(m)
+            if m.contains("every active session reads as idle") && m.contains("last_activity_timezone"))),
+        "{findings:?}"
+    );
 }
 
 macro_rules! both_backends {

@@ -14,7 +14,8 @@ use super::{
     ClaimParams, FailureRow, Finding, IdleSession, IndexDialect, Lease, Migration, Op,
     PendingSummary, Recheck, Report, RequeueFilter, Result, Settlement, Store, StoreError,
     UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows, index_findings,
-    ledger_blocks, migration_finding, naive_cutoff, naive_zone, newest_finding, unusable_findings,
+    ledger_blocks, migration_finding, naive_cutoff, naive_zone, newest_finding, trigger_warning,
+    unusable_findings,
 };
 use crate::config::SourceConfig;
 use crate::telemetry::fingerprint;
@@ -335,7 +336,11 @@ impl PgStore {
         }
         let row = sqlx::query(
             "SELECT has_column_privilege(to_regclass($1), $2, 'UPDATE'), \
-             pg_relation_is_updatable(to_regclass($1), false) \
+             pg_relation_is_updatable(to_regclass($1), false), \
+             COALESCE(pg_column_is_updatable(to_regclass($1), \
+               (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2), false), false), \
+             (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal \
+               AND (tgtype & 2) <> 0 AND (tgtype & 16) <> 0) \
              FROM pg_class c WHERE c.oid = to_regclass($1)",
         )
         .bind(self.source.table.quoted())
@@ -346,17 +351,25 @@ impl PgStore {
         let Some(row) = row else { return Ok(vec![]) };
         let may_update: bool = row.try_get(0).unwrap_or(false);
         let updatable: i32 = row.try_get(1).unwrap_or(0);
+        let column_updatable: bool = row.try_get(2).unwrap_or(false);
+        let before_update_triggers: i64 = row.try_get(3).unwrap_or(0);
+        let mut out = Vec::new();
+        if before_update_triggers > 0 {
+            out.push(trigger_warning(&self.source));
+        }
         // Bit 2 (4) of pg_relation_is_updatable: UPDATE.
-        Ok(vec![if !may_update || updatable & 4 == 0 {
+        out.push(if !may_update || updatable & 4 == 0 || !column_updatable {
             Finding::Error(format!(
                 "source.status_column: {} in {} cannot be updated by this role ({}); grant \
                  UPDATE ({}) ON {} or set source.mark_passive = false",
                 self.source.status_column,
                 self.source.table,
-                if may_update {
+                if !may_update {
+                    "no UPDATE privilege"
+                } else if updatable & 4 == 0 {
                     "the relation is not updatable"
                 } else {
-                    "no UPDATE privilege"
+                    "the column is computed by a view"
                 },
                 self.source.status_column.quoted(),
                 self.source.table.quoted(),
@@ -366,7 +379,8 @@ impl PgStore {
                 "{} can be set to the passive value",
                 self.source.status_column
             ))
-        }])
+        });
+        Ok(out)
     }
 
     /// Type, zone and the newest and oldest active values of the last-activity column.
@@ -405,7 +419,11 @@ impl PgStore {
                 .flatten()
                 .unwrap_or_else(|| "none".into()),
         ))];
-        out.push(newest_finding(newest, self.database_time().await?));
+        out.push(newest_finding(
+            newest,
+            self.database_time().await?,
+            self.source.idle_after,
+        ));
         Ok(out)
     }
 

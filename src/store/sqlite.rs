@@ -352,8 +352,9 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Whether the source is a view, and whether a view has an `INSTEAD OF UPDATE` trigger.
-    async fn view_facts(&self) -> Result<(bool, bool)> {
+    /// Whether the source is a view, whether a view has an `INSTEAD OF UPDATE` trigger, and
+    /// whether a `BEFORE UPDATE` trigger might refuse the status update.
+    async fn view_facts(&self) -> Result<(bool, bool, bool)> {
         let schema = self.source.table.schema().unwrap_or("main");
         // `schema` is a validated identifier; the catalog of an attached schema is addressed
         // through it.
@@ -372,7 +373,13 @@ impl SqliteStore {
             r.try_get::<String, _>(1)
                 .is_ok_and(|sql| sql.to_ascii_uppercase().contains("INSTEAD OF UPDATE"))
         });
-        Ok((is_view, instead_of_update))
+        let before_update = rows.iter().any(|r| {
+            r.try_get::<String, _>(1).is_ok_and(|sql| {
+                let sql = sql.to_ascii_uppercase();
+                sql.contains("BEFORE UPDATE") && sql.contains("RAISE")
+            })
+        });
+        Ok((is_view, instead_of_update, before_update))
     }
 
     /// Samples the newest and oldest active last-activity values.
@@ -397,7 +404,7 @@ impl SqliteStore {
             .find(|(w, _)| *w == "newest")
             .and_then(|(_, v)| self.parse_activity(v));
         if !findings.iter().any(Finding::is_error) {
-            findings.push(newest_finding(newest, Utc::now()));
+            findings.push(newest_finding(newest, Utc::now(), self.source.idle_after));
         }
         Ok(findings)
     }
@@ -540,7 +547,10 @@ impl Store for SqliteStore {
     async fn check(&self) -> Result<Vec<Finding>> {
         let mut findings = column_findings(&self.source, &self.table_columns().await?);
         if !findings.iter().any(Finding::is_error) {
-            let (is_view, updatable_view) = self.view_facts().await?;
+            let (is_view, updatable_view, before_update) = self.view_facts().await?;
+            if before_update && self.source.mark_passive {
+                findings.push(super::trigger_warning(&self.source));
+            }
             if is_view {
                 findings.push(super::view_finding(&self.source));
                 if self.source.mark_passive && !updatable_view {
