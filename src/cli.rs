@@ -297,6 +297,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
     let store = store::open(&config).await?;
     let shutdown = Shutdown::new();
+    crate::shutdown::ignore_hangups().map_err(|e| CliError::Runtime(e.into()))?;
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(|e| CliError::Runtime(e.into()))?;
     let result = tokio::select! {
@@ -630,6 +631,7 @@ impl Engine {
                 metrics: metrics.clone(),
                 liveness,
                 clock: clock.clone(),
+                skewed: Default::default(),
             },
         )
         .await?;
