@@ -88,7 +88,21 @@ async fn seconds_read_as_milliseconds_and_offsets_in_text_are_never_eligible() {
         Utc::now().timestamp() - 10
     ))
     .await;
+    // Impossible times have the right shape but mean no instant at all.
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES ('feb30', 'm3', 'ACTIVE', '2020-02-30 10:00:00'), \
+         ('hour25', 'm4', 'ACTIVE', '2020-01-01 25:00:00'), ('feb30t', 'm5', 'ACTIVE', '2020-02-30T10:00:00Z')",
+    )
+    .await;
     let sim = simulator(SimulatorConfig::default()).await;
+    assert_eq!(
+        sweep_once(&db.config(&sim.base_url(), &[]))
+            .await
+            .unwrap()
+            .invalidated,
+        0,
+        "impossible dates are never eligible"
+    );
     for format in ["unix_millis", "rfc3339"] {
         let config = db.config(
             &sim.base_url(),

@@ -72,13 +72,17 @@ fn fits(col: &str, format: TimestampFormat) -> String {
     const DATE: &str = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]";
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
     match format {
+        // strftime() normalises or refuses impossible times (February 30th, hour 25): a value
+        // that does not come back unchanged is no real time and is never eligible.
         TimestampFormat::SqliteText => format!(
             "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
+             AND strftime('%Y-%m-%d %H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (length({col}) = 19 OR (substr({col}, 20, 1) = '.' AND length({col}) > 20 \
                   AND substr({col}, 21) NOT GLOB '*[^0-9]*')))"
         ),
         TimestampFormat::Rfc3339 => format!(
             "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
+             AND strftime('%Y-%m-%dT%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
         ),
