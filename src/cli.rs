@@ -297,6 +297,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
     let store = store::open(&config).await?;
     let shutdown = Shutdown::new();
+    crate::shutdown::ignore_hangups().map_err(|e| CliError::Runtime(e.into()))?;
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(|e| CliError::Runtime(e.into()))?;
     let result = tokio::select! {
@@ -356,6 +357,20 @@ async fn run_command(
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<(), CliError> {
+    if matches!(
+        command,
+        Command::Migrate
+            | Command::DryRun { .. }
+            | Command::Report { .. }
+            | Command::Requeue { .. }
+    ) {
+        // As `check` and `once` do: a refused connection is said at once, not after the pool's
+        // acquire timeout as "timed out".
+        unless_stopped(shutdown, "while waiting for the database", async {
+            Ok(store.ping().await?)
+        })
+        .await?;
+    }
     match command {
         Command::Migrate => {
             despite_stop(shutdown, "the migration", async {
@@ -580,6 +595,9 @@ impl Engine {
         config: &Config,
         metrics: Metrics,
     ) -> Result<Self, CliError> {
+        // A fresh connection first: a refused or unreachable server is reported as such at
+        // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
+        store.ping().await?;
         let pending = store.pending_migrations().await?;
         if !pending.is_empty() {
             return Err(CliError::Runtime(anyhow::anyhow!(
@@ -613,6 +631,7 @@ impl Engine {
                 metrics: metrics.clone(),
                 liveness,
                 clock: clock.clone(),
+                skewed: Default::default(),
             },
         )
         .await?;

@@ -181,7 +181,8 @@ pub enum Backend {
 /// `[database]`.
 #[derive(Clone)]
 pub struct DatabaseConfig {
-    /// Connection URL; may hold a password, so it is never printed whole.
+    /// Connection URL (from `url` or `url_file`); may hold a password, so it is never printed
+    /// whole.
     pub url: SecretString,
     /// Which backend the URL selects.
     pub backend: Backend,
@@ -199,16 +200,17 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
-/// A URL with any password replaced by `***`, for logs and errors.
+/// A URL with any password replaced by `***`, for logs and errors. Everything between the
+/// first `:` of the user information and the last `@` is hidden, so a password holding `@` or
+/// `/` is hidden whole; without a `scheme://` (a mistyped URL) the user information is taken
+/// from the start.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => match url[start..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..start], &url[at..]),
+            None => url.to_owned(),
+        },
         _ => url.to_owned(),
     }
 }
@@ -293,7 +295,7 @@ impl SweepConfig {
 pub struct IyzicoConfig {
     /// Scheme, host and port of the API; `https` unless loopback.
     pub base_url: reqwest::Url,
-    /// Merchant API key.
+    /// Merchant API key (from `api_key` or `api_key_file`).
     pub api_key: SecretString,
     /// Merchant secret key (from `secret_key` or `secret_key_file`).
     pub secret_key: SecretString,
@@ -499,7 +501,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
-    url: String,
+    url: Option<String>,
+    url_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "de::opt_num")]
     max_connections: Option<de::RawNum>,
 }
@@ -551,7 +554,8 @@ struct RawSweep {
 #[serde(deny_unknown_fields)]
 struct RawIyzico {
     base_url: String,
-    api_key: String,
+    api_key: Option<SecretString>,
+    api_key_file: Option<PathBuf>,
     secret_key: Option<SecretString>,
     secret_key_file: Option<PathBuf>,
     #[serde(default)]
@@ -726,7 +730,10 @@ impl Config {
                     .to_owned();
                 let key = if path == "." { String::new() } else { path };
                 // A type error on a secret would echo the value: never let it through.
-                let message = if key.ends_with("secret_key") || key.ends_with("api_key") {
+                let message = if key.ends_with("secret_key")
+                    || key.ends_with("api_key")
+                    || key == "database.url"
+                {
                     "must be a string".to_owned()
                 } else {
                     inner.replace("unknown field", "unknown key")
@@ -758,6 +765,11 @@ fn apply_env_overrides(
         .into_iter()
         .filter(|(k, _)| k.starts_with("SWEEPER_") && k.contains("__"))
         .collect();
+    // `section__key`, lower case: which keys the environment sets.
+    let from_env: std::collections::BTreeSet<String> = overrides
+        .keys()
+        .map(|k| k["SWEEPER_".len()..].to_ascii_lowercase())
+        .collect();
     for (var, value) in overrides {
         let rest = &var["SWEEPER_".len()..];
         let Some((section, key)) = rest.split_once("__") else {
@@ -776,17 +788,84 @@ fn apply_env_overrides(
         let toml::Value::Table(section_table) = entry else {
             return Err(ConfigError::invalid(section, "must be a table"));
         };
-        // Setting one of two alternatives from the environment replaces the other.
-        match key.as_str() {
-            "secret_key" => drop(section_table.remove("secret_key_file")),
-            "secret_key_file" => drop(section_table.remove("secret_key")),
-            "interval" => drop(section_table.remove("schedule")),
-            "schedule" => drop(section_table.remove("interval")),
-            _ => {}
+        // Setting one of two alternatives from the environment replaces the other; setting
+        // both from the environment is ambiguous, and refused.
+        if let Some(other) = alternative(&section, &key) {
+            let other_var = format!(
+                "SWEEPER_{}__{}",
+                section.to_ascii_uppercase(),
+                other.to_ascii_uppercase()
+            );
+            if from_env.contains(&format!("{section}__{other}")) {
+                return Err(ConfigError::invalid(
+                    format!("{section}.{key}"),
+                    format!("{var} and {other_var} are both set: set one of them"),
+                ));
+            }
+            section_table.remove(other);
         }
         section_table.insert(key, toml::Value::String(value));
     }
     Ok(())
+}
+
+/// The key that `section.key` is the alternative of (exactly one of the two may be set).
+fn alternative(section: &str, key: &str) -> Option<&'static str> {
+    Some(match (section, key) {
+        ("database", "url") => "url_file",
+        ("database", "url_file") => "url",
+        ("iyzico", "api_key") => "api_key_file",
+        ("iyzico", "api_key_file") => "api_key",
+        ("iyzico", "secret_key") => "secret_key_file",
+        ("iyzico", "secret_key_file") => "secret_key",
+        ("sweep", "interval") => "schedule",
+        ("sweep", "schedule") => "interval",
+        _ => return None,
+    })
+}
+
+/// Exactly one of `key` (the value itself) and `key_file` (a file holding it): the value, from
+/// the file with its trailing newline trimmed. Errors name the key and the file, never what
+/// the file holds.
+fn secret_value(
+    key: &str,
+    value: Option<SecretString>,
+    file: Option<PathBuf>,
+    what: &str,
+) -> Result<SecretString, ConfigError> {
+    let file_key = format!("{key}_file");
+    let secret = match (value, file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("set either {key} or {file_key}, not both"),
+            ));
+        }
+        (Some(value), None) => value,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::invalid(&file_key, format!("cannot read {}: {e}", path.display()))
+            })?;
+            let text = text.trim_end_matches(['\r', '\n']);
+            if text.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    &file_key,
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            return Ok(SecretString::from(text.to_owned()));
+        }
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{what} is required: set {key} or {file_key}"),
+            ));
+        }
+    };
+    if secret.expose_secret().trim().is_empty() {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(secret)
 }
 
 /// A whole number of `unit` from `min` to `max` (or the default), refused in words otherwise:
@@ -881,37 +960,49 @@ impl RawConfig {
 
 impl RawDatabase {
     fn validate(self) -> Result<DatabaseConfig, ConfigError> {
-        let backend = if self.url.starts_with("sqlite:") {
+        // Where a mistake in the URL is reported: the key, or the file key and its path. The
+        // URL may hold a password: it is never echoed.
+        let (key, within) = match &self.url_file {
+            Some(path) if self.url.is_none() => (
+                "database.url_file",
+                format!("the URL in {}", path.display()),
+            ),
+            _ => ("database.url", "the URL".to_owned()),
+        };
+        let url = secret_value(
+            "database.url",
+            self.url.map(SecretString::from),
+            self.url_file,
+            "a database URL",
+        )?;
+        let url = url.expose_secret();
+        let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
-        } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Backend::Postgres
-        } else if self.url.starts_with("mysql://") || self.url.starts_with("mariadb://") {
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Backend::MySql
         } else {
-            // The value may be a DSN with a password in it: never echo it.
             return Err(ConfigError::invalid(
-                "database.url",
-                "must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
+                key,
+                format!(
+                    "{within} must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://"
+                ),
             ));
         };
         // Parse it now, so a malformed URL is bad configuration (exit 2), not a runtime failure.
         let parsed = match backend {
-            Backend::Sqlite => self
-                .url
-                .parse::<sqlx::sqlite::SqliteConnectOptions>()
-                .map(drop),
-            Backend::Postgres => self
-                .url
-                .parse::<sqlx::postgres::PgConnectOptions>()
-                .map(drop),
-            Backend::MySql => crate::store::mysql_url(&self.url)
+            Backend::Sqlite => url.parse::<sqlx::sqlite::SqliteConnectOptions>().map(drop),
+            Backend::Postgres => url.parse::<sqlx::postgres::PgConnectOptions>().map(drop),
+            Backend::MySql => crate::store::mysql_url(url)
                 .parse::<sqlx::mysql::MySqlConnectOptions>()
                 .map(drop),
         };
-        parsed
-            .map_err(|_| ConfigError::invalid("database.url", "is not a valid connection URL"))?;
+        parsed.map_err(|_| {
+            ConfigError::invalid(key, format!("{within} is not a valid connection URL"))
+        })?;
         Ok(DatabaseConfig {
-            url: SecretString::from(self.url),
+            url: SecretString::from(url.to_owned()),
             backend,
             max_connections: nz(positive(
                 "database.max_connections",
@@ -1119,39 +1210,18 @@ impl RawIyzico {
                 format!("{:?} must be scheme, host and port only", self.base_url),
             ));
         }
-        if self.api_key.trim().is_empty() {
-            return Err(ConfigError::invalid("iyzico.api_key", "must not be empty"));
-        }
-        let secret_key = match (self.secret_key, self.secret_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "iyzico.secret_key",
-                    "set either iyzico.secret_key or iyzico.secret_key_file, not both",
-                ));
-            }
-            (Some(s), None) => s,
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    ConfigError::invalid(
-                        "iyzico.secret_key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned())
-            }
-            (None, None) => {
-                return Err(ConfigError::invalid(
-                    "iyzico.secret_key",
-                    "a secret is required: set iyzico.secret_key or iyzico.secret_key_file",
-                ));
-            }
-        };
-        if secret_key.expose_secret().trim().is_empty() {
-            return Err(ConfigError::invalid(
-                "iyzico.secret_key",
-                "must not be empty",
-            ));
-        }
+        let api_key = secret_value(
+            "iyzico.api_key",
+            self.api_key,
+            self.api_key_file,
+            "an API key",
+        )?;
+        let secret_key = secret_value(
+            "iyzico.secret_key",
+            self.secret_key,
+            self.secret_key_file,
+            "a secret",
+        )?;
         let locale = match self.locale.as_deref().unwrap_or("tr") {
             "tr" => Locale::Tr,
             "en" => Locale::En,
@@ -1189,7 +1259,7 @@ impl RawIyzico {
         }
         Ok(IyzicoConfig {
             base_url,
-            api_key: SecretString::from(self.api_key),
+            api_key,
             secret_key,
             locale,
             timeout: duration(
@@ -1295,6 +1365,9 @@ mod tests {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(redact_url("http://u:p@ss/w@h:1/x"), "http://u:***@h:1/x");
+        assert_eq!(redact_url("u:pw@h:1/x"), "u:***@h:1/x");
+        assert_eq!(redact_url("http://h:1/x"), "http://h:1/x");
     }
 
     const MINIMAL: &str = r#"

@@ -72,6 +72,8 @@ pub struct FleetView {
     pub liveness: Liveness,
     /// The database's clock as measured by each beat.
     pub clock: DbClock,
+    /// Whether the last beat found the skew past [`SKEW_WARNING`] (so it is said once).
+    pub skewed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One heartbeat round trip: the row, then the leases, then the fleet's size. Returns the live
@@ -88,12 +90,25 @@ async fn beat(
     let written = store.heartbeat(worker).await?;
     let skew = view.clock.observe(written, sent_wall, Utc::now());
     view.metrics.set_clock_skew(skew);
-    if skew.abs() > SKEW_WARNING {
-        tracing::warn!(
-            skew_ms = skew.num_milliseconds(),
-            "this host's clock differs from the database's by more than a second; leases are \
-             safe (the database's clock decides them), but check NTP"
-        );
+    // Said when it starts and when it ends, not at every beat.
+    let skewed = skew.abs() > SKEW_WARNING;
+    if skewed
+        != view
+            .skewed
+            .swap(skewed, std::sync::atomic::Ordering::Relaxed)
+    {
+        if skewed {
+            tracing::warn!(
+                skew_ms = skew.num_milliseconds(),
+                "this host's clock differs from the database's by more than a second; leases are \
+                 safe (the database's clock decides them), but check NTP"
+            );
+        } else {
+            tracing::info!(
+                skew_ms = skew.num_milliseconds(),
+                "this host's clock agrees with the database's again"
+            );
+        }
     }
     store.renew_leases(&worker.id, lease).await?;
     let live = store.live_workers(stale_after).await?;

@@ -3,12 +3,13 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::CommandFactory as _;
 
 use crate::cli::{Cli, CliError};
+use crate::config::redact_url;
 
 /// The crate version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -26,7 +27,7 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
-/// The metrics port when the config names none.
+/// The address `healthcheck` asks when there is no config file at all.
 pub const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -41,7 +42,8 @@ pub struct CompletionsArgs {
 /// Options of `healthcheck`.
 #[derive(Debug, clap::Args)]
 pub struct HealthcheckArgs {
-    /// The URL to GET [default: /healthz on the config's server.listen, else 127.0.0.1:9464].
+    /// The URL to GET [default: /healthz on the config's server.listen; 127.0.0.1:9464 when
+    /// there is no config file].
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
 }
@@ -63,52 +65,140 @@ pub fn completions(args: &CompletionsArgs) -> Result<(), CliError> {
     }
 }
 
-/// GETs `/healthz` (or `--url`): Ok on a 2xx answer, a runtime failure (exit 1) otherwise.
+/// Why `healthcheck` has no address to ask: each is exit 1, a verdict the orchestrator can act
+/// on, not a silent probe of some other port.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthAddrError {
+    /// The config file serves no `/healthz`.
+    #[error(
+        "server.listen is not set in {}: the daemon serves no /healthz; set it or pass --url",
+        config.display()
+    )]
+    NotSet {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// `SWEEPER_SERVER__LISTEN` is set, to nothing: no `/healthz` either.
+    #[error("SWEEPER_SERVER__LISTEN is empty: the daemon serves no /healthz; set it or pass --url")]
+    EmptyFromEnv,
+    /// The listen address does not parse (the daemon would not start with it).
+    #[error("{origin}: {value:?} is not an address like 127.0.0.1:9464; fix it or pass --url")]
+    BadAddress {
+        /// `server.listen in FILE` or `SWEEPER_SERVER__LISTEN`.
+        origin: String,
+        /// What it holds (an address: not a secret).
+        value: String,
+    },
+    /// The config file exists but cannot be read.
+    #[error("cannot read {}: {source}; pass --url", config.display())]
+    Unreadable {
+        /// The config file.
+        config: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not TOML (the parser's excerpt of the line could hold a secret, so
+    /// it is not repeated here).
+    #[error(
+        "{} is not valid TOML (`session-sweeper check` says where); pass --url",
+        config.display()
+    )]
+    NotToml {
+        /// The config file.
+        config: PathBuf,
+    },
+}
+
+/// GETs `/healthz` (or `--url`): Ok on a 2xx answer, a runtime failure (exit 1) otherwise. A
+/// password in `--url` is never printed.
 pub fn healthcheck(args: &HealthcheckArgs, config: Option<&Path>) -> Result<(), CliError> {
     let url = match &args.url {
         Some(u) => u.clone(),
         None => format!(
             "http://{}/healthz",
             health_addr(config, std::env::var("SWEEPER_SERVER__LISTEN").ok())
+                .map_err(|e| CliError::Runtime(e.into()))?
         ),
     };
-    let (addr, host, path) = parse_http_url(&url)?;
+    let shown = redact_url(&url);
+    let (addr, host, path) = parse_http_url(&url, &shown)?;
     match get(addr, &host, &path) {
         Ok(status) if (200..300).contains(&status) => {
-            println!("{url}: {status}");
+            println!("{shown}: {status}");
             Ok(())
         }
-        Ok(status) => Err(CliError::Runtime(anyhow::anyhow!("{url}: HTTP {status}"))),
-        Err(e) => Err(CliError::Runtime(anyhow::anyhow!("{url}: {e}"))),
+        Ok(status) => Err(CliError::Runtime(anyhow::anyhow!("{shown}: HTTP {status}"))),
+        Err(e) => Err(CliError::Runtime(anyhow::anyhow!("{shown}: {e}"))),
     }
 }
 
 /// The address to check: `SWEEPER_SERVER__LISTEN`, else `server.listen` from the config file
-/// (read on its own, so a health check works whatever else the config needs), else the default.
-/// A wildcard listen address is checked on loopback.
-fn health_addr(config: Option<&Path>, env_listen: Option<String>) -> SocketAddr {
-    let from_file = || {
-        let path = config.unwrap_or(Path::new(crate::cli::DEFAULT_CONFIG));
-        let text = std::fs::read_to_string(path).ok()?;
-        let table: toml::Table = text.parse().ok()?;
-        Some(table.get("server")?.get("listen")?.as_str()?.to_owned())
+/// (read on its own, so a health check works whatever else the config needs). Only when there
+/// is no config file at all is it [`DEFAULT_HEALTH_ADDR`]; a config without `server.listen`
+/// serves no `/healthz`, and that is an error, not a probe of another port. A wildcard listen
+/// address is checked on loopback.
+fn health_addr(
+    config: Option<&Path>,
+    env_listen: Option<String>,
+) -> Result<SocketAddr, HealthAddrError> {
+    let (listen, origin) = match env_listen {
+        Some(l) if l.trim().is_empty() => return Err(HealthAddrError::EmptyFromEnv),
+        Some(l) => (l, "SWEEPER_SERVER__LISTEN".to_owned()),
+        None => {
+            let path = config.unwrap_or(Path::new(crate::cli::DEFAULT_CONFIG));
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(DEFAULT_HEALTH_ADDR);
+                }
+                Err(source) => {
+                    return Err(HealthAddrError::Unreadable {
+                        config: path.to_owned(),
+                        source,
+                    });
+                }
+            };
+            let table: toml::Table = text.parse().map_err(|_| HealthAddrError::NotToml {
+                config: path.to_owned(),
+            })?;
+            let origin = format!("server.listen in {}", path.display());
+            match table.get("server").and_then(|s| s.get("listen")) {
+                Some(toml::Value::String(l)) if !l.trim().is_empty() => (l.clone(), origin),
+                Some(toml::Value::String(_)) | None => {
+                    return Err(HealthAddrError::NotSet {
+                        config: path.to_owned(),
+                    });
+                }
+                Some(other) => {
+                    return Err(HealthAddrError::BadAddress {
+                        origin,
+                        value: other.to_string(),
+                    });
+                }
+            }
+        }
     };
-    let listen = env_listen.or_else(from_file);
-    let Some(mut addr) = listen.and_then(|l| l.trim().parse::<SocketAddr>().ok()) else {
-        return DEFAULT_HEALTH_ADDR;
-    };
+    let mut addr =
+        listen
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| HealthAddrError::BadAddress {
+                origin,
+                value: listen.clone(),
+            })?;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    addr
+    Ok(addr)
 }
 
-/// `http://host[:port][/path]` → the address, the Host header, the request target.
-fn parse_http_url(raw: &str) -> Result<(SocketAddr, String, String), CliError> {
-    let usage = |why: &str| CliError::Usage(format!("--url {raw}: {why}"));
+/// `http://host[:port][/path]` → the address, the Host header, the request target. Messages
+/// show the URL as `shown` (its password redacted).
+fn parse_http_url(raw: &str, shown: &str) -> Result<(SocketAddr, String, String), CliError> {
+    let usage = |why: &str| CliError::Usage(format!("--url {shown}: {why}"));
     let url = url::Url::parse(raw).map_err(|e| usage(&e.to_string()))?;
     if url.scheme() != "http" {
         return Err(usage(
@@ -119,9 +209,9 @@ fn parse_http_url(raw: &str) -> Result<(SocketAddr, String, String), CliError> {
     let port = url.port_or_known_default().unwrap_or(80);
     let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
         .to_socket_addrs()
-        .map_err(|e| CliError::Runtime(anyhow::anyhow!("{raw}: resolving {host}: {e}")))?
+        .map_err(|e| CliError::Runtime(anyhow::anyhow!("{shown}: resolving {host}: {e}")))?
         .next()
-        .ok_or_else(|| CliError::Runtime(anyhow::anyhow!("{raw}: {host} has no address")))?;
+        .ok_or_else(|| CliError::Runtime(anyhow::anyhow!("{shown}: {host} has no address")))?;
     let mut target = url.path().to_owned();
     if let Some(q) = url.query() {
         target.push('?');
@@ -183,17 +273,21 @@ mod tests {
 
     #[test]
     fn parses_http_urls() {
-        let (addr, host, target) = parse_http_url("http://127.0.0.1:9464/healthz").unwrap();
+        let parse = |u: &str| parse_http_url(u, u);
+        let (addr, host, target) = parse("http://127.0.0.1:9464/healthz").unwrap();
         assert_eq!(addr, "127.0.0.1:9464".parse().unwrap());
         assert_eq!(host, "127.0.0.1:9464");
         assert_eq!(target, "/healthz");
-        let (addr, _, target) = parse_http_url("http://[::1]:80/readyz?x=1").unwrap();
+        let (addr, _, target) = parse("http://[::1]:80/readyz?x=1").unwrap();
         assert_eq!(addr, "[::1]:80".parse().unwrap());
         assert_eq!(target, "/readyz?x=1");
         assert!(matches!(
-            parse_http_url("https://127.0.0.1/healthz"),
+            parse("https://127.0.0.1/healthz"),
             Err(CliError::Usage(_))
         ));
+        // The user information is never sent on, as a Host header or otherwise.
+        let (_, host, _) = parse("http://u:pw@127.0.0.1:9464/healthz").unwrap();
+        assert_eq!(host, "127.0.0.1:9464");
     }
 
     #[test]
@@ -202,18 +296,51 @@ mod tests {
         let file = dir.path().join("sweeper.toml");
         let at = |listen: &str| {
             std::fs::write(&file, format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
-            health_addr(Some(&file), None).to_string()
+            health_addr(Some(&file), None).map(|a| a.to_string())
         };
-        assert_eq!(at("127.0.0.1:9500"), "127.0.0.1:9500");
-        assert_eq!(at("0.0.0.0:9501"), "127.0.0.1:9501");
-        assert_eq!(at("[::]:9502"), "[::1]:9502");
-        assert_eq!(at("not an address"), "127.0.0.1:9464");
+        assert_eq!(at("127.0.0.1:9500").unwrap(), "127.0.0.1:9500");
+        assert_eq!(at("0.0.0.0:9501").unwrap(), "127.0.0.1:9501");
+        assert_eq!(at("[::]:9502").unwrap(), "[::1]:9502");
+        assert!(matches!(
+            at("not an address"),
+            Err(HealthAddrError::BadAddress { .. })
+        ));
+        assert!(matches!(at(" "), Err(HealthAddrError::NotSet { .. })));
         assert_eq!(
-            health_addr(Some(&file), Some("127.0.0.2:9600".into())).to_string(),
+            health_addr(Some(&file), Some("127.0.0.2:9600".into()))
+                .unwrap()
+                .to_string(),
             "127.0.0.2:9600"
         );
+        assert!(matches!(
+            health_addr(Some(&file), Some(String::new())),
+            Err(HealthAddrError::EmptyFromEnv)
+        ));
+        std::fs::write(&file, "[database]\nurl = \"sqlite://x.db\"\n").unwrap();
+        let err = health_addr(Some(&file), None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "server.listen is not set in {}: the daemon serves no /healthz; set it or pass --url",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "[server]\nlisten = 9464\n").unwrap();
+        assert!(matches!(
+            health_addr(Some(&file), None),
+            Err(HealthAddrError::BadAddress { .. })
+        ));
+        std::fs::write(&file, "[iyzico]\nsecret_key = \"hunter2\n").unwrap();
+        let err = health_addr(Some(&file), None).unwrap_err().to_string();
+        assert!(
+            err.contains("not valid TOML") && !err.contains("hunter2"),
+            "{err}"
+        );
         let absent = dir.path().join("absent.toml");
-        assert_eq!(health_addr(Some(&absent), None), DEFAULT_HEALTH_ADDR);
+        assert_eq!(
+            health_addr(Some(&absent), None).unwrap(),
+            DEFAULT_HEALTH_ADDR
+        );
     }
 
     #[test]

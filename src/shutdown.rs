@@ -140,6 +140,18 @@ impl Liveness {
     }
 }
 
+/// Keeps SIGHUP (a closed terminal, an ssh session that dropped) from killing a command that
+/// is not `run`: the command goes on, and the hangup is logged. Only `run` reloads on SIGHUP.
+pub fn ignore_hangups() -> std::io::Result<()> {
+    let mut signals = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
+    tokio::spawn(async move {
+        while signals.next().await.is_some() {
+            tracing::warn!("SIGHUP ignored: only `run` reloads its config; this command goes on");
+        }
+    });
+    Ok(())
+}
+
 /// The exit code of a forced stop after a second signal: 128 + the signal number.
 pub type ForcedExit = i32;
 

@@ -312,7 +312,8 @@ impl Sweeper {
         if settings.mark_passive {
             let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
             if !owed.is_empty() {
-                match self.store.mark_passive(&owed).await {
+                let idle_before = cutoff_before(self.clock.now(), settings.idle_after);
+                match self.store.mark_passive(&owed, idle_before).await {
                     Ok(n) => tracing::info!(
                         marked = n,
                         "marked source rows passive that an earlier sweep could not"
@@ -377,6 +378,8 @@ impl Sweeper {
                 sweep: sweep.clone(),
                 progress: progress.clone(),
                 mark_passive: settings.mark_passive,
+                idle_after: settings.idle_after,
+                clock: self.clock.clone(),
             }
             .run(settle_rx),
         );
@@ -645,6 +648,8 @@ struct Recorder {
     sweep: Shutdown,
     progress: Arc<Progress>,
     mark_passive: bool,
+    idle_after: Duration,
+    clock: DbClock,
 }
 
 impl Recorder {
@@ -732,7 +737,8 @@ impl Recorder {
             let step = bounded(
                 &self.sweep,
                 "marking sessions passive",
-                self.store.mark_passive(tokens),
+                self.store
+                    .mark_passive(tokens, cutoff_before(self.clock.now(), self.idle_after)),
             );
             match step.await {
                 Ok(_) => return,

@@ -90,6 +90,14 @@ level = "info"
     (path, db)
 }
 
+/// `text` without its lines that start with `prefix`.
+fn without_line(text: &str, prefix: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with(prefix))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn the_contract_example_config_is_valid() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,6 +194,56 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
                 )
             }),
             "iyzico.secret_key_file",
+        ),
+        (
+            "both database urls",
+            Box::new(|t| t.replace("url = \"sqlite://", "url_file = \"/x\"\nurl = \"sqlite://")),
+            "database.url: set either database.url or database.url_file, not both",
+        ),
+        (
+            "no database url",
+            Box::new(|t| without_line(&t, "url = ")),
+            "database.url: a database URL is required: set database.url or database.url_file",
+        ),
+        (
+            "missing database url file",
+            Box::new(|t| {
+                without_line(&t, "url = ").replace(
+                    "[database]",
+                    "[database]\nurl_file = \"/nonexistent/database-url\"",
+                )
+            }),
+            "database.url_file: cannot read /nonexistent/database-url: ",
+        ),
+        (
+            "both api keys",
+            Box::new(|t| {
+                t.replace(
+                    "api_key = \"key\"",
+                    "api_key = \"key\"\napi_key_file = \"/x\"",
+                )
+            }),
+            "iyzico.api_key: set either iyzico.api_key or iyzico.api_key_file, not both",
+        ),
+        (
+            "no api key",
+            Box::new(|t| without_line(&t, "api_key = ")),
+            "iyzico.api_key: an API key is required: set iyzico.api_key or iyzico.api_key_file",
+        ),
+        (
+            "missing api key file",
+            Box::new(|t| {
+                t.replace(
+                    "api_key = \"key\"",
+                    "api_key_file = \"/nonexistent/api-key\"",
+                )
+            }),
+            "iyzico.api_key_file: cannot read /nonexistent/api-key: ",
+        ),
+        (
+            "numeric api key",
+            Box::new(|t| t.replace("api_key = \"key\"", "api_key = 424242")),
+            "iyzico.api_key: must be a string",
         ),
         (
             "zero batch",
@@ -525,6 +583,211 @@ fn the_secret_can_come_from_a_file_and_never_shows_in_debug() {
     assert!(!format!("{with_password:?}").contains("hunter2"));
 }
 
+/// A secret file that cannot be used: exit 2, naming the key and the file, never what the file
+/// holds, and nothing touched.
+#[test]
+fn unusable_secret_files_name_the_key_and_the_path_never_the_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str, Option<&str>, &str)] = &[
+        // (name, key in the file, the line it replaces, contents (None: a directory), expected)
+        (
+            "empty url file",
+            "database",
+            "url = ",
+            Some("\n"),
+            "is empty",
+        ),
+        (
+            "url file with another scheme",
+            "database",
+            "url = ",
+            Some("mysql://u:hunter2@db/x\n"),
+            "must start with sqlite:, postgres:// or postgresql://",
+        ),
+        (
+            "url file with a bad port",
+            "database",
+            "url = ",
+            Some("postgres://u:hunter2@db:notaport/x\n"),
+            "is not a valid connection URL",
+        ),
+        (
+            "url file is a directory",
+            "database",
+            "url = ",
+            None,
+            "cannot read",
+        ),
+        (
+            "empty api key file",
+            "iyzico",
+            "api_key = ",
+            Some(""),
+            "is empty",
+        ),
+        (
+            "blank api key file",
+            "iyzico",
+            "api_key = ",
+            Some(" \r\n"),
+            "is empty",
+        ),
+        (
+            "api key file is a directory",
+            "iyzico",
+            "api_key = ",
+            None,
+            "cannot read",
+        ),
+        (
+            "empty secret key file",
+            "iyzico",
+            "secret_key = ",
+            Some("\n"),
+            "is empty",
+        ),
+    ];
+    for (i, (name, section, line, contents, expected)) in cases.iter().enumerate() {
+        let case_dir = dir.path().join(i.to_string());
+        std::fs::create_dir(&case_dir).unwrap();
+        let file = case_dir.join("secret-file");
+        match contents {
+            Some(c) => std::fs::write(&file, c).unwrap(),
+            None => std::fs::create_dir(&file).unwrap(),
+        }
+        let key = format!("{}_file", line.trim_end_matches(" = "));
+        let (path, db) = config_file(&case_dir, |t| {
+            without_line(&t, line).replace(
+                &format!("[{section}]"),
+                &format!("[{section}]\n{key} = \"{}\"", file.display()),
+            )
+        });
+        let out = run(&path, &["check"], &[]);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {all}");
+        let named = format!("error: {section}.{key}: ");
+        assert!(all.contains(&named), "{name}: expected {named:?} in: {all}");
+        assert!(
+            all.contains(&file.display().to_string()),
+            "{name}: the path is named: {all}"
+        );
+        assert!(
+            all.contains(expected),
+            "{name}: expected {expected:?} in: {all}"
+        );
+        assert_eq!(all.matches("error: ").count(), 1, "{name}: {all}");
+        assert!(
+            !all.contains("hunter2"),
+            "{name}: the password leaked: {all}"
+        );
+        assert!(!db.exists(), "{name}: the database was touched");
+    }
+}
+
+/// `url_file` and `api_key_file` from the config file or the environment; one alternative set
+/// from the environment replaces the other, and both from the environment are refused.
+#[test]
+fn secret_files_and_their_environment_overrides() {
+    use secrecy::ExposeSecret;
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("database-url");
+    std::fs::write(&url_file, "postgres://sweeper:from-a-file@db/payments\n").unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "api-key-from-a-file\r\n").unwrap();
+    let env = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let url_file_var = url_file.display().to_string();
+    let key_file_var = key_file.display().to_string();
+
+    // In the file.
+    let (with_files, _) = config_file(dir.path(), |t| {
+        without_line(&t, "url = ")
+            .replace(
+                "[database]",
+                &format!("[database]\nurl_file = \"{url_file_var}\""),
+            )
+            .replace(
+                "api_key = \"key\"",
+                &format!("api_key_file = \"{key_file_var}\""),
+            )
+    });
+    let c = Config::load(&with_files, []).unwrap();
+    assert_eq!(
+        c.database.url.expose_secret(),
+        "postgres://sweeper:from-a-file@db/payments",
+        "trailing newline trimmed"
+    );
+    assert_eq!(c.iyzico.api_key.expose_secret(), "api-key-from-a-file");
+    let debug = format!("{c:?}");
+    assert!(
+        !debug.contains("from-a-file@") && !debug.contains("api-key-from-a-file"),
+        "{debug}"
+    );
+
+    // The value from the environment replaces the file setting.
+    let c = Config::load(
+        &with_files,
+        env(&[
+            ("SWEEPER_DATABASE__URL", "sqlite://from-env.db"),
+            ("SWEEPER_IYZICO__API_KEY", "key-from-env"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.database.url.expose_secret(), "sqlite://from-env.db");
+    assert_eq!(c.iyzico.api_key.expose_secret(), "key-from-env");
+
+    // And the file from the environment replaces the value in the config file.
+    let (with_values, _) = config_file(dir.path(), |t| t);
+    let c = Config::load(
+        &with_values,
+        env(&[
+            ("SWEEPER_DATABASE__URL_FILE", &url_file_var),
+            ("SWEEPER_IYZICO__API_KEY_FILE", &key_file_var),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.database.url.expose_secret(),
+        "postgres://sweeper:from-a-file@db/payments"
+    );
+    assert_eq!(c.iyzico.api_key.expose_secret(), "api-key-from-a-file");
+
+    // Both alternatives from the environment: which one was meant? Refused.
+    for (a, b, key) in [
+        (
+            "SWEEPER_DATABASE__URL",
+            "SWEEPER_DATABASE__URL_FILE",
+            "database.",
+        ),
+        (
+            "SWEEPER_IYZICO__API_KEY",
+            "SWEEPER_IYZICO__API_KEY_FILE",
+            "iyzico.api_key",
+        ),
+        (
+            "SWEEPER_IYZICO__SECRET_KEY",
+            "SWEEPER_IYZICO__SECRET_KEY_FILE",
+            "iyzico.secret_key",
+        ),
+    ] {
+        let err = Config::load(
+            &with_values,
+            env(&[(a, "postgres://u:hunter2@db/x"), (b, &key_file_var)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(key) && err.contains(&format!("{a} and {b} are both set")),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -857,7 +1120,59 @@ async fn the_commands_tell_a_consistent_story(kind: Kind) {
     );
 }
 
+/// Every secret from a file: the database URL, the API key (the simulator checks it) and the
+/// secret key (it checks the signature). migrate, check and once all work.
+async fn every_secret_can_come_from_a_file(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    db.seed(&idle_sessions("s", 3)).await;
+    let dir = db.dir.path();
+    let url_file = dir.join("database-url");
+    std::fs::write(&url_file, format!("{}\n", db.url)).unwrap();
+    let key_file = dir.join("api-key");
+    std::fs::write(&key_file, format!("{}\n", common::API_KEY)).unwrap();
+    let secret_file = dir.join("secret-key");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let toml = db
+        .config_toml(&sim.base_url())
+        .replace(
+            &format!("url = \"{}\"", db.url),
+            &format!("url_file = \"{}\"", url_file.display()),
+        )
+        .replace(
+            &format!("api_key = \"{}\"", common::API_KEY),
+            &format!("api_key_file = \"{}\"", key_file.display()),
+        )
+        .replace(
+            &format!("secret_key = \"{SECRET}\""),
+            &format!("secret_key_file = \"{}\"", secret_file.display()),
+        );
+    assert!(
+        !toml.contains(&db.url) && !toml.contains(common::API_KEY) && !toml.contains(SECRET),
+        "no secret left in the config: {toml}"
+    );
+    let path = dir.join("sweeper.toml");
+    std::fs::write(&path, toml).unwrap();
+
+    for command in ["migrate", "check"] {
+        let out = run(&path, &[command], &[]);
+        assert!(out.status.success(), "{command}: {}", text(&out));
+    }
+    let once = run(&path, &["once"], &[]);
+    let all = text(&once);
+    assert!(once.status.success(), "{all}");
+    assert!(all.contains("invalidated=3"), "{all}");
+    assert!(
+        !all.contains(SECRET) && !all.contains(common::API_KEY),
+        "{all}"
+    );
+    assert_eq!(db.status("s-0").await, "PASSIVE");
+}
+
 both_backends!(
+    every_secret_can_come_from_a_file,
     the_commands_tell_a_consistent_story,
     one_signal_lets_migrate_finish_and_two_force_it,
 );

@@ -298,6 +298,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
             metrics: Metrics::new(),
             liveness: session_sweeper::shutdown::Liveness::always(),
             clock: session_sweeper::clock::DbClock::new(),
+            skewed: Default::default(),
         },
     )
     .await
@@ -312,6 +313,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
             metrics: Metrics::new(),
             liveness: session_sweeper::shutdown::Liveness::always(),
             clock: session_sweeper::clock::DbClock::new(),
+            skewed: Default::default(),
         },
     )
     .await
@@ -660,5 +662,33 @@ async fn a_replica_whose_clock_runs_ahead_never_takes_a_live_peers_sessions() {
     assert!(
         logs.contains("clock differs from the database's"),
         "the replica whose clock runs ahead says so: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_never_stops_once() {
+    let (db, sim) = sessions_and_simulator(Kind::Sqlite, 6, Duration::from_millis(700))
+        .await
+        .unwrap();
+    let child = spawn_sweeper(&db, "once", &[("SWEEPER_SWEEP__CONCURRENCY", "2")]);
+    wait_for("a call in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    signal(&child, "-HUP");
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("once ends")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.count_state("invalidated").await,
+        6,
+        "the sweep went on to the end"
     );
 }

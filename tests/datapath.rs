@@ -88,7 +88,21 @@ async fn seconds_read_as_milliseconds_and_offsets_in_text_are_never_eligible() {
         Utc::now().timestamp() - 10
     ))
     .await;
+    // Impossible times have the right shape but mean no instant at all.
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES ('feb30', 'm3', 'ACTIVE', '2020-02-30 10:00:00'), \
+         ('hour25', 'm4', 'ACTIVE', '2020-01-01 25:00:00'), ('feb30t', 'm5', 'ACTIVE', '2020-02-30T10:00:00Z')",
+    )
+    .await;
     let sim = simulator(SimulatorConfig::default()).await;
+    assert_eq!(
+        sweep_once(&db.config(&sim.base_url(), &[]))
+            .await
+            .unwrap()
+            .invalidated,
+        0,
+        "impossible dates are never eligible"
+    );
     for format in ["unix_millis", "rfc3339"] {
         let config = db.config(
             &sim.base_url(),
@@ -177,6 +191,13 @@ async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) 
         }
     })
     .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| matches!(f, Finding::Warning(m) if m.contains("BEFORE UPDATE trigger"))),
+        "check warns of the trigger: {findings:?}"
+    );
     let sim = simulator(SimulatorConfig::default()).await;
     let config = db.config(&sim.base_url(), &[]);
     assert_eq!(sweep_once(&config).await.unwrap().invalidated, 5);
@@ -303,6 +324,106 @@ async fn a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent(kind: 
     panic!("every session was sent before one could be revived");
 }
 
+async fn a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let (old, now) = match kind {
+        Kind::Sqlite => ("datetime('now', '-2 hours')", "datetime('now')"),
+        Kind::Postgres => ("now() - interval '2 hours'", "now()"),
+    };
+    // One session, three rows: two idle, one touched just now. The session is live.
+    db.exec(&format!(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT, member_identifier TEXT, status TEXT, \
+           last_activity_at {ty}); \
+         CREATE INDEX checkout_sessions_tok ON checkout_sessions (session_token); \
+         INSERT INTO checkout_sessions VALUES ('dup', 'm1', 'ACTIVE', {old}), ('dup', 'm2', 'ACTIVE', {old}), \
+           ('dup', 'm3', 'ACTIVE', {now}), ('alone', 'm4', 'ACTIVE', {old})",
+        ty = if kind == Kind::Sqlite { "TEXT" } else { "TIMESTAMPTZ" }
+    ))
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    let summary = sweep_once(&config).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert!(
+        !calls.contains_key("dup"),
+        "a live session is never sent: {calls:?}"
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM checkout_sessions WHERE session_token = 'dup' AND status = 'ACTIVE'")
+            .await,
+        3,
+        "no row of a live session is marked passive"
+    );
+    assert_eq!(db.status("alone").await, "PASSIVE");
+}
+
+async fn integer_and_empty_tokens_are_handled_as_what_they_are() {
+    let db = TestDb::new(Kind::Sqlite).await.unwrap();
+    // A column without a declared type keeps integers as integers.
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token, member_identifier, status TEXT, last_activity_at TEXT); \
+         INSERT INTO checkout_sessions VALUES (12345, 'm1', 'ACTIVE', datetime('now', '-2 hours')), \
+           ('', 'm2', 'ACTIVE', datetime('now', '-2 hours'))",
+    )
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    assert_eq!(summary.skipped, 0, "an integer token is not 'active again'");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.get("12345"), Some(&1));
+    assert!(!calls.contains_key(""), "an empty token is never sent");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM checkout_sessions WHERE status = 'PASSIVE'")
+            .await,
+        1,
+        "the integer token's row is marked"
+    );
+    assert_eq!(
+        db.store()
+            .await
+            .report(5)
+            .await
+            .unwrap()
+            .unusable
+            .bad_source_row,
+        1
+    );
+}
+
+#[tokio::test]
+async fn integer_and_empty_tokens_on_sqlite() {
+    integer_and_empty_tokens_are_handled_as_what_they_are().await;
+}
+
+#[tokio::test]
+async fn check_warns_when_every_active_session_reads_as_idle() {
+    // A UTC database whose application writes New York wall-clock time into `timestamp`:
+    // read as UTC, every session touched a minute ago looks five hours idle.
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
+         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
+           (now() AT TIME ZONE 'America/New_York') - interval '1 minute')",
+    )
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Warning(m)
+            if m.contains("every active session reads as idle") && m.contains("last_activity_timezone"))),
+        "{findings:?}"
+    );
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }
@@ -314,4 +435,5 @@ both_backends!(
     a_failing_source_update_keeps_the_record_and_never_resends,
     null_duplicate_and_unreadable_rows_never_stop_a_sweep,
     a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
+    a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked,
 );

@@ -306,7 +306,10 @@ async fn recording_logs_attempts_then_marking_sets_passive(kind: Kind) {
     assert_eq!(store.unmarked(10).await.unwrap().len(), 2);
     assert_eq!(
         store
-            .mark_passive(&["s-0".into(), "s-1".into()])
+            .mark_passive(
+                &["s-0".into(), "s-1".into()],
+                Utc::now() - Duration::from_secs(1800)
+            )
             .await
             .unwrap(),
         2

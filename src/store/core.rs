@@ -112,6 +112,9 @@ pub(crate) struct Shape {
     /// `s.tok = <this>` compares a source token with a text value (a cast on PostgreSQL,
     /// where a `uuid` column never equals `text`); `{}` stands for the value.
     pub token_from_text: String,
+    /// The condition "source row `s` has the token `{}`" (a ledger token), index-friendly and
+    /// exact; `{tok}` stands for the quoted token column.
+    pub same_token: String,
 }
 
 /// The statements of the source-side operations, rendered once.
@@ -235,7 +238,8 @@ impl SqlStore {
         );
         match self.dialect {
             Dialect::Sqlite => format!(
-                "{} AND typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer')",
+                "{} AND typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer') \
+                 AND {tok} <> '' AND {mem} <> ''",
                 super::sqlite::fits(&last, self.source.last_activity_format)
             ),
             _ => {
@@ -244,7 +248,12 @@ impl SqlStore {
                     Activity::UnixMillis => format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000),
                     _ => String::new(),
                 };
-                format!("{last} IS NOT NULL{floor} AND {tok} IS NOT NULL AND {mem} IS NOT NULL")
+                format!(
+                    "{last} IS NOT NULL{floor} AND {tok} IS NOT NULL AND {mem} IS NOT NULL \
+                     AND {} <> '' AND {} <> ''",
+                    self.dialect.text(&tok),
+                    self.dialect.text(&mem)
+                )
             }
         }
     }
@@ -274,7 +283,22 @@ impl SqlStore {
         let fits = self.time_fits(shape.activity);
         let token_text = d.text(&format!("s.{tok}"));
         let member_text = d.text(&format!("s.{mem}"));
-        let token_eq_ledger = shape.token_from_text.replace("{}", "l.session_token");
+        let same = shape
+            .same_token
+            .replace("{tok}", &tok)
+            .replace("{}", "l.session_token");
+        // The session behind `l` is still idle: some active row with its token is idle, and
+        // none is live (a duplicate token touched a moment ago makes the whole session live;
+        // a row whose time cannot be read counts as live: ambiguous data is never sent).
+        let still_idle = |active: &str, cutoff: &str| {
+            format!(
+                "(EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
+                   AND s.{last} < {cutoff} AND {fits}) \
+                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
+                   AND NOT COALESCE(s.{last} < {cutoff} AND {fits}, {false})))",
+                false = if d == Dialect::Postgres { "FALSE" } else { "0" }
+            )
+        };
         // $1 active value, $2 idle cutoff, $3 staleness (ms); claims add $4 limit, $5 worker,
         // $6 lease (ms).
         let eligible_where = format!(
@@ -322,11 +346,7 @@ impl SqlStore {
             recheck: self.q(&format!(
                 "SELECT {}, {} FROM sweeper_sessions l WHERE l.session_token = $4",
                 d.flag("l.lease_owner = $1"),
-                d.flag(&format!(
-                    "EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = {token_eq_ledger} \
-                     AND s.{status} = $2 AND s.{last} < {} AND {fits})",
-                    cutoff.replace("$2", "$3")
-                )),
+                d.flag(&still_idle("$2", &cutoff.replace("$2", "$3"))),
             )),
             skip_revived: self.q(&format!(
                 "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
@@ -334,8 +354,8 @@ impl SqlStore {
                  WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= {now}) \
                  AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} AND EXISTS \
                    (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})) \
-                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{tok} = {token_eq_ledger} \
-                   AND s.{status} = $1 AND s.{last} < {cutoff} AND {fits})"
+                 AND NOT {}",
+                still_idle("$1", cutoff)
             )),
             unusable: self.q(&format!(
                 "SELECT {}, {} FROM {table} s WHERE s.{status} = $1",
@@ -430,7 +450,7 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            findings.push(newest_finding(newest, self.database_time().await?));
+            findings.push(newest_finding(newest, self.database_time().await?, self.source.idle_after));
         }
         Ok(findings)
     }
@@ -773,28 +793,45 @@ impl Store for SqlStore {
         Ok(accepted)
     }
 
-    async fn mark_passive(&self, tokens: &[String]) -> Result<u64> {
+    async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64> {
         if tokens.is_empty() {
             return Ok(0);
         }
         let sql = self.sql().await?;
         let table = self.col(&self.source.table);
-        let (tok, status) = (self.col(&self.source.token_column), self.col(&self.source.status_column));
+        let (tok, status, last) = (
+            self.col(&self.source.token_column),
+            self.col(&self.source.status_column),
+            self.col(&self.source.last_activity_column),
+        );
+        let cutoff = self.cutoff_expr(sql.shape.activity).replace("$2", "$3");
+        let fits = self.time_fits(sql.shape.activity);
         let mut tx = self.begin_write("starting to mark sessions passive").await?;
         let mut noted = 0;
         for chunk in tokens.chunks(CHUNK * 4) {
             let mut args = vec![
                 Arg::Text(self.source.passive_value.clone()),
                 Arg::Text(self.source.active_value.clone()),
+                self.cutoff(sql.shape.activity, idle_before),
             ];
             let mut list = Vec::new();
             for t in chunk {
                 args.push(Arg::Text(t.clone()));
                 list.push(sql.shape.token_from_text.replace("{}", &format!("${}", args.len())));
+                // A SQLite column without text affinity stores an integer token as an integer.
+                if self.dialect == Dialect::Sqlite
+                    && let Ok(i) = t.parse::<i64>()
+                    && i.to_string() == *t
+                {
+                    args.push(Arg::Int(i));
+                    list.push(format!("${}", args.len()));
+                }
             }
+            // Only rows still idle: a duplicate token touched a moment ago stays active.
             query(
                 &self.q(&format!(
-                    "UPDATE {table} SET {status} = $1 WHERE {tok} IN ({}) AND {status} = $2",
+                    "UPDATE {table} AS s SET {status} = $1 WHERE s.{tok} IN ({}) AND s.{status} = $2 \
+                     AND s.{last} < {cutoff} AND {fits}",
                     list.join(", ")
                 )),
                 &args,
@@ -1089,9 +1126,4 @@ pub(crate) fn sqlite_activity(format: TimestampFormat, tz: chrono_tz::Tz) -> Act
         TimestampFormat::UnixSeconds => Activity::UnixSeconds,
         TimestampFormat::UnixMillis => Activity::UnixMillis,
     }
-}
-
-/// The store's now in Rust terms, for backends that need it as a value.
-pub(crate) fn now_ms_value(t: DateTime<Utc>) -> i64 {
-    ms(t)
 }

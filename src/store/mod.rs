@@ -345,9 +345,10 @@ pub trait Store: Send + Sync {
     /// that fails can never take the record of an accepted call with it. Returns the tokens
     /// whose ledger row changed (those whose lease we still held): only those count.
     async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>>;
-    /// Sets the source status of these invalidated sessions to the passive value and notes in
-    /// the ledger that it was done, in one transaction. Returns how many ledger rows it noted.
-    async fn mark_passive(&self, tokens: &[String]) -> Result<u64>;
+    /// Sets the source status of these invalidated sessions to the passive value (rows still
+    /// idle before `idle_before` only) and notes in the ledger that it was done, in one
+    /// transaction. Returns how many ledger rows it noted.
+    async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64>;
     /// Up to `limit` invalidated sessions whose source row is not marked passive yet.
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>>;
     /// Active source rows the sweep cannot use, by reason (never sent; counted and reported).
@@ -634,6 +635,17 @@ pub(crate) fn pending(migrations: &[Migration], applied: &[i64]) -> Vec<String> 
         .collect()
 }
 
+/// A trigger that runs before updates may refuse the status change; nothing shows which until
+/// it runs, and then the sessions stay invalidated with their source not marked.
+pub(crate) fn trigger_warning(src: &SourceConfig) -> Finding {
+    Finding::Warning(format!(
+        "source.status_column: {} has a BEFORE UPDATE trigger, which may refuse setting {} to \
+         the passive value; if it does, sessions stay invalidated with the source not marked \
+         (report's source_not_marked) and are never sent again",
+        src.table, src.status_column
+    ))
+}
+
 /// Index advice for a source that is a view: indexes belong on the table behind it.
 pub(crate) fn view_finding(src: &SourceConfig) -> Finding {
     Finding::Warning(format!(
@@ -861,8 +873,24 @@ pub(crate) fn format_findings(
 
 /// `check`'s verdict on the newest activity against the database's clock: a value in the future
 /// means the zone or the unit is wrong, and idle times would be misjudged.
-pub(crate) fn newest_finding(newest: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Finding {
+pub(crate) fn newest_finding(
+    newest: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    idle_after: Duration,
+) -> Finding {
+    let idle = chrono::Duration::from_std(idle_after).unwrap_or(chrono::Duration::MAX);
     match newest {
+        // Every active session idle is possible (a quiet night), but it is also what a zone
+        // west of UTC read as UTC looks like: say so, with the hours it is off by.
+        Some(t) if now - t > idle => Finding::Warning(format!(
+            "source.last_activity_timezone: every active session reads as idle; the newest \
+             last-activity value reads as {t}, {} h {} min before the database's clock. If \
+             shoppers are active right now, the column is read in the wrong zone (a whole \
+             number of hours off suggests one) and a sweep would invalidate them: set \
+             source.last_activity_timezone to the zone the application writes in",
+            (now - t).num_hours(),
+            (now - t).num_minutes() % 60
+        )),
         Some(t) if t > now + chrono::Duration::minutes(5) => Finding::Error(format!(
             "source.last_activity_timezone: the newest active last-activity value reads as {t}, \
              {} minutes after the database's clock ({now}): the zone (or unit) it is read in is \

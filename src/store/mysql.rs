@@ -162,6 +162,8 @@ pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
     Ok(Shape {
         activity,
         token_from_text: "{}".into(),
+        // MySQL compares a number with text as numbers ('0012' = 12): compare exactly as text too.
+        same_token: "s.{tok} = {} AND CAST(s.{tok} AS CHAR) = {}".into(),
     })
 }
 
@@ -250,6 +252,21 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     .iter()
     .any(|t| t == "VIEW");
     let mut status = Vec::new();
+    let triggers = strings(
+        store,
+        &q("SELECT CAST(COUNT(*) AS CHAR) FROM information_schema.TRIGGERS \
+            WHERE EVENT_OBJECT_SCHEMA = COALESCE($1, DATABASE()) AND EVENT_OBJECT_TABLE = $2 \
+            AND ACTION_TIMING = 'BEFORE' AND EVENT_MANIPULATION = 'UPDATE'"),
+        &at(),
+        "listing the source table's triggers",
+    )
+    .await?
+    .pop()
+    .and_then(|n| n.parse::<i64>().ok())
+    .unwrap_or(0);
+    if src.mark_passive && triggers > 0 {
+        status.push(super::trigger_warning(src));
+    }
     if src.mark_passive {
         // UPDATE granted globally, on the database, on the table, or on the column.
         let grantee = "CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')";

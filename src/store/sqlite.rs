@@ -44,13 +44,17 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     const DATE: &str = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]";
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
     match format {
+        // strftime() normalises or refuses impossible times (February 30th, hour 25): a value
+        // that does not come back unchanged is no real time and is never eligible.
         TimestampFormat::SqliteText => format!(
             "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
+             AND strftime('%Y-%m-%d %H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (length({col}) = 19 OR (substr({col}, 20, 1) = '.' AND length({col}) > 20 \
                   AND substr({col}, 21) NOT GLOB '*[^0-9]*')))"
         ),
         TimestampFormat::Rfc3339 => format!(
             "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
+             AND strftime('%Y-%m-%dT%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
         ),
@@ -125,6 +129,9 @@ pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
     Ok(Shape {
         activity: super::core::sqlite_activity(store.source.last_activity_format, tz),
         token_from_text: "{}".into(),
+        // By the index (as text, or as the integer a column without text affinity stores),
+        // then exactly as text.
+        same_token: "s.{tok} IN ({}, CAST({} AS INTEGER)) AND CAST(s.{tok} AS TEXT) = {}".into(),
     })
 }
 
@@ -190,11 +197,20 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     let is_view = kinds
         .iter()
         .any(|r| r.try_get::<String, _>(0).is_ok_and(|t| t == "view"));
+    let refusing_trigger = kinds.iter().any(|r| {
+        r.try_get::<String, _>(1).is_ok_and(|sql| {
+            let sql = sql.to_ascii_uppercase();
+            sql.contains("BEFORE UPDATE") && sql.contains("RAISE")
+        })
+    });
     let instead_of_update = kinds.iter().any(|r| {
         r.try_get::<String, _>(1)
             .is_ok_and(|sql| sql.to_ascii_uppercase().contains("INSTEAD OF UPDATE"))
     });
     let mut status = Vec::new();
+    if refusing_trigger && src.mark_passive {
+        status.push(super::trigger_warning(src));
+    }
     if is_view && src.mark_passive && !instead_of_update {
         status.push(Finding::Error(format!(
             "source.status_column: {} is a view without an INSTEAD OF UPDATE trigger, so {} \

@@ -192,7 +192,8 @@ impl TestDb {
                 secs * 1000
             ),
             Kind::Postgres => format!(
-                "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - interval '{secs} seconds' WHERE worker_id = '{worker}'"
+                "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - {} WHERE worker_id = '{worker}'",
+                secs * 1000
             ),
         })
         .await;
@@ -207,8 +208,9 @@ impl TestDb {
                 ms = secs * 1000
             ),
             Kind::Postgres => format!(
-                "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at - interval '{secs} seconds', \
-                 next_attempt_at = next_attempt_at - interval '{secs} seconds'"
+                "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at - {ms}, \
+                 next_attempt_at = next_attempt_at - {ms}",
+                ms = secs * 1000
             ),
         })
         .await;
@@ -634,5 +636,59 @@ impl StallProxy {
     pub fn resume(&self) {
         self.stalled
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Runs the binary to its end with `--config config`, `args` and `env` (`RUST_LOG=warn`,
+/// `SWEEPER_CONFIG` removed); returns its output and how long it took.
+pub fn run_binary(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Output, Duration) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("SWEEPER_CONFIG")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = std::time::Instant::now();
+    let out = cmd.output().unwrap();
+    (out, started.elapsed())
+}
+
+/// Writes this database's test config (API calls to `api_url`) as `sweeper.toml` in its
+/// directory and returns the path, for [`run_binary`].
+pub fn write_config(db: &TestDb, api_url: &str) -> std::path::PathBuf {
+    let path = db.dir.path().join("sweeper.toml");
+    std::fs::write(&path, db.config_toml(api_url)).unwrap();
+    path
+}
+
+impl TestDb {
+    /// A login role on the test server that may only read (`SELECT` on every table of the test
+    /// database's `public` schema), and this database's URL as that role. Drop it with
+    /// [`TestDb::drop_role`].
+    pub async fn read_only_role(&self) -> (String, String) {
+        let role = format!(
+            "sweeper_ro_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        self.exec(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"
+        ))
+        .await;
+        let mut url: url::Url = self.url.parse().unwrap();
+        url.set_username(&role).unwrap();
+        (role, url.to_string())
+    }
+
+    /// Drops a role made by [`TestDb::read_only_role`] (its grants in this database first).
+    pub async fn drop_role(&self, role: &str) {
+        self.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+            .await;
     }
 }
