@@ -15,9 +15,9 @@ use crate::store::{ClaimParams, StatusData, Store, StoreError, WorkerStatus};
 use crate::telemetry::Metrics;
 
 /// How many recent failures the page lists.
-pub const RECENT_FAILURES: u32 = 20;
+pub const RECENT_FAILURES: u32 = 10;
 /// How long one reading is served to every open page before the database is asked again.
-pub const CACHE_FOR: Duration = Duration::from_secs(2);
+pub const CACHE_FOR: Duration = Duration::from_secs(5);
 /// Workers whose heartbeat went stale within this long are listed as "stale recently".
 pub const STALE_RECENTLY: Duration = Duration::from_secs(3600);
 
@@ -109,8 +109,11 @@ pub struct StatusSource {
     metrics: Option<Metrics>,
     /// This process's worker row (host as recorded, pid), to mark it on the page.
     me: (String, u32),
-    cache: Arc<tokio::sync::Mutex<Option<(Instant, Arc<String>)>>>,
+    cache: Arc<tokio::sync::Mutex<Option<Reading>>>,
 }
+
+/// One reading of `/api/status` and when it was taken.
+type Reading = (Instant, Arc<String>);
 
 impl StatusSource {
     /// A source for `run` (with its metrics) or `serve-status` (`None`).

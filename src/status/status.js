@@ -33,6 +33,8 @@
 
   // "4 s", "3 min", "2 h", "5 d"
   function span(seconds) {
+    if (seconds > 0 && seconds < 1) return Math.round(seconds * 1000) + " ms";
+    if (seconds > 0 && seconds < 10) return seconds.toFixed(1) + " s";
     const s = Math.max(0, Math.round(seconds));
     if (s < 90) return s + " s";
     if (s < 5400) return Math.round(s / 60) + " min";
@@ -100,7 +102,7 @@
       const e = $("count-" + k);
       if (e) e.textContent = fmt(d.outcomes[k]);
     }
-    $("backlog").textContent = fmt(d.backlog.eligible) + (d.backlog.measured === "now" ? " now" : " at last sweep start");
+    $("backlog").textContent = fmt(d.backlog.eligible) + (d.backlog.measured === "now" ? " now" : " (at the last sweep's start)");
     const ls = d.last_sweep;
     $("last-sweep").textContent = ls
       ? ls.result + ", " + ago(ls.finished_at, d.now) + (ls.duration_seconds > 0 ? " (took " + span(ls.duration_seconds) + ")" : "")
@@ -129,7 +131,8 @@
       const y = T + plotH - f * plotH;
       root.append(svg("line", { x1: L, x2: W - 6, y1: y, y2: y, class: "grid" }));
       const label = svg("text", { x: L - 6, y: y + 4, class: "axis", "text-anchor": "end" });
-      label.textContent = fmt(Math.round((f * max) / perMinute * 10) / 10);
+      const v = (f * max) / perMinute;
+      label.textContent = fmt(v >= 10 ? Math.round(v) : Math.round(v * 10) / 10);
       root.append(label);
     }
     const bw = plotW / n;
@@ -178,7 +181,7 @@
       cell(w.host + (w.this_process ? " (this process)" : "")),
       cell(w.pid),
       cell(w.id, "mono"),
-      cell(span(w.heartbeat_age_seconds) + " ago", "num"),
+      cell(Math.round(w.heartbeat_age_seconds) + " s ago", "num"),
       cell(fmt(w.leased), "num"),
       cell(w.rate_share === null ? "–" : w.rate_share + "/s", "num"),
       cell(w.clock_skew_seconds === null ? "–" : w.clock_skew_seconds.toFixed(3) + " s", "num"),

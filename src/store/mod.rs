@@ -216,7 +216,7 @@ pub struct UnusableRows {
 
 /// How many attempt-log rows the status page's chart reads at most (newest first, by primary
 /// key): the bound on its cost however busy the last day was.
-pub const STATUS_CALL_ROWS: i64 = 200_000;
+pub const STATUS_CALL_ROWS: i64 = 100_000;
 /// How many worker rows the status page lists at most (newest heartbeat first).
 pub const STATUS_WORKERS: i64 = 100;
 /// How many error codes the status page groups failures into at most (most frequent first).
