@@ -898,6 +898,114 @@ impl Store for PgStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    async fn status(&self, failures: u32) -> Result<super::StatusData> {
+        use super::{
+            FailureGroup, MinuteCount, PendingByDue, STATUS_CALL_ROWS, STATUS_FAILURE_CODES,
+            STATUS_WORKERS, StatusData, WorkerStatus,
+        };
+        let report = self.report(failures).await?;
+        // The newest rows by primary key, at most STATUS_CALL_ROWS of them, within the day.
+        let calls = sqlx::query(
+            "SELECT date_trunc('minute', finished_at), outcome, COUNT(*) FROM sweeper_attempts \
+             WHERE id > (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - $1 \
+             AND finished_at >= now() - interval '1 day' GROUP BY 1, 2",
+        )
+        .bind(STATUS_CALL_ROWS)
+        .fetch_all(&self.pool)
+        .await
+        .op("counting calls per minute")?;
+        let ends = sqlx::query(
+            "SELECT now(), (SELECT finished_at FROM sweeper_attempts ORDER BY id DESC LIMIT 1), \
+             (SELECT finished_at FROM sweeper_attempts WHERE id <= \
+               (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - $1 \
+               AND finished_at >= now() - interval '1 day' ORDER BY id DESC LIMIT 1)",
+        )
+        .bind(STATUS_CALL_ROWS)
+        .fetch_one(&self.pool)
+        .await
+        .op("reading the newest call")?;
+        let workers = sqlx::query(
+            "SELECT w.worker_id, w.hostname, w.pid, w.version, w.started_at, w.heartbeat_at, \
+             (SELECT COUNT(*) FROM sweeper_sessions l WHERE l.lease_owner = w.worker_id) \
+             FROM sweeper_workers w ORDER BY w.heartbeat_at DESC LIMIT $1",
+        )
+        .bind(STATUS_WORKERS)
+        .fetch_all(&self.pool)
+        .await
+        .op("listing workers")?;
+        let groups = sqlx::query(
+            "SELECT last_error_code, MAX(last_error_message), COUNT(*), MAX(settled_at) \
+             FROM sweeper_sessions WHERE state = 'failed' GROUP BY last_error_code \
+             ORDER BY COUNT(*) DESC, last_error_code LIMIT $1",
+        )
+        .bind(STATUS_FAILURE_CODES)
+        .fetch_all(&self.pool)
+        .await
+        .op("grouping failures")?;
+        let due = sqlx::query(
+            "SELECT \
+             COUNT(*) FILTER (WHERE next_attempt_at IS NULL OR next_attempt_at <= now()), \
+             COUNT(*) FILTER (WHERE next_attempt_at > now() AND next_attempt_at <= now() + interval '1 minute'), \
+             COUNT(*) FILTER (WHERE next_attempt_at > now() + interval '1 minute' AND next_attempt_at <= now() + interval '5 minutes'), \
+             COUNT(*) FILTER (WHERE next_attempt_at > now() + interval '5 minutes' AND next_attempt_at <= now() + interval '15 minutes'), \
+             COUNT(*) FILTER (WHERE next_attempt_at > now() + interval '15 minutes' AND next_attempt_at <= now() + interval '1 hour'), \
+             COUNT(*) FILTER (WHERE next_attempt_at > now() + interval '1 hour') \
+             FROM sweeper_sessions WHERE state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .op("grouping pending sessions by due time")?;
+        let n =
+            |r: &sqlx::postgres::PgRow, i: usize| r.try_get::<i64, _>(i).unwrap_or_default() as u64;
+        Ok(StatusData {
+            report,
+            now: ends.try_get(0).op("reading the database time")?,
+            calls: calls
+                .iter()
+                .filter_map(|r| {
+                    Some(MinuteCount {
+                        minute: r.try_get(0).ok()?,
+                        class: r.try_get(1).ok()?,
+                        count: n(r, 2),
+                    })
+                })
+                .collect(),
+            calls_cover_from: ends.try_get(2).ok().flatten(),
+            last_call_at: ends.try_get(1).ok().flatten(),
+            workers: workers
+                .iter()
+                .filter_map(|r| {
+                    Some(WorkerStatus {
+                        id: r.try_get(0).ok()?,
+                        hostname: r.try_get(1).ok()?,
+                        pid: r.try_get::<i32, _>(2).ok()? as u32,
+                        version: r.try_get(3).ok()?,
+                        started_at: r.try_get(4).ok()?,
+                        heartbeat_at: r.try_get(5).ok()?,
+                        leased: n(r, 6),
+                    })
+                })
+                .collect(),
+            failures_by_code: groups
+                .iter()
+                .map(|r| FailureGroup {
+                    error_code: r.try_get(0).ok().flatten(),
+                    error_message: r.try_get(1).ok().flatten(),
+                    count: n(r, 2),
+                    last_failed_at: r.try_get(3).ok().flatten(),
+                })
+                .collect(),
+            pending_by_due: PendingByDue {
+                now: n(&due, 0),
+                within_1m: n(&due, 1),
+                within_5m: n(&due, 2),
+                within_15m: n(&due, 3),
+                within_1h: n(&due, 4),
+                later: n(&due, 5),
+            },
+        })
+    }
 }
 
 /// The attempt log of one batch as `UNNEST` arrays: one statement text whatever the batch size.

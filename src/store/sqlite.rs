@@ -983,4 +983,118 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    async fn status(&self, failures: u32) -> Result<super::StatusData> {
+        use super::{
+            FailureGroup, MinuteCount, PendingByDue, STATUS_CALL_ROWS, STATUS_FAILURE_CODES,
+            STATUS_WORKERS, StatusData, WorkerStatus,
+        };
+        let report = self.report(failures).await?;
+        let now = ms(Utc::now());
+        // The newest rows by primary key, at most STATUS_CALL_ROWS of them, within the day.
+        let calls = sqlx::query(
+            "SELECT (finished_at / 60000) * 60000, outcome, COUNT(*) FROM sweeper_attempts \
+             WHERE id > (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - ?1 AND finished_at >= ?2 \
+             GROUP BY 1, 2",
+        )
+        .bind(STATUS_CALL_ROWS)
+        .bind(now - 86_400_000)
+        .fetch_all(&self.pool)
+        .await
+        .op("counting calls per minute")?;
+        let ends = sqlx::query(
+            "SELECT (SELECT finished_at FROM sweeper_attempts ORDER BY id DESC LIMIT 1), \
+             (SELECT finished_at FROM sweeper_attempts WHERE id <= \
+               (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - ?1 ORDER BY id DESC LIMIT 1)",
+        )
+        .bind(STATUS_CALL_ROWS)
+        .fetch_one(&self.pool)
+        .await
+        .op("reading the newest call")?;
+        let workers = sqlx::query(
+            "SELECT w.worker_id, w.hostname, w.pid, w.version, w.started_at, w.heartbeat_at, \
+             (SELECT COUNT(*) FROM sweeper_sessions l WHERE l.lease_owner = w.worker_id) \
+             FROM sweeper_workers w ORDER BY w.heartbeat_at DESC LIMIT ?1",
+        )
+        .bind(STATUS_WORKERS)
+        .fetch_all(&self.pool)
+        .await
+        .op("listing workers")?;
+        let groups = sqlx::query(
+            "SELECT last_error_code, MAX(last_error_message), COUNT(*), MAX(settled_at) \
+             FROM sweeper_sessions WHERE state = 'failed' GROUP BY last_error_code \
+             ORDER BY COUNT(*) DESC, last_error_code LIMIT ?1",
+        )
+        .bind(STATUS_FAILURE_CODES)
+        .fetch_all(&self.pool)
+        .await
+        .op("grouping failures")?;
+        let due = sqlx::query(
+            "SELECT \
+             COALESCE(SUM(CASE WHEN next_attempt_at IS NULL OR next_attempt_at <= ?1 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_attempt_at > ?1 AND next_attempt_at <= ?1 + 60000 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_attempt_at > ?1 + 60000 AND next_attempt_at <= ?1 + 300000 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_attempt_at > ?1 + 300000 AND next_attempt_at <= ?1 + 900000 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_attempt_at > ?1 + 900000 AND next_attempt_at <= ?1 + 3600000 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_attempt_at > ?1 + 3600000 THEN 1 ELSE 0 END), 0) \
+             FROM sweeper_sessions WHERE state = 'pending'",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .op("grouping pending sessions by due time")?;
+        let at = |r: &sqlx::sqlite::SqliteRow, i: usize| {
+            r.try_get::<Option<i64>, _>(i).ok().flatten().map(from_ms)
+        };
+        let n = |r: &sqlx::sqlite::SqliteRow, i: usize| {
+            r.try_get::<i64, _>(i).unwrap_or_default() as u64
+        };
+        Ok(StatusData {
+            report,
+            now: from_ms(now),
+            calls: calls
+                .iter()
+                .filter_map(|r| {
+                    Some(MinuteCount {
+                        minute: from_ms(r.try_get::<i64, _>(0).ok()?),
+                        class: r.try_get(1).ok()?,
+                        count: n(r, 2),
+                    })
+                })
+                .collect(),
+            calls_cover_from: at(&ends, 1).filter(|t| ms(*t) >= now - 86_400_000),
+            last_call_at: at(&ends, 0),
+            workers: workers
+                .iter()
+                .filter_map(|r| {
+                    Some(WorkerStatus {
+                        id: r.try_get(0).ok()?,
+                        hostname: r.try_get(1).ok()?,
+                        pid: r.try_get::<i64, _>(2).ok()? as u32,
+                        version: r.try_get(3).ok()?,
+                        started_at: at(r, 4)?,
+                        heartbeat_at: at(r, 5)?,
+                        leased: n(r, 6),
+                    })
+                })
+                .collect(),
+            failures_by_code: groups
+                .iter()
+                .map(|r| FailureGroup {
+                    error_code: r.try_get(0).ok().flatten(),
+                    error_message: r.try_get(1).ok().flatten(),
+                    count: n(r, 2),
+                    last_failed_at: at(r, 3),
+                })
+                .collect(),
+            pending_by_due: PendingByDue {
+                now: n(&due, 0),
+                within_1m: n(&due, 1),
+                within_5m: n(&due, 2),
+                within_15m: n(&due, 3),
+                within_1h: n(&due, 4),
+                later: n(&due, 5),
+            },
+        })
+    }
 }
