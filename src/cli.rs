@@ -79,6 +79,12 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         failures: u32,
     },
+    /// Serve the status page and /api/status without sweeping (for CronJob deployments).
+    ServeStatus {
+        /// Address to listen on [default: server.listen, else 127.0.0.1:9464].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
     /// Put failed sessions back in the queue (all, or those with one error code).
     Requeue {
         /// Requeue every failed session.
@@ -417,6 +423,7 @@ async fn run_command(
             Ok(())
         }
         Command::Once { max } => once(store, config, max, shutdown).await,
+        Command::ServeStatus { listen } => serve_status(store, config, listen, shutdown).await,
         Command::Run
         | Command::SimulateApi(_)
         | Command::Demo { .. }
@@ -425,6 +432,45 @@ async fn run_command(
             unreachable!("handled before")
         }
     }
+}
+
+/// `serve-status`: the status page and its data, read from the database, until a signal.
+async fn serve_status(
+    store: Arc<dyn Store>,
+    config: &Config,
+    listen: Option<SocketAddr>,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    if !config.server.status_page {
+        return Err(CliError::Usage(
+            "server.status_page is false: the status page is turned off".into(),
+        ));
+    }
+    let pending = unless_stopped(shutdown, "before serving", async {
+        Ok(store.pending_migrations().await?)
+    })
+    .await?;
+    if !pending.is_empty() {
+        return Err(CliError::Runtime(anyhow::anyhow!(
+            "the sweeper's tables need migrations {}: run `session-sweeper migrate` first",
+            pending.join(", ")
+        )));
+    }
+    let addr = listen
+        .or(config.server.listen)
+        .unwrap_or(crate::release::DEFAULT_HEALTH_ADDR);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::anyhow!("cannot listen on {addr}: {e}")))?;
+    tracing::info!(%addr, "serving the status page at / and /api/status (not sweeping)");
+    let status = crate::status::StatusSource::new(store, config, None);
+    let router = crate::server::status_router(status)
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let stop = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.stopping().await })
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::anyhow!("serving the status page: {e}")))
 }
 
 async fn check(store: &dyn Store) -> Result<(), CliError> {

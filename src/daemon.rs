@@ -94,14 +94,24 @@ pub async fn serve_with_reloads(
     mut reloads: mpsc::Receiver<Config>,
     log: Option<LogLevelHandle>,
 ) -> Result<(), CliError> {
+    let status = (config.server.listen.is_some() && config.server.status_page)
+        .then(|| crate::status::StatusSource::new(store.clone(), &config, Some(metrics.clone())));
     if let Some(addr) = config.server.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             CliError::Runtime(anyhow::anyhow!("server.listen: cannot bind {addr}: {e}"))
         })?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        let (m, s) = (metrics.clone(), shutdown.clone());
+        let page = if status.is_some() {
+            ", the status page at /"
+        } else {
+            ""
+        };
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz{page}");
+        let (router, s) = (
+            crate::server::router(metrics.clone(), status.clone()),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = crate::server::serve(listener, m, s).await {
+            if let Err(e) = crate::server::serve(listener, router, s).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
@@ -176,6 +186,9 @@ pub async fn serve_with_reloads(
                     continue;
                 }
                 crate::reload::apply(&new, &sweeper, log.as_ref());
+                if let Some(status) = &status {
+                    status.update(&new);
+                }
                 if changes.schedule {
                     match Ticks::start(&new.sweep.schedule, &tick_tx, &shutdown).await {
                         Ok(t) => schedule.replace(t).await,

@@ -15,6 +15,7 @@ pub mod release;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod sweep;
 pub mod telemetry;

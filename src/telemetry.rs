@@ -130,6 +130,18 @@ struct Inner {
     unusable_rows: Family<ReasonLabel, Gauge>,
     source_unmarked: Counter,
     clock_skew: Gauge<f64, AtomicU64>,
+    last_sweep: std::sync::Mutex<Option<LastSweep>>,
+}
+
+/// How the last sweep of this process ended (for the status page).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LastSweep {
+    /// `ok`, `failed` or `aborted`.
+    pub result: &'static str,
+    /// When it ended.
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+    /// How long it ran, in seconds (0 when it failed).
+    pub duration_seconds: f64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -263,6 +275,7 @@ impl Metrics {
                 unusable_rows,
                 source_unmarked,
                 clock_skew,
+                last_sweep: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -328,6 +341,11 @@ impl Metrics {
             .get_or_create(&ResultLabel { result })
             .inc();
         self.inner.sweep_duration.observe(duration.as_secs_f64());
+        *self.inner.last_sweep.lock().expect("last sweep lock") = Some(LastSweep {
+            result,
+            finished_at: chrono::Utc::now(),
+            duration_seconds: duration.as_secs_f64(),
+        });
         if result == "ok" {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -364,6 +382,26 @@ impl Metrics {
     /// Whether the process is ready.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.get() == 1
+    }
+
+    /// The eligible backlog at the start of the last sweep.
+    pub fn backlog(&self) -> u64 {
+        self.inner.backlog.get().max(0) as u64
+    }
+
+    /// Live replicas sharing the rate budget, as the last heartbeat counted them.
+    pub fn replicas(&self) -> u32 {
+        self.inner.replicas.get().clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    /// The clock skew the last heartbeat measured, in seconds (database minus local).
+    pub fn clock_skew_seconds(&self) -> f64 {
+        self.inner.clock_skew.get()
+    }
+
+    /// How this process's last sweep ended, if one did.
+    pub fn last_sweep(&self) -> Option<LastSweep> {
+        *self.inner.last_sweep.lock().expect("last sweep lock")
     }
 }
 

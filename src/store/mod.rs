@@ -222,6 +222,96 @@ pub struct UnusableRows {
     pub bad_source_row: u64,
 }
 
+/// How many attempt-log rows the status page's chart reads at most (newest first, by primary
+/// key): the bound on its cost however busy the last day was.
+pub const STATUS_CALL_ROWS: i64 = 100_000;
+/// How many worker rows the status page lists at most (newest heartbeat first).
+pub const STATUS_WORKERS: i64 = 100;
+/// How many error codes the status page groups failures into at most (most frequent first).
+pub const STATUS_FAILURE_CODES: i64 = 20;
+
+/// Attempt-log calls that finished in one minute with one result class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MinuteCount {
+    /// The start of the minute.
+    pub minute: DateTime<Utc>,
+    /// The call's class: `invalidated`, `already_invalidated`, `retryable`, `permanent`, ...
+    pub class: String,
+    /// Calls.
+    pub count: u64,
+}
+
+/// A row of `sweeper_workers`, with the leases it holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    /// Its id (`host:pid:nonce`).
+    pub id: String,
+    /// The host as recorded (`host#boot#pid-namespace`).
+    pub hostname: String,
+    /// Its process id.
+    pub pid: u32,
+    /// The version it runs.
+    pub version: String,
+    /// When it started (database time).
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat (database time).
+    pub heartbeat_at: DateTime<Utc>,
+    /// Sessions whose lease it holds.
+    pub leased: u64,
+}
+
+/// Failed sessions with one last error code.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureGroup {
+    /// The error code (`None`: none recorded).
+    pub error_code: Option<String>,
+    /// One of its messages.
+    pub error_message: Option<String>,
+    /// Failed sessions with this code.
+    pub count: u64,
+    /// The latest of them.
+    pub last_failed_at: Option<DateTime<Utc>>,
+}
+
+/// Pending sessions by when their next attempt is due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PendingByDue {
+    /// Due now (or overdue).
+    pub now: u64,
+    /// Within the next minute.
+    pub within_1m: u64,
+    /// In 1 to 5 minutes.
+    pub within_5m: u64,
+    /// In 5 to 15 minutes.
+    pub within_15m: u64,
+    /// In 15 to 60 minutes.
+    pub within_1h: u64,
+    /// Later.
+    pub later: u64,
+}
+
+/// What the status page reads from the database: the report plus a few bounded queries.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusData {
+    /// The same numbers as `report`.
+    pub report: Report,
+    /// The database's clock when read.
+    pub now: DateTime<Utc>,
+    /// Attempt-log calls per minute and class over the last day (at most
+    /// [`STATUS_CALL_ROWS`] rows read).
+    pub calls: Vec<MinuteCount>,
+    /// Set when the row bound cut the day short: the chart covers calls from this time on.
+    pub calls_cover_from: Option<DateTime<Utc>>,
+    /// When the newest attempt-log call finished.
+    pub last_call_at: Option<DateTime<Utc>>,
+    /// Worker rows, newest heartbeat first (at most [`STATUS_WORKERS`]).
+    pub workers: Vec<WorkerStatus>,
+    /// Failed sessions by error code, most frequent first (at most [`STATUS_FAILURE_CODES`]).
+    pub failures_by_code: Vec<FailureGroup>,
+    /// Pending sessions by due time.
+    pub pending_by_due: PendingByDue,
+}
+
 /// A finding of `check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
@@ -377,6 +467,10 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<()>;
     /// Closes the pool, waiting for connections to be returned.
     async fn close(&self);
+    /// What the status page shows: [`Store::report`] with `failures` recent failures, plus the
+    /// chart's calls per minute, the workers and their leases, failures by code and pending
+    /// sessions by due time. Every query is bounded (see the `STATUS_*` limits).
+    async fn status(&self, failures: u32) -> Result<StatusData>;
 }
 
 /// Opens the configured backend (connecting lazily checks nothing; call `ping` or `check`).
