@@ -307,7 +307,7 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
         ),
         (
             "bad database url",
-            Box::new(|t| t.replace("url = \"sqlite://", "url = \"mysql://")),
+            Box::new(|t| t.replace("url = \"sqlite://", "url = \"oracle://")),
             "database.url",
         ),
         (
@@ -601,8 +601,8 @@ fn unusable_secret_files_name_the_key_and_the_path_never_the_contents() {
             "url file with another scheme",
             "database",
             "url = ",
-            Some("mysql://u:hunter2@db/x\n"),
-            "must start with sqlite:, postgres:// or postgresql://",
+            Some("oracle://u:hunter2@db/x\n"),
+            "must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
         ),
         (
             "url file with a bad port",

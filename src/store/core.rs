@@ -1005,11 +1005,15 @@ impl Store for SqlStore {
         .fetch_one(&self.pool)
         .await
         .op("summarising pending sessions")?;
+        // Tokens as bytes: a token that is not UTF-8 text (settled `bad_source_row`) is still
+        // fingerprinted, never decoded.
         let recent = query(
-            &self.q(
-                "SELECT session_token, last_error_code, last_error_message, attempts, settled_at \
+            &self.q(&format!(
+                "SELECT {}, last_error_code, {}, attempts, settled_at \
                  FROM sweeper_sessions WHERE state = 'failed' ORDER BY settled_at DESC LIMIT $1",
-            ),
+                d.bytes("session_token"),
+                d.text("last_error_message")
+            )),
             &[Arg::Int(i64::from(failures))],
         )
         .fetch_all(&self.pool)
@@ -1026,7 +1030,9 @@ impl Store for SqlStore {
             recent_failures: recent
                 .iter()
                 .map(|r| FailureRow {
-                    session: fingerprint(&text(r, 0).unwrap_or_default()),
+                    session: fingerprint(&String::from_utf8_lossy(
+                        &r.try_get::<Option<Vec<u8>>, _>(0).ok().flatten().unwrap_or_default(),
+                    )),
                     error_code: text(r, 1),
                     error_message: text(r, 2),
                     attempts: int(r, 3) as u32,

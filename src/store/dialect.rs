@@ -96,6 +96,15 @@ impl Dialect {
         }
     }
 
+    /// `expr` as bytes (text that may not be valid UTF-8, e.g. an unreadable source token).
+    pub fn bytes(self, expr: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("CAST({expr} AS BLOB)"),
+            Dialect::Postgres => format!("convert_to({expr}, 'UTF8')"),
+            Dialect::MySql => format!("CAST({expr} AS BINARY)"),
+        }
+    }
+
     /// `expr` as a 64-bit integer (counts and flags decode the same everywhere).
     pub fn int(self, expr: &str) -> String {
         match self {
