@@ -86,7 +86,15 @@ fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
 }
 
 fn text(r: &AnyRow, i: usize) -> Option<String> {
-    r.try_get::<Option<String>, _>(i).ok().flatten()
+    // MySQL hands long text (TEXT, GROUP_CONCAT) over as a blob.
+    match r.try_get::<Option<String>, _>(i) {
+        Ok(v) => v,
+        Err(_) => r
+            .try_get::<Option<Vec<u8>>, _>(i)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok()),
+    }
 }
 
 /// How the source's last-activity column holds time, as its catalog (or the config) says.
