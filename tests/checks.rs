@@ -40,6 +40,7 @@ async fn try_exec(db: &TestDb, sql: &str) -> Result<(), sqlx::Error> {
     match &db.pool {
         Pool::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
         Pool::Pg(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+        Pool::MySql(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
     }
 }
 
@@ -83,6 +84,10 @@ async fn a_sweep_counts_only_what_the_ledger_accepted(kind: Kind) {
             .await
             .unwrap(),
         Pool::Pg(p) => sqlx::query_scalar("SELECT worker_id FROM sweeper_workers")
+            .fetch_one(p)
+            .await
+            .unwrap(),
+        Pool::MySql(p) => sqlx::query_scalar("SELECT worker_id FROM sweeper_workers")
             .fetch_one(p)
             .await
             .unwrap(),

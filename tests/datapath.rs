@@ -189,6 +189,10 @@ async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) 
              CREATE TRIGGER no_status BEFORE UPDATE OF status ON checkout_sessions \
              FOR EACH ROW EXECUTE FUNCTION no_status()"
         }
+        Kind::MySql => {
+            "CREATE TRIGGER no_status BEFORE UPDATE ON checkout_sessions FOR EACH ROW \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'status is managed by the application'"
+        }
     })
     .await;
     let findings = db.store().await.check().await.unwrap();
@@ -219,6 +223,7 @@ async fn a_failing_source_update_keeps_the_record_and_never_resends(kind: Kind) 
     db.exec(match kind {
         Kind::Sqlite => "DROP TRIGGER no_status",
         Kind::Postgres => "DROP TRIGGER no_status ON checkout_sessions",
+        Kind::MySql => "DROP TRIGGER no_status",
     })
     .await;
     sweep_once(&config).await.unwrap();
@@ -234,16 +239,21 @@ async fn null_duplicate_and_unreadable_rows_never_stop_a_sweep(kind: Kind) {
     let old = match kind {
         Kind::Sqlite => "datetime('now', '-2 hours')",
         Kind::Postgres => "now() - interval '2 hours'",
+        Kind::MySql => "UTC_TIMESTAMP(6) - INTERVAL 2 HOUR",
     };
     // No unique token, nullable member: what real tables look like.
     db.exec(&format!(
         "DROP TABLE checkout_sessions; \
-         CREATE TABLE checkout_sessions (session_token TEXT, member_identifier TEXT, status TEXT, \
-           last_activity_at {ty}); \
+         CREATE TABLE checkout_sessions (session_token VARCHAR(64), member_identifier VARCHAR(64), \
+           status VARCHAR(16), last_activity_at {ty}); \
          INSERT INTO checkout_sessions VALUES ('dup', 'm', 'ACTIVE', {old}), ('dup', 'm', 'ACTIVE', {old}), \
            ('dup', 'm', 'ACTIVE', {old}), (NULL, 'm', 'ACTIVE', {old}), ('no-member', NULL, 'ACTIVE', {old}), \
            ('fine', 'm', 'ACTIVE', {old})",
-        ty = if kind == Kind::Sqlite { "TEXT" } else { "TIMESTAMPTZ" }
+        ty = match kind {
+            Kind::Sqlite => "TEXT",
+            Kind::Postgres => "TIMESTAMPTZ",
+            Kind::MySql => "DATETIME(6)",
+        }
     ))
     .await;
     if kind == Kind::Sqlite {
@@ -331,16 +341,21 @@ async fn a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked(kind: Kind
     let (old, now) = match kind {
         Kind::Sqlite => ("datetime('now', '-2 hours')", "datetime('now')"),
         Kind::Postgres => ("now() - interval '2 hours'", "now()"),
+        Kind::MySql => ("UTC_TIMESTAMP(6) - INTERVAL 2 HOUR", "UTC_TIMESTAMP(6)"),
     };
     // One session, three rows: two idle, one touched just now. The session is live.
     db.exec(&format!(
         "DROP TABLE checkout_sessions; \
-         CREATE TABLE checkout_sessions (session_token TEXT, member_identifier TEXT, status TEXT, \
-           last_activity_at {ty}); \
+         CREATE TABLE checkout_sessions (session_token VARCHAR(64), member_identifier VARCHAR(64), \
+           status VARCHAR(16), last_activity_at {ty}); \
          CREATE INDEX checkout_sessions_tok ON checkout_sessions (session_token); \
          INSERT INTO checkout_sessions VALUES ('dup', 'm1', 'ACTIVE', {old}), ('dup', 'm2', 'ACTIVE', {old}), \
            ('dup', 'm3', 'ACTIVE', {now}), ('alone', 'm4', 'ACTIVE', {old})",
-        ty = if kind == Kind::Sqlite { "TEXT" } else { "TIMESTAMPTZ" }
+        ty = match kind {
+            Kind::Sqlite => "TEXT",
+            Kind::Postgres => "TIMESTAMPTZ",
+            Kind::MySql => "DATETIME(6)",
+        }
     ))
     .await;
     let sim = simulator(SimulatorConfig::default()).await;
@@ -428,6 +443,7 @@ macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }
         mod postgres { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Postgres).await } )* }
+        mod mysql { $( #[tokio::test] async fn $name() { super::$name(super::Kind::MySql).await } )* }
     };
 }
 

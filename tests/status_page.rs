@@ -182,7 +182,7 @@ fn assert_page_matches_report(dom: &str, api: &str, report: &Report, db: &TestDb
     );
     let db_secret = match db.kind {
         Kind::Sqlite => db.dir.path().display().to_string(),
-        Kind::Postgres => db.url.clone(),
+        Kind::Postgres | Kind::MySql => db.url.clone(),
     };
     for (what, text) in [("the page", dom), ("/api/status", api)] {
         for needle in [

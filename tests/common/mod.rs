@@ -30,6 +30,25 @@ pub enum Kind {
     Sqlite,
     /// A fresh database on the PostgreSQL server.
     Postgres,
+    /// A fresh database on the MySQL/MariaDB server.
+    MySql,
+}
+
+/// The environment variable naming the MySQL/MariaDB server tests create databases on.
+pub const MYSQL_ENV: &str = "TEST_MYSQL_URL";
+
+/// The MySQL admin URL, or `None` (with a notice) when unset outside CI.
+pub fn mysql_admin_url() -> Option<String> {
+    match std::env::var(MYSQL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{MYSQL_ENV} must be set in CI: MySQL tests never skip there")
+        }
+        _ => {
+            eprintln!("notice: {MYSQL_ENV} is not set; skipping the MySQL variant of this test");
+            None
+        }
+    }
 }
 
 /// Installs quiet tracing once per test binary.
@@ -67,6 +86,8 @@ pub enum Pool {
     Sqlite(SqlitePool),
     /// PostgreSQL.
     Pg(PgPool),
+    /// MySQL or MariaDB.
+    MySql(sqlx::MySqlPool),
 }
 
 /// A fresh database with the source table `checkout_sessions`.
@@ -166,6 +187,38 @@ impl TestDb {
                     dir,
                 }
             }
+            Kind::MySql => {
+                let admin_url = mysql_admin_url()?;
+                let admin = sqlx::MySqlPool::connect(&admin_url)
+                    .await
+                    .expect("connect to TEST_MYSQL_URL");
+                let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                let mut url: url::Url = admin_url.parse().unwrap();
+                url.set_path(&name);
+                let url = url.to_string();
+                let pool = sqlx::mysql::MySqlPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::Executor::execute(&mut *conn, "SET time_zone = '+00:00'").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await
+                    .unwrap();
+                TestDb {
+                    kind,
+                    url,
+                    pool: Pool::MySql(pool),
+                    dir,
+                }
+            }
         };
         db.exec(match kind {
             Kind::Sqlite => {
@@ -176,6 +229,13 @@ impl TestDb {
             Kind::Postgres => {
                 "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
                  status TEXT NOT NULL, last_activity_at TIMESTAMPTZ NOT NULL); \
+                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)"
+            }
+            // A shop's table: DATETIME in UTC (the server's zone here), VARCHAR token.
+            Kind::MySql => {
+                "CREATE TABLE checkout_sessions (session_token VARCHAR(255) PRIMARY KEY, \
+                 member_identifier VARCHAR(255) NOT NULL, status VARCHAR(32) NOT NULL, \
+                 last_activity_at DATETIME(6) NOT NULL); \
                  CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)"
             }
         })
@@ -191,7 +251,7 @@ impl TestDb {
                 "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - {} WHERE worker_id = '{worker}'",
                 secs * 1000
             ),
-            Kind::Postgres => format!(
+            Kind::Postgres | Kind::MySql => format!(
                 "UPDATE sweeper_workers SET heartbeat_at = heartbeat_at - {} WHERE worker_id = '{worker}'",
                 secs * 1000
             ),
@@ -207,7 +267,7 @@ impl TestDb {
                  next_attempt_at = next_attempt_at - {ms}",
                 ms = secs * 1000
             ),
-            Kind::Postgres => format!(
+            Kind::Postgres | Kind::MySql => format!(
                 "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at - {ms}, \
                  next_attempt_at = next_attempt_at - {ms}",
                 ms = secs * 1000
@@ -224,6 +284,11 @@ impl TestDb {
             }
             Pool::Pg(p) => {
                 sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+            Pool::MySql(p) => {
+                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    sqlx::raw_sql(statement).execute(p).await.unwrap();
+                }
             }
         }
     }
@@ -264,6 +329,17 @@ impl TestDb {
                     .await
                     .unwrap();
                 }
+                Pool::MySql(p) => {
+                    let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO checkout_sessions ");
+                    q.push_values(chunk, |mut row, r| {
+                        let at: DateTime<Utc> = now - r.idle;
+                        row.push_bind(&r.token)
+                            .push_bind(&r.member)
+                            .push_bind(r.status)
+                            .push_bind(at.naive_utc());
+                    });
+                    q.build().execute(p).await.unwrap();
+                }
             }
         }
     }
@@ -292,6 +368,16 @@ impl TestDb {
                 .await
                 .unwrap();
             }
+            Pool::MySql(p) => {
+                sqlx::query(
+                    "UPDATE checkout_sessions SET last_activity_at = ? WHERE session_token = ?",
+                )
+                .bind(now.naive_utc())
+                .bind(token)
+                .execute(p)
+                .await
+                .unwrap();
+            }
         }
     }
 
@@ -304,6 +390,11 @@ impl TestDb {
                 .unwrap()
                 .get::<i64, _>(0),
             Pool::Pg(p) => sqlx::query(sql)
+                .fetch_one(p)
+                .await
+                .unwrap()
+                .get::<i64, _>(0),
+            Pool::MySql(p) => sqlx::query(&format!("SELECT CAST(({sql}) AS SIGNED)"))
                 .fetch_one(p)
                 .await
                 .unwrap()
@@ -325,13 +416,21 @@ impl TestDb {
                 .fetch_one(p)
                 .await
                 .unwrap(),
+            Pool::MySql(p) => sqlx::query_scalar(&format!("{sql}?"))
+                .bind(token)
+                .fetch_one(p)
+                .await
+                .unwrap(),
         }
     }
 
     /// The ledger state and attempts of a session, if it has a row.
     pub async fn ledger(&self, token: &str) -> Option<(String, i64)> {
-        let sql =
-            "SELECT state, CAST(attempts AS BIGINT) FROM sweeper_sessions WHERE session_token = ";
+        let sql = if self.kind == Kind::MySql {
+            "SELECT state, CAST(attempts AS SIGNED) FROM sweeper_sessions WHERE session_token = "
+        } else {
+            "SELECT state, CAST(attempts AS BIGINT) FROM sweeper_sessions WHERE session_token = "
+        };
         match &self.pool {
             Pool::Sqlite(p) => sqlx::query(&format!("{sql}?1"))
                 .bind(token)
@@ -340,6 +439,12 @@ impl TestDb {
                 .unwrap()
                 .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
             Pool::Pg(p) => sqlx::query(&format!("{sql}$1"))
+                .bind(token)
+                .fetch_optional(p)
+                .await
+                .unwrap()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))),
+            Pool::MySql(p) => sqlx::query(&format!("{sql}?"))
                 .bind(token)
                 .fetch_optional(p)
                 .await
@@ -571,6 +676,12 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::common::Kind::Postgres).await }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::common::Kind::MySql).await }
             )*
         }
     };
