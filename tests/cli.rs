@@ -930,6 +930,7 @@ async fn hold_migration_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
                 tx.rollback().await.unwrap();
             });
         }
+        common::Pool::MySql(_) => unreachable!("not run on MySQL"),
         common::Pool::Pg(p) => {
             let p = p.clone();
             tokio::spawn(async move {
@@ -951,6 +952,11 @@ async fn hold_migration_lock(db: &TestDb) -> tokio::sync::oneshot::Sender<()> {
 /// A single SIGTERM during `migrate` lets the migration finish (exit 0, tables current); only a
 /// second one forces 143, and then nothing is half-applied.
 async fn one_signal_lets_migrate_finish_and_two_force_it(kind: Kind) {
+    // MySQL commits DDL as it goes, so "a forced stop commits nothing" cannot hold there; its
+    // migration statements are each idempotent instead, and the MySQL store test re-runs them.
+    if kind == Kind::MySql {
+        return;
+    }
     let Some(db) = TestDb::new(kind).await else {
         return;
     };
@@ -964,7 +970,7 @@ async fn one_signal_lets_migrate_finish_and_two_force_it(kind: Kind) {
             Kind::Sqlite => {
                 "SELECT COUNT(*) FROM sqlite_master WHERE name = 'sweeper_schema_migrations'"
             }
-            Kind::Postgres => {
+            Kind::Postgres | Kind::MySql => {
                 "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'sweeper_schema_migrations'"
             }
         };

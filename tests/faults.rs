@@ -39,6 +39,13 @@ async fn counts(db: &TestDb, sql: &str) -> HashMap<String, i64> {
             .iter()
             .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
             .collect(),
+        Pool::MySql(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+            .collect(),
     }
 }
 
@@ -47,6 +54,7 @@ async fn tokens(db: &TestDb, sql: &str) -> HashSet<String> {
     match &db.pool {
         Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
         Pool::Pg(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
+        Pool::MySql(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
     }
     .into_iter()
     .collect()

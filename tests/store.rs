@@ -502,6 +502,20 @@ async fn eligibility_query_uses_the_index_on_a_million_rows(kind: Kind) {
             )
             .await;
         }
+        Kind::MySql => {
+            let digits = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL \
+                          SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL \
+                          SELECT 8 UNION ALL SELECT 9)";
+            db.exec(&format!(
+                "INSERT INTO checkout_sessions SELECT CONCAT('tok-', i), CONCAT('mem-', i), \
+                 CASE WHEN i % 100 = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
+                 UTC_TIMESTAMP(6) - INTERVAL (i % 7200) MINUTE FROM \
+                 (SELECT a.d + 10 * b.d + 100 * c.d + 1000 * e.d + 10000 * f.d + 100000 * g.d AS i \
+                  FROM {digits} a, {digits} b, {digits} c, {digits} e, {digits} f, {digits} g) n; \
+                 ANALYZE TABLE checkout_sessions"
+            ))
+            .await;
+        }
     }
     let plan = store
         .explain_claim(params("w", Utc::now(), 500))

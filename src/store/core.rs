@@ -736,7 +736,8 @@ impl Store for SqlStore {
         let sql = self.sql().await?;
         let (prefix, col) = match self.dialect {
             Dialect::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
-            _ => ("EXPLAIN ", 0),
+            Dialect::Postgres => ("EXPLAIN ", 0),
+            Dialect::MySql => ("EXPLAIN FORMAT=JSON ", 0),
         };
         let stmt = Stmt {
             text: format!("{prefix}{}", sql.claim.text),
