@@ -39,13 +39,20 @@ async fn counts(db: &TestDb, sql: &str) -> HashMap<String, i64> {
             .iter()
             .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
             .collect(),
-        Pool::MySql(p) => sqlx::query(sql)
-            .fetch_all(p)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
-            .collect(),
+        // Tokens compare exactly on MySQL (utf8mb4_bin), so they arrive as bytes.
+        Pool::MySql(p) => sqlx::query(
+            &sql.replace("AS BIGINT", "AS SIGNED")
+                .replace("AS TEXT", "AS CHAR"),
+        )
+        .fetch_all(p)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let token = r.get::<Vec<u8>, _>(0);
+            (String::from_utf8(token).unwrap(), r.get::<i64, _>(1))
+        })
+        .collect(),
     }
 }
 
@@ -54,7 +61,13 @@ async fn tokens(db: &TestDb, sql: &str) -> HashSet<String> {
     match &db.pool {
         Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
         Pool::Pg(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
-        Pool::MySql(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
+        Pool::MySql(p) => sqlx::query_scalar::<_, Vec<u8>>(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| String::from_utf8(b).unwrap())
+            .collect(),
     }
     .into_iter()
     .collect()

@@ -51,7 +51,10 @@ impl Arg {
 }
 
 /// A query with its arguments bound in the statement's order.
-pub(crate) fn query<'q>(stmt: &'q Stmt, args: &[Arg]) -> sqlx::query::Query<'q, Any, AnyArguments<'q>> {
+pub(crate) fn query<'q>(
+    stmt: &'q Stmt,
+    args: &[Arg],
+) -> sqlx::query::Query<'q, Any, AnyArguments<'q>> {
     let mut q = sqlx::query(&stmt.text);
     for &i in &stmt.binds {
         q = match &args[i] {
@@ -78,7 +81,18 @@ fn millis(d: Duration) -> i64 {
 }
 
 fn int(r: &AnyRow, i: usize) -> i64 {
-    r.try_get::<Option<i64>, _>(i).ok().flatten().unwrap_or_default()
+    r.try_get::<Option<i64>, _>(i)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// A value as bytes, whether the driver calls it a blob or (MySQL's binary strings) text.
+fn raw_bytes(r: &AnyRow, i: usize) -> Vec<u8> {
+    match r.try_get::<Option<Vec<u8>>, _>(i) {
+        Ok(v) => v.unwrap_or_default(),
+        Err(_) => text(r, i).map(String::into_bytes).unwrap_or_default(),
+    }
 }
 
 fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
@@ -222,7 +236,9 @@ impl SqlStore {
     fn cutoff(&self, activity: Activity, idle_before: DateTime<Utc>) -> Arg {
         match activity {
             Activity::Instant => match self.dialect {
-                Dialect::Postgres => Arg::Text(idle_before.format("%Y-%m-%d %H:%M:%S+00").to_string()),
+                Dialect::Postgres => {
+                    Arg::Text(idle_before.format("%Y-%m-%d %H:%M:%S+00").to_string())
+                }
                 _ => Arg::Text(idle_before.format("%Y-%m-%d %H:%M:%S").to_string()),
             },
             Activity::Naive(tz) => Arg::Text(
@@ -252,8 +268,13 @@ impl SqlStore {
             ),
             _ => {
                 let floor = match activity {
-                    Activity::UnixSeconds => format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS),
-                    Activity::UnixMillis => format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000),
+                    Activity::UnixSeconds => {
+                        format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS)
+                    }
+                    Activity::UnixMillis => format!(
+                        " AND {last} >= {}",
+                        super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
+                    ),
                     _ => String::new(),
                 };
                 format!(
@@ -271,8 +292,13 @@ impl SqlStore {
         let last = format!("s.{}", self.col(&self.source.last_activity_column));
         match (self.dialect, activity) {
             (Dialect::Sqlite, _) => super::sqlite::fits(&last, self.source.last_activity_format),
-            (_, Activity::UnixSeconds) => format!("{last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS),
-            (_, Activity::UnixMillis) => format!("{last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000),
+            (_, Activity::UnixSeconds) => {
+                format!("{last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS)
+            }
+            (_, Activity::UnixMillis) => format!(
+                "{last} >= {}",
+                super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
+            ),
             _ => format!("{last} IS NOT NULL"),
         }
     }
@@ -391,7 +417,12 @@ impl SqlStore {
     }
 
     /// The instant a stored value means (as the dialect's sample and listing select it).
-    fn activity_instant(&self, activity: Activity, row: &AnyRow, i: usize) -> Option<DateTime<Utc>> {
+    fn activity_instant(
+        &self,
+        activity: Activity,
+        row: &AnyRow,
+        i: usize,
+    ) -> Option<DateTime<Utc>> {
         let value = match row.try_get::<Option<i64>, _>(i) {
             Ok(Some(v)) => SampleValue::Int(v),
             _ => SampleValue::Text(text(row, i)?),
@@ -427,7 +458,10 @@ impl SqlStore {
         let active = [Arg::Text(self.source.active_value.clone())];
         let mut samples = Vec::new();
         let mut newest = None;
-        for (which, stmt) in [("newest", &sql.sample_newest), ("oldest", &sql.sample_oldest)] {
+        for (which, stmt) in [
+            ("newest", &sql.sample_newest),
+            ("oldest", &sql.sample_oldest),
+        ] {
             let Some(row) = query(stmt, &active)
                 .fetch_optional(&self.pool)
                 .await
@@ -458,7 +492,11 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            findings.push(newest_finding(newest, self.database_time().await?, self.source.idle_after));
+            findings.push(newest_finding(
+                newest,
+                self.database_time().await?,
+                self.source.idle_after,
+            ));
         }
         Ok(findings)
     }
@@ -494,7 +532,11 @@ impl SqlStore {
             return Ok(held);
         }
         let now = d.now_ms();
-        let owed = if self.source.mark_passive { "0" } else { "NULL" };
+        let owed = if self.source.mark_passive {
+            "0"
+        } else {
+            "NULL"
+        };
         let mut args = vec![Arg::Text(worker.to_owned())];
         let mut rows = Vec::new();
         for s in &mine {
@@ -520,23 +562,31 @@ impl SqlStore {
         }
         let derived = rows.join(" UNION ALL ");
         // A NULL state releases the lease and leaves everything else as it was.
-        let keep = |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
+        let keep =
+            |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
         let sets = [
             ("state", "COALESCE(u.state, l.state)".to_owned()),
             ("attempts", "COALESCE(u.attempts, l.attempts)".to_owned()),
             (
                 "next_attempt_at",
-                keep("next_attempt_at", &format!("CASE WHEN u.retry_ms IS NULL THEN NULL ELSE {now} + u.retry_ms END")),
+                keep(
+                    "next_attempt_at",
+                    &format!("CASE WHEN u.retry_ms IS NULL THEN NULL ELSE {now} + u.retry_ms END"),
+                ),
             ),
             ("last_error_code", keep("last_error_code", "u.code")),
             ("last_error_message", keep("last_error_message", "u.msg")),
             (
                 "source_marked",
-                format!("CASE WHEN u.state IN ('invalidated', 'already_invalidated') THEN {owed} ELSE l.source_marked END"),
+                format!(
+                    "CASE WHEN u.state IN ('invalidated', 'already_invalidated') THEN {owed} ELSE l.source_marked END"
+                ),
             ),
             (
                 "settled_at",
-                format!("CASE WHEN u.state IS NULL THEN l.settled_at WHEN u.state = 'pending' THEN NULL ELSE {now} END"),
+                format!(
+                    "CASE WHEN u.state IS NULL THEN l.settled_at WHEN u.state = 'pending' THEN NULL ELSE {now} END"
+                ),
             ),
             ("lease_owner", "NULL".to_owned()),
             ("lease_expires_at", "NULL".to_owned()),
@@ -585,7 +635,11 @@ impl SqlStore {
                     Arg::Int(ms(c.started_at).saturating_add(latency)),
                 ]);
                 let p: Vec<String> = (1..=10).map(|k| format!("${}", base + k)).collect();
-                rows.push(format!("({}, $1, {})", p[0..2].join(", "), p[2..].join(", ")));
+                rows.push(format!(
+                    "({}, $1, {})",
+                    p[0..2].join(", "),
+                    p[2..].join(", ")
+                ));
             }
             let stmt = self.q(&format!(
                 "INSERT INTO sweeper_attempts (session_token, attempt, worker_id, conversation_id, \
@@ -602,7 +656,10 @@ impl SqlStore {
     }
 
     /// A write transaction (SQLite takes its write lock at once).
-    pub(crate) async fn begin_write(&self, op: &'static str) -> Result<sqlx::Transaction<'static, Any>> {
+    pub(crate) async fn begin_write(
+        &self,
+        op: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Any>> {
         match self.dialect.begin_write() {
             Some(begin) => self.pool.begin_with(begin).await.op(op),
             None => self.pool.begin().await.op(op),
@@ -657,8 +714,14 @@ impl Store for SqlStore {
 
     async fn pending_migrations(&self) -> Result<Vec<String>> {
         let (migrations, applied) = match self.dialect {
-            Dialect::Sqlite => (super::sqlite::MIGRATIONS, super::sqlite::applied(self).await?),
-            Dialect::Postgres => (super::postgres::MIGRATIONS, super::postgres::applied(self).await?),
+            Dialect::Sqlite => (
+                super::sqlite::MIGRATIONS,
+                super::sqlite::applied(self).await?,
+            ),
+            Dialect::Postgres => (
+                super::postgres::MIGRATIONS,
+                super::postgres::applied(self).await?,
+            ),
             Dialect::MySql => (super::mysql::MIGRATIONS, super::mysql::applied(self).await?),
         };
         Ok(super::pending(migrations, &applied))
@@ -679,7 +742,11 @@ impl Store for SqlStore {
             if catalog.is_view {
                 findings.push(super::view_finding(&self.source));
             } else {
-                findings.extend(index_findings(&self.source, &catalog.indexes, catalog.index_dialect));
+                findings.extend(index_findings(
+                    &self.source,
+                    &catalog.indexes,
+                    catalog.index_dialect,
+                ));
             }
             findings.extend(catalog.status);
             let timestamps = self.timestamp_findings().await?;
@@ -815,7 +882,9 @@ impl Store for SqlStore {
         );
         let cutoff = self.cutoff_expr(sql.shape.activity).replace("$2", "$3");
         let fits = self.time_fits(sql.shape.activity);
-        let mut tx = self.begin_write("starting to mark sessions passive").await?;
+        let mut tx = self
+            .begin_write("starting to mark sessions passive")
+            .await?;
         let mut noted = 0;
         for chunk in tokens.chunks(CHUNK * 4) {
             let mut args = vec![
@@ -826,7 +895,11 @@ impl Store for SqlStore {
             let mut list = Vec::new();
             for t in chunk {
                 args.push(Arg::Text(t.clone()));
-                list.push(sql.shape.token_from_text.replace("{}", &format!("${}", args.len())));
+                list.push(
+                    sql.shape
+                        .token_from_text
+                        .replace("{}", &format!("${}", args.len())),
+                );
                 // A SQLite column without text affinity stores an integer token as an integer.
                 if self.dialect == Dialect::Sqlite
                     && let Ok(i) = t.parse::<i64>()
@@ -878,10 +951,13 @@ impl Store for SqlStore {
 
     async fn unusable_rows(&self) -> Result<UnusableRows> {
         let sql = self.sql().await?;
-        let row = query(&sql.unusable, &[Arg::Text(self.source.active_value.clone())])
-            .fetch_one(&self.pool)
-            .await
-            .op("counting unusable source rows")?;
+        let row = query(
+            &sql.unusable,
+            &[Arg::Text(self.source.active_value.clone())],
+        )
+        .fetch_one(&self.pool)
+        .await
+        .op("counting unusable source rows")?;
         Ok(UnusableRows {
             unreadable_last_activity: int(&row, 0) as u64,
             bad_source_row: int(&row, 1) as u64,
@@ -1039,9 +1115,7 @@ impl Store for SqlStore {
             recent_failures: recent
                 .iter()
                 .map(|r| FailureRow {
-                    session: fingerprint(&String::from_utf8_lossy(
-                        &r.try_get::<Option<Vec<u8>>, _>(0).ok().flatten().unwrap_or_default(),
-                    )),
+                    session: fingerprint(&String::from_utf8_lossy(&raw_bytes(r, 0))),
                     error_code: text(r, 1),
                     error_message: text(r, 2),
                     attempts: int(r, 3) as u32,
@@ -1131,14 +1205,18 @@ impl Store for SqlStore {
         .op("grouping failures")?;
         let bucket = |lo: Option<i64>, hi: Option<i64>| {
             let cond = match (lo, hi) {
-                (None, Some(hi)) => format!("(next_attempt_at IS NULL OR next_attempt_at <= {now} + {hi})"),
-                (Some(lo), Some(hi)) => format!(
-                    "next_attempt_at > {now} + {lo} AND next_attempt_at <= {now} + {hi}"
-                ),
+                (None, Some(hi)) => {
+                    format!("(next_attempt_at IS NULL OR next_attempt_at <= {now} + {hi})")
+                }
+                (Some(lo), Some(hi)) => {
+                    format!("next_attempt_at > {now} + {lo} AND next_attempt_at <= {now} + {hi}")
+                }
                 (Some(lo), None) => format!("next_attempt_at > {now} + {lo}"),
                 (None, None) => "TRUE".into(),
             };
-            d.int(&format!("COALESCE(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END), 0)"))
+            d.int(&format!(
+                "COALESCE(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END), 0)"
+            ))
         };
         let (m1, m5, m15, h1) = (60_000, 300_000, 900_000, 3_600_000);
         let due = sqlx::query(&format!(
@@ -1239,7 +1317,12 @@ pub(crate) struct Catalog {
 }
 
 /// Rows of a query as strings (catalog queries), NULLs skipped.
-pub(crate) async fn strings(store: &SqlStore, stmt: &Stmt, args: &[Arg], op: &'static str) -> Result<Vec<String>> {
+pub(crate) async fn strings(
+    store: &SqlStore,
+    stmt: &Stmt,
+    args: &[Arg],
+    op: &'static str,
+) -> Result<Vec<String>> {
     Ok(query(stmt, args)
         .fetch_all(&store.pool)
         .await

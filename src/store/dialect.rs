@@ -182,7 +182,10 @@ mod tests {
     fn placeholders_follow_the_dialect() {
         let t = "a = $1 AND b = $2 OR c = $1";
         assert_eq!(Dialect::Postgres.render(t).text, t);
-        assert_eq!(Dialect::Sqlite.render(t).text, "a = ?1 AND b = ?2 OR c = ?1");
+        assert_eq!(
+            Dialect::Sqlite.render(t).text,
+            "a = ?1 AND b = ?2 OR c = ?1"
+        );
         let my = Dialect::MySql.render(t);
         assert_eq!(my.text, "a = ? AND b = ? OR c = ?");
         assert_eq!(my.binds, [0, 1, 0]);

@@ -46,14 +46,23 @@ pub(crate) async fn run_claim(
     let mut seen = std::collections::HashSet::new();
     let picked: Vec<(String, String)> = rows
         .iter()
-        .filter_map(|r| Some((r.try_get::<String, _>(0).ok()?, r.try_get::<String, _>(1).ok()?)))
+        .filter_map(|r| {
+            Some((
+                r.try_get::<String, _>(0).ok()?,
+                r.try_get::<String, _>(1).ok()?,
+            ))
+        })
         .filter(|(t, _)| seen.insert(t.clone()))
         .collect();
     if picked.is_empty() {
         tx.commit().await.op("committing a claim")?;
         return Ok(Vec::new());
     }
-    let claim_id = i64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().expect("8 bytes")) & i64::MAX;
+    let claim_id = i64::from_le_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .expect("8 bytes"),
+    ) & i64::MAX;
     let now = d.now_ms();
     let mut binds = vec![
         Arg::Text(p.worker.to_owned()),
@@ -66,7 +75,9 @@ pub(crate) async fn run_claim(
         binds.push(Arg::Text(token.clone()));
         binds.push(Arg::Text(member.clone()));
         let (t, m) = (binds.len() - 1, binds.len());
-        values.push(format!("(${t}, ${m}, 'pending', 0, $1, {now} + $2, {now}, {now}, $3)"));
+        values.push(format!(
+            "(${t}, ${m}, 'pending', 0, $1, {now} + $2, {now}, {now}, $3)"
+        ));
     }
     // The first assignment decides, on the row as it was, whether this claim may take it; the
     // others follow that decision (MySQL applies assignments left to right).
@@ -169,10 +180,11 @@ pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
 
 /// The server's zone, as the shop's own connections see it (ours run in UTC).
 async fn server_zone(store: &SqlStore) -> Result<String> {
-    let row = sqlx::query("SELECT CAST(@@global.time_zone AS CHAR), CAST(@@system_time_zone AS CHAR)")
-        .fetch_one(&store.pool)
-        .await
-        .op("reading the server's time zone")?;
+    let row =
+        sqlx::query("SELECT CAST(@@global.time_zone AS CHAR), CAST(@@system_time_zone AS CHAR)")
+            .fetch_one(&store.pool)
+            .await
+            .op("reading the server's time zone")?;
     let global: String = row.try_get(0).unwrap_or_default();
     Ok(if global.eq_ignore_ascii_case("SYSTEM") {
         row.try_get(1).unwrap_or_default()
@@ -198,8 +210,15 @@ pub(crate) async fn version_finding(store: &SqlStore) -> Result<Finding> {
 /// Whether a `VERSION()` string names a supported server.
 fn version_verdict(version: &str) -> Finding {
     let mariadb = version.to_ascii_lowercase().contains("mariadb");
-    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
-    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
     let found = (next(), next());
     let (name, needed) = if mariadb {
         ("MariaDB", MIN_MARIADB)
@@ -224,8 +243,10 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     let at = || [schema_arg(store), Arg::Text(src.table.name().into())];
     let columns = strings(
         store,
-        &q("SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
-            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2"),
+        &q(
+            "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
+        ),
         &at(),
         "reading the source table's columns",
     )
@@ -243,8 +264,10 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     .collect();
     let is_view = strings(
         store,
-        &q("SELECT CAST(TABLE_TYPE AS CHAR) FROM information_schema.TABLES \
-            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2"),
+        &q(
+            "SELECT CAST(TABLE_TYPE AS CHAR) FROM information_schema.TABLES \
+            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
+        ),
         &at(),
         "reading the source table's kind",
     )
@@ -254,9 +277,11 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     let mut status = Vec::new();
     let triggers = strings(
         store,
-        &q("SELECT CAST(COUNT(*) AS CHAR) FROM information_schema.TRIGGERS \
+        &q(
+            "SELECT CAST(COUNT(*) AS CHAR) FROM information_schema.TRIGGERS \
             WHERE EVENT_OBJECT_SCHEMA = COALESCE($1, DATABASE()) AND EVENT_OBJECT_TABLE = $2 \
-            AND ACTION_TIMING = 'BEFORE' AND EVENT_MANIPULATION = 'UPDATE'"),
+            AND ACTION_TIMING = 'BEFORE' AND EVENT_MANIPULATION = 'UPDATE'",
+        ),
         &at(),
         "listing the source table's triggers",
     )
@@ -290,7 +315,10 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
         .and_then(|n| n.parse::<i64>().ok())
         .unwrap_or(0);
         status.push(if may > 0 {
-            Finding::Ok(format!("{} can be set to the passive value", src.status_column))
+            Finding::Ok(format!(
+                "{} can be set to the passive value",
+                src.status_column
+            ))
         } else {
             Finding::Error(format!(
                 "source.status_column: this user has no UPDATE privilege on {} in {}; grant \
@@ -327,27 +355,27 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
 }
 
 async fn apply(store: &SqlStore, conn: &mut sqlx::AnyConnection) -> Result<()> {
-        sqlx::Executor::execute(&mut *conn, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
+    sqlx::Executor::execute(&mut *conn, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
              name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",)
         .await
         .op("creating the migrations table")?;
-        let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
-            .fetch_all(&mut *conn)
-            .await
-            .op("reading applied migrations")?
-            .iter()
-            .filter_map(|r| r.try_get::<i64, _>(0).ok())
-            .collect();
-        for m in MIGRATIONS {
-            if done.contains(&m.version) {
-                continue;
-            }
-            for statement in statements(m.sql) {
-                sqlx::Executor::execute(&mut *conn, statement.as_str())
-                    .await
-                    .op("applying a migration")?;
-            }
-            query(
+    let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
+        .fetch_all(&mut *conn)
+        .await
+        .op("reading applied migrations")?
+        .iter()
+        .filter_map(|r| r.try_get::<i64, _>(0).ok())
+        .collect();
+    for m in MIGRATIONS {
+        if done.contains(&m.version) {
+            continue;
+        }
+        for statement in statements(m.sql) {
+            sqlx::Executor::execute(&mut *conn, statement.as_str())
+                .await
+                .op("applying a migration")?;
+        }
+        query(
                 &store.dialect.render(&format!(
                     "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
                     store.dialect.now_ms()
@@ -357,8 +385,8 @@ async fn apply(store: &SqlStore, conn: &mut sqlx::AnyConnection) -> Result<()> {
             .execute(&mut *conn)
             .await
             .op("recording a migration")?;
-        }
-        Ok(())
+    }
+    Ok(())
 }
 
 /// The statements of a migration file, comments dropped.

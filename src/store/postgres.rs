@@ -6,7 +6,9 @@ use sqlx::Row as _;
 
 use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
 use super::dialect::Stmt;
-use super::{Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks, naive_zone};
+use super::{
+    Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks, naive_zone,
+};
 
 /// Serialises concurrent `migrate` runs (an arbitrary constant: "sweeper" on a phone keypad).
 pub const MIGRATION_LOCK: i64 = 7_933_737;
@@ -73,7 +75,10 @@ async fn column_type(store: &SqlStore, column: &str) -> Result<Option<String>> {
             "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
         ),
-        &[Arg::Text(store.col(&store.source.table)), Arg::Text(column.into())],
+        &[
+            Arg::Text(store.col(&store.source.table)),
+            Arg::Text(column.into()),
+        ],
         "reading a source column's type",
     )
     .await?
@@ -157,7 +162,9 @@ async fn database_zone(store: &SqlStore) -> Result<String> {
         Some(zone) => Ok(zone),
         None => Ok(strings(
             store,
-            &store.dialect.render("SELECT setting FROM pg_settings WHERE name = 'log_timezone'"),
+            &store
+                .dialect
+                .render("SELECT setting FROM pg_settings WHERE name = 'log_timezone'"),
             &[],
             "reading the server's time zone",
         )
@@ -181,10 +188,12 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     .await?;
     let indexes = strings(
         store,
-        &q("SELECT string_agg(a.attname::text, ',' ORDER BY k.ord) FROM pg_index i \
+        &q(
+            "SELECT string_agg(a.attname::text, ',' ORDER BY k.ord) FROM pg_index i \
             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-            WHERE i.indrelid = to_regclass($1) AND i.indpred IS NULL GROUP BY i.indexrelid"),
+            WHERE i.indrelid = to_regclass($1) AND i.indpred IS NULL GROUP BY i.indexrelid",
+        ),
         &[table()],
         "listing the source table's indexes",
     )
@@ -253,12 +262,18 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
 /// Applies the pending migrations in one transaction under an advisory lock.
 pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
     let mut tx = store.pool.begin().await.op("starting the migration")?;
-    query(&store.dialect.render("SELECT pg_advisory_xact_lock($1)"), &[Arg::Int(MIGRATION_LOCK)])
-        .execute(&mut *tx)
-        .await
-        .op("locking for the migration")?;
-    sqlx::Executor::execute(&mut *tx, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT PRIMARY KEY, \
-         name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",)
+    query(
+        &store.dialect.render("SELECT pg_advisory_xact_lock($1)"),
+        &[Arg::Int(MIGRATION_LOCK)],
+    )
+    .execute(&mut *tx)
+    .await
+    .op("locking for the migration")?;
+    sqlx::Executor::execute(
+        &mut *tx,
+        "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT PRIMARY KEY, \
+         name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
     .await
     .op("creating the migrations table")?;
     let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
@@ -276,7 +291,9 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
             .await
             .op("applying a migration")?;
         query(
-            &store.dialect.render("INSERT INTO sweeper_schema_migrations (version, name) VALUES ($1, $2)"),
+            &store
+                .dialect
+                .render("INSERT INTO sweeper_schema_migrations (version, name) VALUES ($1, $2)"),
             &[Arg::Int(m.version), Arg::Text(m.name.into())],
         )
         .execute(&mut *tx)
@@ -290,7 +307,9 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
 pub(crate) async fn applied(store: &SqlStore) -> Result<Vec<i64>> {
     let exists = strings(
         store,
-        &store.dialect.render("SELECT to_regclass('sweeper_schema_migrations')::text"),
+        &store
+            .dialect
+            .render("SELECT to_regclass('sweeper_schema_migrations')::text"),
         &[],
         "looking for the migrations table",
     )

@@ -58,9 +58,9 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
         ),
-        TimestampFormat::UnixSeconds => format!(
-            "(typeof({col}) = 'integer' AND {col} >= {EARLIEST_PLAUSIBLE_UNIX_SECONDS})"
-        ),
+        TimestampFormat::UnixSeconds => {
+            format!("(typeof({col}) = 'integer' AND {col} >= {EARLIEST_PLAUSIBLE_UNIX_SECONDS})")
+        }
         TimestampFormat::UnixMillis => format!(
             "(typeof({col}) = 'integer' AND {col} >= {})",
             EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
@@ -111,10 +111,16 @@ pub(crate) async fn run_claim(store: &SqlStore, claim: &Stmt, args: &[Arg]) -> R
                      WHERE session_token = CAST($2 AS TEXT)",
                     now = store.dialect.now_ms()
                 ));
-                query(&settle, &[Arg::Text(BAD_SOURCE_ROW.into()), Arg::Bytes(token.unwrap_or_default())])
-                    .execute(&mut *tx)
-                    .await
-                    .op("settling an unreadable source row")?;
+                query(
+                    &settle,
+                    &[
+                        Arg::Text(BAD_SOURCE_ROW.into()),
+                        Arg::Bytes(token.unwrap_or_default()),
+                    ],
+                )
+                .execute(&mut *tx)
+                .await
+                .op("settling an unreadable source row")?;
             }
         }
     }
@@ -125,7 +131,10 @@ pub(crate) async fn run_claim(store: &SqlStore, claim: &Stmt, args: &[Arg]) -> R
 /// SQLite's text has no zone: it is read in `source.last_activity_timezone`, else UTC, which
 /// is what SQLite's own clock functions write.
 pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
-    let tz = store.source.last_activity_timezone.unwrap_or(chrono_tz::UTC);
+    let tz = store
+        .source
+        .last_activity_timezone
+        .unwrap_or(chrono_tz::UTC);
     Ok(Shape {
         activity: super::core::sqlite_activity(store.source.last_activity_format, tz),
         token_from_text: "{}".into(),
@@ -230,11 +239,18 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
 /// Applies the pending migrations under `BEGIN IMMEDIATE`.
 pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
     let mut tx = store.begin_write("starting the migration").await?;
-    sqlx::Executor::execute(&mut *tx, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version INTEGER PRIMARY KEY, \
-         name TEXT NOT NULL, applied_at INTEGER NOT NULL)",)
+    sqlx::Executor::execute(
+        &mut *tx,
+        "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version INTEGER PRIMARY KEY, \
+         name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )
     .await
     .op("creating the migrations table")?;
-    let done = strings_in(&mut tx, "SELECT CAST(version AS TEXT) FROM sweeper_schema_migrations").await?;
+    let done = strings_in(
+        &mut tx,
+        "SELECT CAST(version AS TEXT) FROM sweeper_schema_migrations",
+    )
+    .await?;
     for m in MIGRATIONS {
         if done.contains(&m.version.to_string()) {
             continue;

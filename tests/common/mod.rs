@@ -330,7 +330,8 @@ impl TestDb {
                     .unwrap();
                 }
                 Pool::MySql(p) => {
-                    let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO checkout_sessions ");
+                    let mut q =
+                        sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO checkout_sessions ");
                     q.push_values(chunk, |mut row, r| {
                         let at: DateTime<Utc> = now - r.idle;
                         row.push_bind(&r.token)
