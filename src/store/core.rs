@@ -713,16 +713,31 @@ impl Store for SqlStore {
     }
 
     async fn pending_migrations(&self) -> Result<Vec<String>> {
-        let (migrations, applied) = match self.dialect {
-            Dialect::Sqlite => (
-                super::sqlite::MIGRATIONS,
-                super::sqlite::applied(self).await?,
-            ),
+        let (migrations, table) = match self.dialect {
+            Dialect::Sqlite => (super::sqlite::MIGRATIONS, super::sqlite::MIGRATIONS_TABLE),
             Dialect::Postgres => (
                 super::postgres::MIGRATIONS,
-                super::postgres::applied(self).await?,
+                super::postgres::MIGRATIONS_TABLE,
             ),
-            Dialect::MySql => (super::mysql::MIGRATIONS, super::mysql::applied(self).await?),
+            Dialect::MySql => (super::mysql::MIGRATIONS, super::mysql::MIGRATIONS_TABLE),
+        };
+        let exists = strings(
+            self,
+            &self.q(table),
+            &[],
+            "looking for the migrations table",
+        )
+        .await?;
+        let applied: Vec<i64> = if exists.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query("SELECT version FROM sweeper_schema_migrations")
+                .fetch_all(&self.pool)
+                .await
+                .op("reading applied migrations")?
+                .iter()
+                .filter_map(|r| opt_int(r, 0))
+                .collect()
         };
         Ok(super::pending(migrations, &applied))
     }

@@ -403,29 +403,9 @@ fn statements(sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// Versions already applied.
-pub(crate) async fn applied(store: &SqlStore) -> Result<Vec<i64>> {
-    let exists = strings(
-        store,
-        &store.dialect.render(
-            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sweeper_schema_migrations'",
-        ),
-        &[],
-        "looking for the migrations table",
-    )
-    .await?;
-    if exists.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(sqlx::query("SELECT version FROM sweeper_schema_migrations")
-        .fetch_all(&store.pool)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<i64, _>(0).ok())
-        .collect())
-}
+/// Finds the migrations table (a name, or nothing).
+pub(crate) const MIGRATIONS_TABLE: &str = "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sweeper_schema_migrations'";
 
 #[cfg(test)]
 mod tests {

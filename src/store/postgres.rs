@@ -303,28 +303,8 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
     tx.commit().await.op("committing the migration")
 }
 
-/// Versions already applied.
-pub(crate) async fn applied(store: &SqlStore) -> Result<Vec<i64>> {
-    let exists = strings(
-        store,
-        &store
-            .dialect
-            .render("SELECT to_regclass('sweeper_schema_migrations')::text"),
-        &[],
-        "looking for the migrations table",
-    )
-    .await?;
-    if exists.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(sqlx::query("SELECT version FROM sweeper_schema_migrations")
-        .fetch_all(&store.pool)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<i64, _>(0).ok())
-        .collect())
-}
+/// Finds the migrations table (a name, or nothing).
+pub(crate) const MIGRATIONS_TABLE: &str = "SELECT to_regclass('sweeper_schema_migrations')::text";
 
 #[cfg(test)]
 mod tests {

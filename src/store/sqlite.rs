@@ -282,22 +282,6 @@ async fn strings_in(tx: &mut sqlx::AnyConnection, sql: &str) -> Result<Vec<Strin
         .collect())
 }
 
-/// Versions already applied.
-pub(crate) async fn applied(store: &SqlStore) -> Result<Vec<i64>> {
-    let exists = sqlx::query(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sweeper_schema_migrations'",
-    )
-    .fetch_optional(&store.pool)
-    .await
-    .op("looking for the migrations table")?;
-    if exists.is_none() {
-        return Ok(Vec::new());
-    }
-    Ok(sqlx::query("SELECT version FROM sweeper_schema_migrations")
-        .fetch_all(&store.pool)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<i64, _>(0).ok())
-        .collect())
-}
+/// Finds the migrations table (a name, or nothing).
+pub(crate) const MIGRATIONS_TABLE: &str =
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sweeper_schema_migrations'";
