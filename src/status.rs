@@ -100,6 +100,9 @@ impl Inputs {
     }
 }
 
+/// The longest one reading of the status may take; a stalled database then answers 503.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the status data, cached for [`CACHE_FOR`] so that any number of open pages cost the
 /// database one reading per period. Cheap to clone.
 #[derive(Clone)]
@@ -136,13 +139,25 @@ impl StatusSource {
 
     /// The JSON of `/api/status`, at most [`CACHE_FOR`] old.
     pub async fn json(&self) -> Result<Arc<String>, StoreError> {
-        let mut cache = self.cache.lock().await;
+        // Waiters for a reading in progress give up with it: a stalled database costs every
+        // page one bounded wait, not a queue.
+        let mut cache = tokio::time::timeout(READ_TIMEOUT, self.cache.lock())
+            .await
+            .map_err(|_| StoreError::TimedOut {
+                op: "reading the status (another reading is still waiting)",
+            })?;
         if let Some((at, body)) = cache.as_ref()
             && at.elapsed() < CACHE_FOR
         {
             return Ok(body.clone());
         }
-        let body = Arc::new(self.view().await?.to_string());
+        let body = tokio::time::timeout(READ_TIMEOUT, self.view())
+            .await
+            .map_err(|_| StoreError::TimedOut {
+                op: "reading the status",
+            })??
+            .to_string();
+        let body = Arc::new(body);
         *cache = Some((Instant::now(), body.clone()));
         Ok(body)
     }

@@ -22,6 +22,10 @@ use crate::telemetry::{Metrics, fingerprint};
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Longest `Retry-After` we honour; a larger value is capped so shutdown stays prompt.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The most of iyzico's error text kept (logs, ledger, status page).
+pub const MAX_MESSAGE_CHARS: usize = 500;
+/// Tokens and members shorter than this are not searched for in iyzico's text.
+const MIN_SCRUBBED_CHARS: usize = 4;
 
 /// Why a call did not invalidate the session. Each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +85,48 @@ impl ApiError {
     }
 
     /// The human-readable message.
+    /// The same error with the session's token and member taken out of iyzico's text (an echo
+    /// of the request must not carry them into logs, the ledger or the status page) and the
+    /// text cut to [`MAX_MESSAGE_CHARS`].
+    pub fn scrubbed(self, token: &str, member: &str) -> Self {
+        let clean = |m: String| {
+            let mut m = m;
+            // Very short values (a member id `7`) would take digits out of iyzico's own text.
+            if token.chars().count() >= MIN_SCRUBBED_CHARS {
+                m = m.replace(token, &format!("[session {}]", fingerprint(token)));
+            }
+            if member.chars().count() >= MIN_SCRUBBED_CHARS {
+                m = m.replace(member, "[member]");
+            }
+            match m.char_indices().nth(MAX_MESSAGE_CHARS) {
+                Some((cut, _)) => format!("{}…", &m[..cut]),
+                None => m,
+            }
+        };
+        match self {
+            ApiError::AlreadyInvalidated { message } => ApiError::AlreadyInvalidated {
+                message: clean(message),
+            },
+            ApiError::Retryable {
+                reason,
+                code,
+                retry_after,
+            } => ApiError::Retryable {
+                reason: clean(reason),
+                code,
+                retry_after,
+            },
+            ApiError::Permanent { code, message } => ApiError::Permanent {
+                code,
+                message: clean(message),
+            },
+            ApiError::Auth { code, message } => ApiError::Auth {
+                code,
+                message: clean(message),
+            },
+        }
+    }
+
     pub fn message(&self) -> &str {
         match self {
             ApiError::AlreadyInvalidated { message }
@@ -483,7 +529,10 @@ impl Client {
             drop(permit);
             let latency = started.elapsed();
             let (http_status, result) = match outcome {
-                Ok(r) => r,
+                Ok((status, r)) => (
+                    status,
+                    r.map_err(|e| e.scrubbed(session_token, member_identifier)),
+                ),
                 Err((class, message, error)) => {
                     if matches!(error, InvalidateError::Fenced) {
                         tracing::warn!("heartbeat went stale during a call: cancelled it");
@@ -804,5 +853,35 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn echoed_tokens_and_members_are_taken_out_of_iyzico_text() {
+        let e = ApiError::Permanent {
+            code: "11".into(),
+            message: format!(
+                "Session tok-secret-1 for member mem-4711 invalid {}",
+                "x".repeat(600)
+            ),
+        }
+        .scrubbed("tok-secret-1", "mem-4711");
+        let m = e.message();
+        assert!(
+            !m.contains("tok-secret-1") && !m.contains("mem-4711"),
+            "{m}"
+        );
+        assert!(m.contains(&fingerprint("tok-secret-1")) && m.contains("[member]"));
+        assert!(m.chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert_eq!(e.code(), Some("11"));
+        let short = ApiError::Permanent {
+            code: "11".into(),
+            message: "error 11".into(),
+        }
+        .scrubbed("tok", "1");
+        assert_eq!(
+            short.message(),
+            "error 11",
+            "short values leave the text alone"
+        );
     }
 }

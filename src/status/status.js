@@ -261,14 +261,20 @@
 
   async function refresh() {
     try {
-      const r = await fetch("api/status", { cache: "no-store", headers: { Accept: "application/json" } });
+      // Never wait on a stalled server for longer than a few refreshes: say so instead.
+      const abort = new AbortController();
+      const timer = setTimeout(() => abort.abort(), 15000);
+      const r = await fetch("api/status", {
+        cache: "no-store", headers: { Accept: "application/json" }, signal: abort.signal,
+      }).finally(() => clearTimeout(timer));
       const d = await r.json();
       if (!r.ok) throw new Error(d.error || "HTTP " + r.status);
       last = d;
       $("error").hidden = true;
       render(d);
     } catch (e) {
-      $("error").textContent = "Could not refresh: " + e.message + (last ? " (showing the last data)" : "");
+      const why = e.name === "AbortError" ? "no answer within 15 s" : e.message;
+      $("error").textContent = "Could not refresh: " + why + (last ? " (showing the last data)" : "");
       $("error").hidden = false;
     } finally {
       setTimeout(refresh, REFRESH_MS);
