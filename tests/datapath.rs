@@ -453,3 +453,46 @@ both_backends!(
     a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
     a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked,
 );
+
+#[tokio::test]
+async fn mysql_tokens_differing_in_case_or_trailing_spaces_are_different_sessions() {
+    // MySQL's default collations fold case and ignore trailing spaces; sessions never do.
+    let Some(db) = TestDb::new(Kind::MySql).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (id INT AUTO_INCREMENT PRIMARY KEY, session_token VARCHAR(255), \
+           member_identifier INT, status VARCHAR(20), last_activity_at DATETIME) DEFAULT CHARSET = utf8mb4; \
+         CREATE INDEX checkout_sessions_tok ON checkout_sessions (session_token); \
+         INSERT INTO checkout_sessions (session_token, member_identifier, status, last_activity_at) VALUES \
+           ('tokC', 1, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 3 HOUR), ('TOKC', 2, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR), \
+           ('tokB', 3, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR), ('tokB ', 4, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR), \
+           ('live', 5, 'ACTIVE', UTC_TIMESTAMP()), ('LIVE', 6, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR)",
+    )
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    // One at a time: the marking of one token comes before the next is claimed.
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__BATCH_SIZE", "1")]);
+    let summary = sweep_once(&config).await.unwrap();
+    let calls = sim.stats.calls_per_token();
+    for token in ["tokC", "TOKC", "tokB", "tokB ", "LIVE"] {
+        assert_eq!(
+            calls.get(token),
+            Some(&1),
+            "{token:?} is its own session: {calls:?}"
+        );
+    }
+    assert!(!calls.contains_key("live"), "{calls:?}");
+    assert_eq!(summary.invalidated, 5, "{summary:?}");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM checkout_sessions WHERE status = 'PASSIVE'")
+            .await,
+        5
+    );
+    assert_eq!(
+        db.status("live").await,
+        "ACTIVE",
+        "only the rows that were sent are marked"
+    );
+}

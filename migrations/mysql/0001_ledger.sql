@@ -1,9 +1,11 @@
--- The sweeper's own tables (InnoDB, utf8mb4; tokens and worker ids compare exactly, utf8mb4_bin).
+-- The sweeper's own tables (InnoDB, utf8mb4). Tokens are kept as bytes (VARBINARY): collations
+-- fold case and ignore trailing spaces, and two sessions must never share a ledger row.
+-- Worker ids compare exactly (utf8mb4_bin).
 -- Time is Unix milliseconds of the database's clock.
 
 -- One row per session the sweeper has taken on.
 CREATE TABLE IF NOT EXISTS sweeper_sessions (
-    session_token      VARCHAR(255) COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+    session_token      VARBINARY(1020) NOT NULL PRIMARY KEY,
     member_identifier  VARCHAR(255) NOT NULL,
     state              VARCHAR(32) NOT NULL,
     attempts           INT NOT NULL DEFAULT 0,
@@ -28,7 +30,7 @@ CREATE TABLE IF NOT EXISTS sweeper_sessions (
 -- Append-only: one row per HTTP call.
 CREATE TABLE IF NOT EXISTS sweeper_attempts (
     id              BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    session_token   VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    session_token   VARBINARY(1020) NOT NULL,
     attempt         INT NOT NULL,
     worker_id       VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
     conversation_id VARCHAR(64) NOT NULL,

@@ -187,6 +187,14 @@ impl SqlStore {
                     for statement in session_setup(dialect) {
                         sqlx::query(statement).execute(&mut *conn).await?;
                     }
+                    if dialect == Dialect::MySql {
+                        // MariaDB caches correlated subqueries by the outer value in its own
+                        // collation, so 'TOKC' would reuse the answer for 'tokC'. MySQL has no
+                        // such cache (and refuses the flag), hence no error on failure.
+                        let _ = sqlx::query("SET SESSION optimizer_switch = 'subquery_cache=off'")
+                            .execute(&mut *conn)
+                            .await;
+                    }
                     Ok(())
                 })
             })
@@ -375,7 +383,7 @@ impl SqlStore {
             )),
             count: self.q(&format!(
                 "SELECT {} FROM {table} s WHERE {eligible_where}",
-                d.int(&format!("COUNT(DISTINCT {token_text})"))
+                d.int(&format!("COUNT(DISTINCT {})", d.exact(&format!("s.{tok}"))))
             )),
             recheck: self.q(&format!(
                 "SELECT {}, {} FROM sweeper_sessions l WHERE l.session_token = $4",
@@ -924,10 +932,22 @@ impl Store for SqlStore {
                     list.push(format!("${}", args.len()));
                 }
             }
+            // MySQL's collations fold case and ignore trailing spaces: after the index finds the
+            // candidates, the bytes must match too, or another shopper's row would be marked.
+            let exact = match self.dialect {
+                Dialect::MySql => format!(
+                    " AND CAST(CONVERT(s.{tok} USING utf8mb4) AS BINARY) IN ({})",
+                    list.iter()
+                        .map(|p| format!("CAST({p} AS BINARY)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => String::new(),
+            };
             // Only rows still idle: a duplicate token touched a moment ago stays active.
             query(
                 &self.q(&format!(
-                    "UPDATE {table} AS s SET {status} = $1 WHERE s.{tok} IN ({}) AND s.{status} = $2 \
+                    "UPDATE {table} AS s SET {status} = $1 WHERE s.{tok} IN ({}){exact} AND s.{status} = $2 \
                      AND s.{last} < {cutoff} AND {fits}",
                     list.join(", ")
                 )),

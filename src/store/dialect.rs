@@ -96,6 +96,15 @@ impl Dialect {
         }
     }
 
+    /// `expr` in a form that compares exactly, byte for byte (MySQL's collations fold case and
+    /// pad with spaces; the others compare text exactly already).
+    pub fn exact(self, expr: &str) -> String {
+        match self {
+            Dialect::MySql => format!("CAST({expr} AS BINARY)"),
+            _ => self.text(expr),
+        }
+    }
+
     /// `expr` as bytes (text that may not be valid UTF-8, e.g. an unreadable source token).
     pub fn bytes(self, expr: &str) -> String {
         match self {

@@ -652,7 +652,8 @@ pub(crate) fn index_findings(
         out.push(Finding::Warning(format!(
             "no index on {}: each status update scans the table. Create one: {}",
             src.token_column,
-            create_index(src, dialect, true, "token_idx", &[&src.token_column]),
+            // Not unique: tables with duplicate tokens (which the sweeper handles) must take it.
+            create_index(src, dialect, false, "token_idx", &[&src.token_column]),
         )));
     }
     out
@@ -783,12 +784,20 @@ pub(crate) fn naive_zone(
     match configured {
         Some(tz) => Ok(tz),
         None if is_utc_zone(database_zone) => Ok(chrono_tz::UTC),
-        None => Err(StoreError::Schema(format!(
-            "source.last_activity_timezone: {what} holds times without a zone and the database's \
-             time zone is {database_zone:?}, so which instant a value means is ambiguous; set \
-             source.last_activity_timezone to the zone the application writes them in (e.g. \
-             {database_zone:?}, or \"UTC\")"
-        ))),
+        None => {
+            // Suggest the database's zone only when it is a name the key accepts ("+03:00" is not).
+            let example = if database_zone.parse::<chrono_tz::Tz>().is_ok() {
+                format!("{database_zone:?}")
+            } else {
+                "\"Europe/Istanbul\"".to_owned()
+            };
+            Err(StoreError::Schema(format!(
+                "source.last_activity_timezone: {what} holds times without a zone and the database's \
+                 time zone is {database_zone:?}, so which instant a value means is ambiguous; set \
+                 source.last_activity_timezone to the IANA zone the application writes them in \
+                 (e.g. {example}, or \"UTC\")"
+            )))
+        }
     }
 }
 

@@ -170,12 +170,53 @@ pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
             )));
         }
     };
+    // The ledger keeps tokens as utf8mb4 bytes. A source row has a ledger token when the index
+    // finds it (the value converted into the column's own character set and collation, or the
+    // comparison would mix collations) and its utf8mb4 bytes are the same: collations fold case
+    // and ignore trailing spaces, and a number compares with text as a number ('0012' = 12).
+    let same_token = match token_collation(store).await? {
+        Some((charset, collation)) => format!(
+            "s.{{tok}} = CONVERT({{}} USING {charset}) COLLATE {collation} \
+             AND CAST(CONVERT(s.{{tok}} USING utf8mb4) AS BINARY) = {{}}"
+        ),
+        None => {
+            "s.{tok} = CAST({} AS CHAR) AND CAST(CONVERT(s.{tok} USING utf8mb4) AS BINARY) = {}"
+                .into()
+        }
+    };
     Ok(Shape {
         activity,
         token_from_text: "{}".into(),
-        // MySQL compares a number with text as numbers ('0012' = 12): compare exactly as text too.
-        same_token: "s.{tok} = {} AND CAST(s.{tok} AS CHAR) = {}".into(),
+        same_token,
     })
+}
+
+/// The token column's character set and collation (`None` for a number), checked to be plain
+/// names before they are written into SQL.
+async fn token_collation(store: &SqlStore) -> Result<Option<(String, String)>> {
+    let row = query(
+        &store.dialect.render(
+            "SELECT CAST(CHARACTER_SET_NAME AS CHAR), CAST(COLLATION_NAME AS CHAR) \
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) \
+             AND TABLE_NAME = $2 AND COLUMN_NAME = $3",
+        ),
+        &[
+            schema_arg(store),
+            Arg::Text(store.source.table.name().into()),
+            Arg::Text(store.source.token_column.name().into()),
+        ],
+    )
+    .fetch_optional(&store.pool)
+    .await
+    .op("reading the token column's collation")?;
+    let plain = |s: &str| {
+        !s.is_empty() && s.len() < 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    Ok(row.and_then(|r| {
+        let charset: String = r.try_get(0).ok()?;
+        let collation: String = r.try_get(1).ok()?;
+        (plain(&charset) && plain(&collation)).then_some((charset, collation))
+    }))
 }
 
 /// The server's zone, as the shop's own connections see it (ours run in UTC).
