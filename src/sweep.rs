@@ -355,14 +355,16 @@ impl Sweeper {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        let skipped = tokio::select! {
-            r = self.prepare(&settings) => r?,
-            _ = sweep.stopping() => return Ok(SweepSummary::default()),
-        };
-        let eligible = tokio::select! {
-            r = self.backlog() => r?,
-            _ = sweep.stopping() => return Ok(SweepSummary::default()),
-        };
+        // Database steps run to their end (a transaction cut short can leave its pooled
+        // connection unusable); only after the grace period are they given up.
+        let skipped = bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
+        let eligible = bounded(&sweep, "counting eligible sessions", self.backlog()).await?;
+        if sweep.is_stopping() {
+            return Ok(SweepSummary {
+                skipped,
+                ..SweepSummary::default()
+            });
+        }
         progress
             .eligible_at_start
             .store(eligible, Ordering::Relaxed);
@@ -397,17 +399,18 @@ impl Sweeper {
                 )) as u32,
                 None => settings.claim_size(self.client.limiter().replicas()),
             };
-            let leases = tokio::select! {
-                r = self.store.claim(self.params(&settings, limit)) => match r {
-                    Ok(l) => l,
-                    Err(e) => {
-                        claim_error = Some(e);
-                        break;
-                    }
-                },
-                // A claim cut short may still have committed: the release below undoes it.
-                _ = sweep.stopping() => break,
+            let claim = self.store.claim(self.params(&settings, limit));
+            let leases = match bounded(&sweep, "claiming sessions", claim).await {
+                Ok(l) => l,
+                Err(e) => {
+                    claim_error = Some(e);
+                    break;
+                }
             };
+            // A stop that came during the claim: its leases go back below, never started.
+            if sweep.is_stopping() {
+                break;
+            }
             if leases.is_empty() {
                 break;
             }
