@@ -25,6 +25,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_session-sweeper");
 enum Backend {
     Sqlite,
     Postgres,
+    MySql,
 }
 
 impl Backend {
@@ -32,6 +33,7 @@ impl Backend {
         match self {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MariaDB",
         }
     }
 }
@@ -68,6 +70,20 @@ impl Db {
                 u.set_path(&name);
                 (u.to_string(), Some(name))
             }
+            Backend::MySql => {
+                let admin = std::env::var("TEST_MYSQL_URL")
+                    .expect("set TEST_MYSQL_URL for MySQL benchmarks");
+                let name = format!("sweeper_bench_{}", uuid::Uuid::new_v4().simple());
+                let pool = sqlx::MySqlPool::connect(&admin).await.unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                let mut u: url::Url = admin.parse().unwrap();
+                u.set_path(&name);
+                (u.to_string(), Some(name))
+            }
         };
         let db = Db {
             backend,
@@ -86,6 +102,12 @@ impl Db {
                  status TEXT NOT NULL, last_activity_at TIMESTAMPTZ NOT NULL); \
                  CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);"
             }
+            Backend::MySql => {
+                "CREATE TABLE checkout_sessions (session_token VARCHAR(64) PRIMARY KEY, \
+                 member_identifier VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, \
+                 last_activity_at DATETIME(6) NOT NULL); \
+                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);"
+            }
         })
         .await;
         db
@@ -101,6 +123,13 @@ impl Db {
             Backend::Postgres => {
                 let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
                 sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+            Backend::MySql => {
+                let pool = sqlx::MySqlPool::connect(&self.url).await.unwrap();
+                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    sqlx::raw_sql(statement).execute(&pool).await.unwrap();
+                }
                 pool.close().await;
             }
         }
@@ -128,6 +157,16 @@ impl Db {
                 pool.close().await;
                 v
             }
+            Backend::MySql => {
+                let pool = sqlx::MySqlPool::connect(&self.url).await.unwrap();
+                let v = sqlx::query(&format!("SELECT CAST(({sql}) AS SIGNED)"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    .get::<i64, _>(0);
+                pool.close().await;
+                v
+            }
         }
     }
 
@@ -148,6 +187,19 @@ impl Db {
                  ANALYZE checkout_sessions;",
                 last = total - 1
             ),
+            Backend::MySql => {
+                let d = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL \
+                         SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL \
+                         SELECT 8 UNION ALL SELECT 9)";
+                format!(
+                    "INSERT INTO checkout_sessions SELECT CONCAT('tok-', i), CONCAT('mem-', i), \
+                     CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
+                     UTC_TIMESTAMP(6) - INTERVAL (60 + i % 7200) MINUTE FROM \
+                     (SELECT a.d + 10 * b.d + 100 * c.d + 1000 * e.d + 10000 * f.d + 100000 * g.d AS i \
+                      FROM {d} a, {d} b, {d} c, {d} e, {d} f, {d} g) n WHERE i < {total}; \
+                     ANALYZE TABLE checkout_sessions"
+                )
+            }
         };
         self.exec(&sql).await;
     }
@@ -199,7 +251,14 @@ level = "warn"
     }
 
     async fn drop(self) {
-        if let Some(name) = &self.pg_name {
+        if let (Some(name), Backend::MySql) = (&self.pg_name, self.backend) {
+            let admin = std::env::var("TEST_MYSQL_URL").unwrap();
+            let pool = sqlx::MySqlPool::connect(&admin).await.unwrap();
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        } else if let Some(name) = &self.pg_name {
             let admin = std::env::var("TEST_POSTGRES_URL").unwrap();
             let pool = sqlx::PgPool::connect(&admin).await.unwrap();
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -598,5 +657,10 @@ async fn main() {
     }
     if wants("recovery") {
         recovery().await;
+    }
+    // MariaDB/MySQL: `-- mysql` (or `all` with TEST_MYSQL_URL set).
+    if what.iter().any(|w| w == "mysql") || (all && std::env::var_os("TEST_MYSQL_URL").is_some()) {
+        throughput(Backend::MySql).await;
+        scale(Backend::MySql).await;
     }
 }
