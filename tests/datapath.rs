@@ -496,3 +496,46 @@ async fn mysql_tokens_differing_in_case_or_trailing_spaces_are_different_session
         "only the rows that were sent are marked"
     );
 }
+
+#[tokio::test]
+async fn a_shop_shaped_mysql_table_works_from_check_to_report() {
+    // What WooCommerce-style plugins create: integer ids and members, VARCHAR(255) tokens,
+    // DATETIME activity, statuses in upper case.
+    let Some(db) = TestDb::new(Kind::MySql).await else {
+        return;
+    };
+    db.exec(
+        "CREATE TABLE iyzico_sessions (id INT AUTO_INCREMENT PRIMARY KEY, session_token VARCHAR(255) NOT NULL, \
+           member_id INT NOT NULL, status VARCHAR(16) NOT NULL, last_activity DATETIME NOT NULL, \
+           INDEX idle (status, last_activity), INDEX tok (session_token)) DEFAULT CHARSET = utf8mb4; \
+         INSERT INTO iyzico_sessions (session_token, member_id, status, last_activity) VALUES \
+           ('shop-1', 101, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR), \
+           ('shop-2', 102, 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 3 HOUR), \
+           ('shop-3', 103, 'ACTIVE', UTC_TIMESTAMP()), ('shop-4', 104, 'PASSIVE', UTC_TIMESTAMP() - INTERVAL 5 HOUR)",
+    )
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_SOURCE__TABLE", "iyzico_sessions"),
+            ("SWEEPER_SOURCE__MEMBER_COLUMN", "member_id"),
+            ("SWEEPER_SOURCE__LAST_ACTIVITY_COLUMN", "last_activity"),
+        ],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let findings = store.check().await.unwrap();
+    assert!(errors(&findings).is_empty(), "{findings:?}");
+    assert_eq!(sweep_once(&config).await.unwrap().invalidated, 2);
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let report = store.report(5).await.unwrap();
+    let count = |o: Outcome| report.counts.iter().find(|(k, _)| *k == o).unwrap().1;
+    assert_eq!(count(Outcome::Invalidated), 2);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM iyzico_sessions WHERE status = 'PASSIVE'")
+            .await,
+        3
+    );
+}
