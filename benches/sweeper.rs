@@ -509,11 +509,11 @@ async fn scale(backend: Backend) {
     db.drop().await;
 }
 
-async fn replicas() {
+async fn replicas(backend: Backend) {
     const N: u64 = 6000;
     for n in [1usize, 2, 4] {
         let (db, sim, cfg) = Scenario {
-            backend: Backend::Postgres,
+            backend,
             rows: N,
             every_nth_eligible: 1,
             latency_ms: 20,
@@ -538,7 +538,8 @@ async fn replicas() {
         let doubles = calls.values().filter(|&&c| c > 1).count();
         assert_eq!(calls.len() as u64, N);
         println!(
-            "| replicas | PostgreSQL | {n} process(es), fleet budget 1000/s, {N} sessions | {:.0} sessions/s aggregate | most in any 1 s window: {} | {doubles} double sends |",
+            "| replicas | {} | {n} process(es), fleet budget 1000/s, {N} sessions | {:.0} sessions/s aggregate | most in any 1 s window: {} | {doubles} double sends |",
+            backend.name(),
             N as f64 / wall,
             sim.stats.max_in_window(Duration::from_secs(1))
         );
@@ -653,7 +654,7 @@ async fn main() {
         scale(Backend::Sqlite).await;
     }
     if wants("replicas") {
-        replicas().await;
+        replicas(Backend::Postgres).await;
     }
     if wants("recovery") {
         recovery().await;
@@ -662,5 +663,6 @@ async fn main() {
     if what.iter().any(|w| w == "mysql") || (all && std::env::var_os("TEST_MYSQL_URL").is_some()) {
         throughput(Backend::MySql).await;
         scale(Backend::MySql).await;
+        replicas(Backend::MySql).await;
     }
 }
