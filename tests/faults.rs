@@ -503,7 +503,17 @@ async fn interrupt_while_recording(kind: Kind, sig: Sig) {
         let Some(scene) = scene(kind, RECORDING_SESSIONS, Duration::ZERO).await else {
             return;
         };
-        let child = spawn_sweeper(&scene.db, "run", &[("SWEEPER_SWEEP__SHUTDOWN_GRACE", "5s")]);
+        // A 3 s heartbeat: on a loaded machine a 1 s beat that waits on SQLite's write lock for
+        // two periods fences the worker, which then cancels its calls (safe, but a call
+        // cancelled that way is repeated later: this test is about the recorder, not fencing).
+        let child = spawn_sweeper(
+            &scene.db,
+            "run",
+            &[
+                ("SWEEPER_SWEEP__SHUTDOWN_GRACE", "5s"),
+                ("SWEEPER_SWEEP__HEARTBEAT", "3s"),
+            ],
+        );
         let sim = &scene.sim;
         wait_for("the first call", Duration::from_secs(15), || {
             sim.stats.requests.load(Ordering::SeqCst) >= 1
