@@ -298,14 +298,16 @@ async fn a_session_revived_while_pending_is_skipped_and_never_sent(kind: Kind) {
     let flaky = db.config(
         &sim.base_url(),
         &[
-            ("SWEEPER_SWEEP__RETRY_BASE", "10ms"),
+            // Long enough that the same sweep never finds them due again (a slow second claim
+            // on a loaded machine would), short enough for the next sweep below.
+            ("SWEEPER_SWEEP__RETRY_BASE", "500ms"),
             ("SWEEPER_IYZICO__RETRIES", "0"),
         ],
     );
     assert_eq!(sweep_once(&flaky).await.unwrap().pending, 2);
     db.touch("s-0").await;
     let healthy = simulator(SimulatorConfig::default()).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let summary = sweep_once(&db.config(&healthy.base_url(), &[]))
         .await
         .unwrap();
