@@ -1395,3 +1395,59 @@ pub(crate) fn sqlite_activity(format: TimestampFormat, tz: chrono_tz::Tz) -> Act
         TimestampFormat::UnixMillis => Activity::UnixMillis,
     }
 }
+
+/// The migration runner every backend shares, on a connection (or transaction) that already
+/// holds the backend's migration lock: creates the migrations table with `table_ddl`, applies
+/// what is not recorded yet and records it with `record` (`$1` version, `$2` name).
+/// `one_at_a_time` runs a file statement by statement (MySQL takes no multi-statement text).
+pub(crate) async fn apply_migrations(
+    store: &SqlStore,
+    conn: &mut sqlx::AnyConnection,
+    table_ddl: &str,
+    migrations: &[super::Migration],
+    record: &str,
+    one_at_a_time: bool,
+) -> Result<()> {
+    sqlx::Executor::execute(&mut *conn, table_ddl)
+        .await
+        .op("creating the migrations table")?;
+    let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
+        .fetch_all(&mut *conn)
+        .await
+        .op("reading applied migrations")?
+        .iter()
+        .filter_map(|r| opt_int(r, 0))
+        .collect();
+    let record = store.dialect.render(record);
+    for m in migrations.iter().filter(|m| !done.contains(&m.version)) {
+        let statements = if one_at_a_time {
+            migration_statements(m.sql)
+        } else {
+            vec![m.sql.to_owned()]
+        };
+        for statement in statements {
+            sqlx::Executor::execute(&mut *conn, statement.as_str())
+                .await
+                .op("applying a migration")?;
+        }
+        query(&record, &[Arg::Int(m.version), Arg::Text(m.name.into())])
+            .execute(&mut *conn)
+            .await
+            .op("recording a migration")?;
+    }
+    Ok(())
+}
+
+/// The statements of a migration file, comments dropped.
+pub(crate) fn migration_statements(sql: &str) -> Vec<String> {
+    let text: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}

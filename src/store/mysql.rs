@@ -388,60 +388,24 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
         .execute(&mut *conn)
         .await
         .op("locking for the migration")?;
-    let result = apply(store, &mut conn).await;
+    let record = format!(
+        "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
+        store.dialect.now_ms()
+    );
+    let result = super::core::apply_migrations(
+        store,
+        &mut conn,
+        "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
+         name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+        MIGRATIONS,
+        &record,
+        true,
+    )
+    .await;
     let _ = sqlx::query("SELECT RELEASE_LOCK('session_sweeper_migrate')")
         .execute(&mut *conn)
         .await;
     result
-}
-
-async fn apply(store: &SqlStore, conn: &mut sqlx::AnyConnection) -> Result<()> {
-    sqlx::Executor::execute(&mut *conn, "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
-             name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",)
-        .await
-        .op("creating the migrations table")?;
-    let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
-        .fetch_all(&mut *conn)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<i64, _>(0).ok())
-        .collect();
-    for m in MIGRATIONS {
-        if done.contains(&m.version) {
-            continue;
-        }
-        for statement in statements(m.sql) {
-            sqlx::Executor::execute(&mut *conn, statement.as_str())
-                .await
-                .op("applying a migration")?;
-        }
-        query(
-                &store.dialect.render(&format!(
-                    "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
-                    store.dialect.now_ms()
-                )),
-                &[Arg::Int(m.version), Arg::Text(m.name.into())],
-            )
-            .execute(&mut *conn)
-            .await
-            .op("recording a migration")?;
-    }
-    Ok(())
-}
-
-/// The statements of a migration file, comments dropped.
-fn statements(sql: &str) -> Vec<String> {
-    let text: String = sql
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    text.split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Finds the migrations table (a name, or nothing).
@@ -462,6 +426,9 @@ mod tests {
 
     #[test]
     fn migration_files_split_into_statements() {
-        assert_eq!(statements(MIGRATIONS[0].sql).len(), 3);
+        assert_eq!(
+            super::super::core::migration_statements(MIGRATIONS[0].sql).len(),
+            3
+        );
     }
 }

@@ -269,37 +269,16 @@ pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
     .execute(&mut *tx)
     .await
     .op("locking for the migration")?;
-    sqlx::Executor::execute(
-        &mut *tx,
+    super::core::apply_migrations(
+        store,
+        &mut tx,
         "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version BIGINT PRIMARY KEY, \
          name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        MIGRATIONS,
+        "INSERT INTO sweeper_schema_migrations (version, name) VALUES ($1, $2)",
+        false,
     )
-    .await
-    .op("creating the migrations table")?;
-    let done: Vec<i64> = sqlx::query("SELECT version FROM sweeper_schema_migrations")
-        .fetch_all(&mut *tx)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<i64, _>(0).ok())
-        .collect();
-    for m in MIGRATIONS {
-        if done.contains(&m.version) {
-            continue;
-        }
-        sqlx::Executor::execute(&mut *tx, m.sql)
-            .await
-            .op("applying a migration")?;
-        query(
-            &store
-                .dialect
-                .render("INSERT INTO sweeper_schema_migrations (version, name) VALUES ($1, $2)"),
-            &[Arg::Int(m.version), Arg::Text(m.name.into())],
-        )
-        .execute(&mut *tx)
-        .await
-        .op("recording a migration")?;
-    }
+    .await?;
     tx.commit().await.op("committing the migration")
 }
 

@@ -239,47 +239,21 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
 /// Applies the pending migrations under `BEGIN IMMEDIATE`.
 pub(crate) async fn migrate(store: &SqlStore) -> Result<()> {
     let mut tx = store.begin_write("starting the migration").await?;
-    sqlx::Executor::execute(
-        &mut *tx,
+    let record = format!(
+        "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
+        store.dialect.now_ms()
+    );
+    super::core::apply_migrations(
+        store,
+        &mut tx,
         "CREATE TABLE IF NOT EXISTS sweeper_schema_migrations (version INTEGER PRIMARY KEY, \
          name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
-    )
-    .await
-    .op("creating the migrations table")?;
-    let done = strings_in(
-        &mut tx,
-        "SELECT CAST(version AS TEXT) FROM sweeper_schema_migrations",
+        MIGRATIONS,
+        &record,
+        false,
     )
     .await?;
-    for m in MIGRATIONS {
-        if done.contains(&m.version.to_string()) {
-            continue;
-        }
-        sqlx::Executor::execute(&mut *tx, m.sql)
-            .await
-            .op("applying a migration")?;
-        query(
-            &store.dialect.render(&format!(
-                "INSERT INTO sweeper_schema_migrations (version, name, applied_at) VALUES ($1, $2, {})",
-                store.dialect.now_ms()
-            )),
-            &[Arg::Int(m.version), Arg::Text(m.name.into())],
-        )
-        .execute(&mut *tx)
-        .await
-        .op("recording a migration")?;
-    }
     tx.commit().await.op("committing the migration")
-}
-
-async fn strings_in(tx: &mut sqlx::AnyConnection, sql: &str) -> Result<Vec<String>> {
-    Ok(sqlx::query(sql)
-        .fetch_all(&mut *tx)
-        .await
-        .op("reading applied migrations")?
-        .iter()
-        .filter_map(|r| r.try_get::<String, _>(0).ok())
-        .collect())
 }
 
 /// Finds the migrations table (a name, or nothing).
