@@ -137,6 +137,24 @@ pub fn fresh_session(token: &str) -> Seed {
     }
 }
 
+/// Creates a database with a random name on the server `admin_url` names (PostgreSQL or
+/// MySQL) and returns its URL.
+async fn fresh_database(admin_url: &str) -> String {
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
+    let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let mut url: url::Url = admin_url.parse().unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
 impl TestDb {
     /// A fresh database with an empty, indexed `checkout_sessions`; `None` to skip.
     pub async fn new(kind: Kind) -> Option<Self> {
@@ -162,19 +180,7 @@ impl TestDb {
                 }
             }
             Kind::Postgres => {
-                let admin_url = pg_admin_url()?;
-                let admin = PgPool::connect(&admin_url)
-                    .await
-                    .expect("connect to TEST_POSTGRES_URL");
-                let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-                let mut url: url::Url = admin_url.parse().unwrap();
-                url.set_path(&name);
-                let url = url.to_string();
+                let url = fresh_database(&pg_admin_url()?).await;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
                     .connect(&url)
@@ -188,19 +194,7 @@ impl TestDb {
                 }
             }
             Kind::MySql => {
-                let admin_url = mysql_admin_url()?;
-                let admin = sqlx::MySqlPool::connect(&admin_url)
-                    .await
-                    .expect("connect to TEST_MYSQL_URL");
-                let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-                let mut url: url::Url = admin_url.parse().unwrap();
-                url.set_path(&name);
-                let url = url.to_string();
+                let url = fresh_database(&mysql_admin_url()?).await;
                 let pool = sqlx::mysql::MySqlPoolOptions::new()
                     .max_connections(4)
                     .after_connect(|conn, _| {
