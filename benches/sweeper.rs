@@ -56,30 +56,12 @@ impl Db {
                 format!("sqlite://{}?mode=rwc", dir.join("bench.db").display()),
                 None,
             ),
-            Backend::Postgres => {
-                let admin = std::env::var("TEST_POSTGRES_URL")
-                    .expect("set TEST_POSTGRES_URL for PostgreSQL benchmarks");
+            server => {
+                let admin = admin_url(server);
                 let name = format!("sweeper_bench_{}", uuid::Uuid::new_v4().simple());
-                let pool = sqlx::PgPool::connect(&admin).await.unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&pool)
+                admin_exec(&admin, &format!("CREATE DATABASE {name}"))
                     .await
                     .unwrap();
-                pool.close().await;
-                let mut u: url::Url = admin.parse().unwrap();
-                u.set_path(&name);
-                (u.to_string(), Some(name))
-            }
-            Backend::MySql => {
-                let admin = std::env::var("TEST_MYSQL_URL")
-                    .expect("set TEST_MYSQL_URL for MySQL benchmarks");
-                let name = format!("sweeper_bench_{}", uuid::Uuid::new_v4().simple());
-                let pool = sqlx::MySqlPool::connect(&admin).await.unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
                 let mut u: url::Url = admin.parse().unwrap();
                 u.set_path(&name);
                 (u.to_string(), Some(name))
@@ -251,23 +233,39 @@ level = "warn"
     }
 
     async fn drop(self) {
-        if let (Some(name), Backend::MySql) = (&self.pg_name, self.backend) {
-            let admin = std::env::var("TEST_MYSQL_URL").unwrap();
-            let pool = sqlx::MySqlPool::connect(&admin).await.unwrap();
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-                .execute(&pool)
-                .await;
-            pool.close().await;
-        } else if let Some(name) = &self.pg_name {
-            let admin = std::env::var("TEST_POSTGRES_URL").unwrap();
-            let pool = sqlx::PgPool::connect(&admin).await.unwrap();
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&pool)
-                .await;
-            pool.close().await;
+        if let Some(name) = &self.pg_name {
+            let force = if self.backend == Backend::Postgres {
+                " WITH (FORCE)"
+            } else {
+                ""
+            };
+            // Best effort: a database left behind is only disk.
+            let _ = admin_exec(
+                &admin_url(self.backend),
+                &format!("DROP DATABASE IF EXISTS {name}{force}"),
+            )
+            .await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The server a benchmark database is created on, from the test suite's variables.
+fn admin_url(backend: Backend) -> String {
+    let var = match backend {
+        Backend::MySql => "TEST_MYSQL_URL",
+        _ => "TEST_POSTGRES_URL",
+    };
+    std::env::var(var).unwrap_or_else(|_| panic!("set {var} for {} benchmarks", backend.name()))
+}
+
+/// One statement on the admin connection of a server (PostgreSQL or MySQL).
+async fn admin_exec(admin: &str, sql: &str) -> sqlx::Result<()> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(admin).await?;
+    let done = sqlx::query(sql).execute(&pool).await.map(drop);
+    pool.close().await;
+    done
 }
 
 async fn simulator(latency_ms: u64) -> Simulator {
