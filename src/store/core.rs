@@ -42,10 +42,7 @@ impl Arg {
         v.map_or(Arg::NullInt, Arg::Int)
     }
     /// A text value or a typed NULL.
-    pub(crate) fn opt_text_pub(v: Option<&str>) -> Self {
-        Self::opt_text(v)
-    }
-    fn opt_text(v: Option<&str>) -> Self {
+    pub(crate) fn opt_text(v: Option<&str>) -> Self {
         v.map_or(Arg::NullText, |s| Arg::Text(s.to_owned()))
     }
 }

@@ -114,7 +114,7 @@ pub(crate) async fn run_claim(
 
 /// The table's schema: the one named in `source.table`, else the connection's database.
 fn schema_arg(store: &SqlStore) -> Arg {
-    Arg::opt_text_pub(store.source.table.schema())
+    Arg::opt_text(store.source.table.schema())
 }
 
 async fn column_type(store: &SqlStore, column: &str) -> Result<Option<String>> {
