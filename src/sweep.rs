@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::clock::DbClock;
@@ -387,6 +387,13 @@ impl Sweeper {
         );
         // Twice the calls in flight: while one set of calls is on the wire the next set has
         // its rate tokens and its re-check done, so the pipe never drains between sessions.
+        let (recheck, rechecker) = Rechecker::start(
+            self.store.clone(),
+            self.worker.clone(),
+            settings.idle_after,
+            self.clock.clone(),
+            sweep.clone(),
+        );
         let slots = Arc::new(Semaphore::new(settings.concurrency * 2));
         let mut tasks = JoinSet::new();
         let mut claimed_total = 0u64;
@@ -425,11 +432,9 @@ impl Sweeper {
                     p = slots.clone().acquire_owned() => p.expect("never closed"),
                 };
                 let attempt = Attempt {
-                    store: self.store.clone(),
+                    recheck: recheck.clone(),
                     client: self.client.clone(),
                     settings: settings.clone(),
-                    worker: self.worker.clone(),
-                    clock: self.clock.clone(),
                     state: state.clone(),
                     shutdown: sweep.clone(),
                     settle: settle_tx.clone(),
@@ -446,6 +451,8 @@ impl Sweeper {
         while let Some(joined) = tasks.join_next().await {
             panicked |= joined.is_err();
         }
+        drop(recheck);
+        panicked |= rechecker.await.is_err();
         drop(settle_tx);
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
@@ -484,13 +491,75 @@ impl Sweeper {
     }
 }
 
+/// Most sessions one re-check query answers.
+pub const RECHECK_BATCH: usize = 64;
+
+/// What the re-check of one session found, or why it could not say.
+type Verdict = Result<Recheck, Arc<StoreError>>;
+
+/// The re-check right before each call, coalesced like a group commit: a call that is ready
+/// (rate token and slot in hand) asks, and every call that becomes ready while one query runs
+/// is answered by the next query, together. Each verdict is still taken after its call was
+/// ready, with the idle cutoff of the moment its query starts; it costs one query per batch
+/// instead of one per call.
+#[derive(Clone)]
+struct Rechecker {
+    requests: mpsc::UnboundedSender<(String, oneshot::Sender<Verdict>)>,
+}
+
+impl Rechecker {
+    /// Starts the task that runs the queries; it ends once every handle is dropped.
+    fn start(
+        store: Arc<dyn Store>,
+        worker: String,
+        idle_after: Duration,
+        clock: DbClock,
+        shutdown: Shutdown,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (requests, mut rx) = mpsc::unbounded_channel::<(String, oneshot::Sender<Verdict>)>();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RECHECK_BATCH);
+            while rx.recv_many(&mut batch, RECHECK_BATCH).await > 0 {
+                let tokens: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
+                let idle_before = cutoff_before(clock.now(), idle_after);
+                let verdicts = tokio::select! {
+                    r = store.recheck_many(&worker, &tokens, idle_before) => r.map_err(Arc::new),
+                    _ = shutdown.aborted() => Err(Arc::new(StoreError::TimedOut { op: "rechecking a session" })),
+                };
+                drop(tokens);
+                for (i, (_, reply)) in batch.drain(..).enumerate() {
+                    let verdict = match &verdicts {
+                        Ok(v) => Ok(v[i]),
+                        Err(e) => Err(e.clone()),
+                    };
+                    // The asker may be gone (aborted); nobody else needs the answer.
+                    let _ = reply.send(verdict);
+                }
+            }
+        });
+        (Self { requests }, task)
+    }
+
+    /// Whether `token` is still eligible and ours, asked now.
+    async fn check(&self, token: &str) -> Verdict {
+        let (reply, answer) = oneshot::channel();
+        let gone = || {
+            Arc::new(StoreError::TimedOut {
+                op: "rechecking a session",
+            })
+        };
+        self.requests
+            .send((token.to_owned(), reply))
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
 /// One session's attempt, run in its own task.
 struct Attempt {
-    store: Arc<dyn Store>,
+    recheck: Rechecker,
     client: Arc<Client>,
     settings: SweepSettings,
-    worker: String,
-    clock: DbClock,
     state: Arc<SweepState>,
     shutdown: Shutdown,
     settle: mpsc::Sender<Settlement>,
@@ -510,11 +579,9 @@ impl Attempt {
         let inv = self
             .client
             .invalidate_checked(&lease.token, &lease.member, &self.shutdown, || async {
-                let idle_before = cutoff_before(self.clock.now(), self.settings.idle_after);
-                let check = self.store.recheck(&self.worker, &lease.token, idle_before);
                 let r = tokio::select! {
-                    r = check => r,
-                    _ = self.shutdown.aborted() => Err(StoreError::TimedOut { op: "rechecking a session" }),
+                    r = self.recheck.check(&lease.token) => r,
+                    _ = self.shutdown.aborted() => Err(Arc::new(StoreError::TimedOut { op: "rechecking a session" })),
                 };
                 let send = matches!(r, Ok(Recheck::Eligible));
                 *verdict.lock().expect("lock") = Some(r);

@@ -26,6 +26,10 @@ use crate::telemetry::fingerprint;
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rows per multi-row statement (a handful of statement texts, far below every bind limit).
 const CHUNK: usize = 64;
+/// Sessions per re-check statement. A batch is padded up to the next of these sizes with its
+/// last token (a repeated token in an `IN` list changes nothing), so only these few statement
+/// texts ever run, each prepared once per connection.
+const RECHECK_SIZES: [usize; 4] = [1, 4, 16, 64];
 
 /// One bound value.
 #[derive(Debug, Clone)]
@@ -58,6 +62,34 @@ pub(crate) fn query<'q>(
             Arg::Int(v) => q.bind(*v),
             Arg::Text(v) => q.bind(v.clone()),
             Arg::Bytes(v) => q.bind(v.clone()),
+            Arg::NullInt => q.bind(None::<i64>),
+            Arg::NullText => q.bind(None::<String>),
+        };
+    }
+    q
+}
+
+/// [`query`], taking the arguments by value: each is moved into the query, not copied
+/// (a MySQL statement that names one twice gets a copy for each further use).
+pub(crate) fn query_owned(
+    stmt: &Stmt,
+    mut args: Vec<Arg>,
+) -> sqlx::query::Query<'_, Any, AnyArguments<'_>> {
+    let mut last_use = vec![0; args.len()];
+    for (n, &i) in stmt.binds.iter().enumerate() {
+        last_use[i] = n;
+    }
+    let mut q = sqlx::query(&stmt.text);
+    for (n, &i) in stmt.binds.iter().enumerate() {
+        let arg = if n < last_use[i] {
+            args[i].clone()
+        } else {
+            std::mem::replace(&mut args[i], Arg::NullInt)
+        };
+        q = match arg {
+            Arg::Int(v) => q.bind(v),
+            Arg::Text(v) => q.bind(v),
+            Arg::Bytes(v) => q.bind(v),
             Arg::NullInt => q.bind(None::<i64>),
             Arg::NullText => q.bind(None::<String>),
         };
@@ -142,7 +174,8 @@ struct Statements {
     claim: Stmt,
     eligible: Stmt,
     count: Stmt,
-    recheck: Stmt,
+    /// One per [`RECHECK_SIZES`] entry.
+    recheck: Vec<Stmt>,
     skip_revived: Stmt,
     unusable: Stmt,
     sample_newest: Stmt,
@@ -382,11 +415,19 @@ impl SqlStore {
                 "SELECT {} FROM {table} s WHERE {eligible_where}",
                 d.int(&format!("COUNT(DISTINCT {})", d.exact(&format!("s.{tok}"))))
             )),
-            recheck: self.q(&format!(
-                "SELECT {}, {} FROM sweeper_sessions l WHERE l.session_token = $4",
-                d.flag("l.lease_owner = $1"),
-                d.flag(&still_idle("$2", &cutoff.replace("$2", "$3"))),
-            )),
+            recheck: RECHECK_SIZES
+                .iter()
+                .map(|&n| {
+                    let list: Vec<String> = (4..4 + n).map(|k| format!("${k}")).collect();
+                    self.q(&format!(
+                        "SELECT l.session_token, {}, {} FROM sweeper_sessions l \
+                         WHERE l.session_token IN ({})",
+                        d.flag("l.lease_owner = $1"),
+                        d.flag(&still_idle("$2", &cutoff.replace("$2", "$3"))),
+                        list.join(", ")
+                    ))
+                })
+                .collect(),
             skip_revived: self.q(&format!(
                 "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
                  lease_expires_at = NULL, updated_at = {now}, settled_at = {now} \
@@ -851,29 +892,54 @@ impl Store for SqlStore {
         Ok(done.rows_affected())
     }
 
-    async fn recheck(
+    async fn recheck_many(
         &self,
         worker: &str,
-        token: &str,
+        tokens: &[&str],
         idle_before: DateTime<Utc>,
-    ) -> Result<Recheck> {
+    ) -> Result<Vec<Recheck>> {
         let sql = self.sql().await?;
-        let args = [
-            Arg::Text(worker.to_owned()),
-            Arg::Text(self.source.active_value.clone()),
-            self.cutoff(sql.shape.activity, idle_before),
-            Arg::Text(token.to_owned()),
-        ];
-        let row = query(&sql.recheck, &args)
-            .fetch_optional(&self.pool)
-            .await
-            .op("rechecking a session")?;
-        Ok(match row {
-            None => Recheck::LeaseLost,
-            Some(r) if opt_int(&r, 0) != Some(1) => Recheck::LeaseLost,
-            Some(r) if opt_int(&r, 1) != Some(1) => Recheck::NoLongerEligible,
-            Some(_) => Recheck::Eligible,
-        })
+        let largest = RECHECK_SIZES[RECHECK_SIZES.len() - 1];
+        let mut verdicts = Vec::with_capacity(tokens.len());
+        for chunk in tokens.chunks(largest) {
+            let (size, stmt) = RECHECK_SIZES
+                .iter()
+                .zip(&sql.recheck)
+                .find(|(size, _)| **size >= chunk.len())
+                .expect("the largest size takes any chunk");
+            let mut args = Vec::with_capacity(3 + size);
+            args.extend([
+                Arg::Text(worker.to_owned()),
+                Arg::Text(self.source.active_value.clone()),
+                self.cutoff(sql.shape.activity, idle_before),
+            ]);
+            let last = chunk[chunk.len() - 1];
+            args.extend((0..*size).map(|i| Arg::Text(chunk.get(i).unwrap_or(&last).to_string())));
+            let rows = query_owned(stmt, args)
+                .fetch_all(&self.pool)
+                .await
+                .op("rechecking sessions")?;
+            let found: Vec<(String, Recheck)> = rows
+                .iter()
+                .filter_map(|r| {
+                    let verdict = if opt_int(r, 1) != Some(1) {
+                        Recheck::LeaseLost
+                    } else if opt_int(r, 2) != Some(1) {
+                        Recheck::NoLongerEligible
+                    } else {
+                        Recheck::Eligible
+                    };
+                    Some((text(r, 0)?, verdict))
+                })
+                .collect();
+            verdicts.extend(chunk.iter().map(|t| {
+                found
+                    .iter()
+                    .find(|(token, _)| token == t)
+                    .map_or(Recheck::LeaseLost, |(_, v)| *v)
+            }));
+        }
+        Ok(verdicts)
     }
 
     async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>> {

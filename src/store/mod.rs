@@ -429,7 +429,18 @@ pub trait Store: Send + Sync {
         worker: &str,
         token: &str,
         idle_before: DateTime<Utc>,
-    ) -> Result<Recheck>;
+    ) -> Result<Recheck> {
+        let verdicts = self.recheck_many(worker, &[token], idle_before).await?;
+        Ok(verdicts.first().copied().unwrap_or(Recheck::LeaseLost))
+    }
+    /// [`Store::recheck`] for several sessions at once (calls that became ready together);
+    /// the verdicts come in the order of `tokens`.
+    async fn recheck_many(
+        &self,
+        worker: &str,
+        tokens: &[&str],
+        idle_before: DateTime<Utc>,
+    ) -> Result<Vec<Recheck>>;
     /// Writes a batch of settlements in one transaction: attempt log and ledger. The source
     /// rows are marked passive afterwards, by [`Store::mark_passive`], so that a source update
     /// that fails can never take the record of an accepted call with it. Returns the tokens
