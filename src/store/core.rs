@@ -12,6 +12,8 @@ use sqlx::{Any, AnyPool, Connection as _, Row as _};
 use tokio::sync::OnceCell;
 
 use super::dialect::{Dialect, Stmt};
+use super::hot::{HotShape, HotStatements};
+use super::lane::Lane;
 use super::{
     ClaimParams, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary, Recheck, Report,
     RequeueFilter, Result, SampleValue, Settlement, Store, StoreError, UnusableRows, WorkerInfo,
@@ -24,12 +26,6 @@ use crate::telemetry::fingerprint;
 
 /// How long to wait for a pooled connection before reporting the database unreachable.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Rows per multi-row statement (a handful of statement texts, far below every bind limit).
-const CHUNK: usize = 64;
-/// Sessions per re-check statement. A batch is padded up to the next of these sizes with its
-/// last token (a repeated token in an `IN` list changes nothing), so only these few statement
-/// texts ever run, each prepared once per connection.
-const RECHECK_SIZES: [usize; 4] = [1, 4, 16, 64];
 
 /// One bound value.
 #[derive(Debug, Clone)]
@@ -42,7 +38,7 @@ pub(crate) enum Arg {
 }
 
 impl Arg {
-    fn opt_int(v: Option<i64>) -> Self {
+    pub(crate) fn opt_int(v: Option<i64>) -> Self {
         v.map_or(Arg::NullInt, Arg::Int)
     }
     /// A text value or a typed NULL.
@@ -97,7 +93,7 @@ pub(crate) fn query_owned(
     q
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
@@ -105,7 +101,7 @@ fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -124,11 +120,11 @@ fn raw_bytes(r: &AnyRow, i: usize) -> Vec<u8> {
     }
 }
 
-fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
+pub(crate) fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
     r.try_get::<Option<i64>, _>(i).ok().flatten()
 }
 
-fn text(r: &AnyRow, i: usize) -> Option<String> {
+pub(crate) fn text(r: &AnyRow, i: usize) -> Option<String> {
     // MySQL hands long text (TEXT, GROUP_CONCAT) over as a blob.
     match r.try_get::<Option<String>, _>(i) {
         Ok(v) => v,
@@ -169,13 +165,13 @@ pub(crate) struct Shape {
 }
 
 /// The statements of the source-side operations, rendered once.
-struct Statements {
-    shape: Shape,
+pub(crate) struct Statements {
+    pub(crate) shape: Shape,
     claim: Stmt,
     eligible: Stmt,
     count: Stmt,
-    /// One per [`RECHECK_SIZES`] entry.
-    recheck: Vec<Stmt>,
+    /// The re-check, the record and the source update.
+    pub(crate) hot: HotStatements,
     skip_revived: Stmt,
     unusable: Stmt,
     sample_newest: Stmt,
@@ -189,6 +185,15 @@ pub struct SqlStore {
     pub(crate) dialect: Dialect,
     pub(crate) source: SourceConfig,
     sql: OnceCell<Statements>,
+    pub(crate) lanes: Lanes,
+}
+
+/// The connections the hot path keeps between uses (see `lane`).
+pub(crate) struct Lanes {
+    /// The re-checks before calls.
+    pub recheck: Lane,
+    /// The records of outcomes and the source updates.
+    pub record: Lane,
 }
 
 impl SqlStore {
@@ -225,6 +230,16 @@ impl SqlStore {
                             .execute(&mut *conn)
                             .await;
                     }
+                    if dialect == Dialect::Postgres {
+                        // The hot path's statements keep their texts, so PostgreSQL would switch
+                        // them to a generic plan after five runs: planned while the ledger was
+                        // nearly empty, a sequential scan, kept as it grows to millions of rows.
+                        // A plan for each run, as varying texts always had. (PostgreSQL 12+;
+                        // older servers plan as before, hence no error on failure.)
+                        let _ = sqlx::query("SET plan_cache_mode = force_custom_plan")
+                            .execute(&mut *conn)
+                            .await;
+                    }
                     Ok(())
                 })
             })
@@ -235,6 +250,10 @@ impl SqlStore {
             dialect,
             source,
             sql: OnceCell::new(),
+            lanes: Lanes {
+                recheck: Lane::new(max_connections),
+                record: Lane::new(max_connections),
+            },
         })
     }
 
@@ -246,7 +265,7 @@ impl SqlStore {
         self.dialect.quote(c)
     }
 
-    async fn sql(&self) -> Result<&Statements> {
+    pub(crate) async fn sql(&self) -> Result<&Statements> {
         self.sql
             .get_or_try_init(|| async {
                 let shape = match self.dialect {
@@ -271,7 +290,7 @@ impl SqlStore {
 
     /// The cutoff's value. Truncated to whole seconds: that only ever moves it earlier, so a
     /// live session is never taken.
-    fn cutoff(&self, activity: Activity, idle_before: DateTime<Utc>) -> Arg {
+    pub(crate) fn cutoff(&self, activity: Activity, idle_before: DateTime<Utc>) -> Arg {
         match activity {
             Activity::Instant => match self.dialect {
                 Dialect::Postgres => {
@@ -405,7 +424,17 @@ impl SqlStore {
                  AND s.{last} IS NOT NULL ORDER BY s.{last} {order} LIMIT 1"
             ))
         };
+        let hot = HotStatements::render(
+            self,
+            &HotShape {
+                still_idle: &still_idle("$2", &cutoff.replace("$2", "$3")),
+                token_from_text: &shape.token_from_text,
+                cutoff: &cutoff.replace("$2", "$3"),
+                fits: &fits,
+            },
+        );
         Statements {
+            hot,
             claim: self.q(&claim),
             eligible: self.q(&format!(
                 "SELECT {token_text}, {member_text}, {activity_value} FROM {table} s \
@@ -415,19 +444,6 @@ impl SqlStore {
                 "SELECT {} FROM {table} s WHERE {eligible_where}",
                 d.int(&format!("COUNT(DISTINCT {})", d.exact(&format!("s.{tok}"))))
             )),
-            recheck: RECHECK_SIZES
-                .iter()
-                .map(|&n| {
-                    let list: Vec<String> = (4..4 + n).map(|k| format!("${k}")).collect();
-                    self.q(&format!(
-                        "SELECT l.session_token, {}, {} FROM sweeper_sessions l \
-                         WHERE l.session_token IN ({})",
-                        d.flag("l.lease_owner = $1"),
-                        d.flag(&still_idle("$2", &cutoff.replace("$2", "$3"))),
-                        list.join(", ")
-                    ))
-                })
-                .collect(),
             skip_revived: self.q(&format!(
                 "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
                  lease_expires_at = NULL, updated_at = {now}, settled_at = {now} \
@@ -547,160 +563,6 @@ impl SqlStore {
         Ok(findings)
     }
 
-    /// Settles the rows of `batch` whose lease `worker` still holds; returns their tokens.
-    async fn record_chunk(
-        &self,
-        tx: &mut sqlx::AnyConnection,
-        worker: &str,
-        chunk: &[Settlement],
-    ) -> Result<Vec<String>> {
-        let d = self.dialect;
-        // Which leases are still ours, locked until the end of the transaction.
-        let mut args = vec![Arg::Text(worker.to_owned())];
-        let list = list_of(&mut args, chunk.iter().map(|s| s.token.as_str()));
-        let held: Vec<String> = query(
-            &self.q(&format!(
-                "SELECT session_token FROM sweeper_sessions WHERE lease_owner = $1 \
-                 AND session_token IN ({list}){}",
-                d.for_update()
-            )),
-            &args,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .op("reading held leases")?
-        .iter()
-        .filter_map(|r| text(r, 0))
-        .collect();
-        self.insert_attempts(tx, worker, chunk).await?;
-        let mine: Vec<&Settlement> = chunk.iter().filter(|s| held.contains(&s.token)).collect();
-        if mine.is_empty() {
-            return Ok(held);
-        }
-        let now = d.now_ms();
-        let owed = if self.source.mark_passive {
-            "0"
-        } else {
-            "NULL"
-        };
-        let mut args = vec![Arg::Text(worker.to_owned())];
-        let mut rows = Vec::new();
-        for s in &mine {
-            let f = super::FlatDecision::of(&s.decision);
-            let base = args.len();
-            args.extend([
-                Arg::Text(s.token.clone()),
-                Arg::opt_text(f.state),
-                Arg::opt_int(f.attempts.map(i64::from)),
-                Arg::opt_int(f.retry_in.map(millis)),
-                Arg::opt_text(f.error_code),
-                Arg::opt_text(f.error_message),
-            ]);
-            rows.push(format!(
-                "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
-                format_args!("${}", base + 1),
-                format_args!("${}", base + 2),
-                format_args!("${}", base + 3),
-                format_args!("${}", base + 4),
-                format_args!("${}", base + 5),
-                format_args!("${}", base + 6),
-            ));
-        }
-        let derived = rows.join(" UNION ALL ");
-        // A NULL state releases the lease and leaves everything else as it was.
-        let keep =
-            |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
-        let sets = [
-            ("state", "COALESCE(u.state, l.state)".to_owned()),
-            ("attempts", "COALESCE(u.attempts, l.attempts)".to_owned()),
-            (
-                "next_attempt_at",
-                keep(
-                    "next_attempt_at",
-                    &format!("CASE WHEN u.retry_ms IS NULL THEN NULL ELSE {now} + u.retry_ms END"),
-                ),
-            ),
-            ("last_error_code", keep("last_error_code", "u.code")),
-            ("last_error_message", keep("last_error_message", "u.msg")),
-            (
-                "source_marked",
-                format!(
-                    "CASE WHEN u.state IN ('invalidated', 'already_invalidated') THEN {owed} ELSE l.source_marked END"
-                ),
-            ),
-            (
-                "settled_at",
-                format!(
-                    "CASE WHEN u.state IS NULL THEN l.settled_at WHEN u.state = 'pending' THEN NULL ELSE {now} END"
-                ),
-            ),
-            ("lease_owner", "NULL".to_owned()),
-            ("lease_expires_at", "NULL".to_owned()),
-            ("updated_at", now.to_owned()),
-        ];
-        let update = d.update_from(
-            "sweeper_sessions",
-            &sets,
-            &derived,
-            "l.session_token = u.token",
-            "l.lease_owner = $1",
-        );
-        query(&self.q(&update), &args)
-            .execute(&mut *tx)
-            .await
-            .op("settling sessions")?;
-        Ok(held)
-    }
-
-    async fn insert_attempts(
-        &self,
-        tx: &mut sqlx::AnyConnection,
-        worker: &str,
-        chunk: &[Settlement],
-    ) -> Result<()> {
-        let calls: Vec<_> = chunk
-            .iter()
-            .flat_map(|s| s.calls.iter().map(move |c| (s, c)))
-            .collect();
-        for calls in calls.chunks(CHUNK) {
-            let mut args = vec![Arg::Text(worker.to_owned())];
-            let mut rows = Vec::new();
-            for (s, c) in calls {
-                let latency = i64::try_from(c.latency.as_millis()).unwrap_or(i64::MAX);
-                let base = args.len();
-                args.extend([
-                    Arg::Text(s.token.clone()),
-                    Arg::Int(i64::from(s.attempt)),
-                    Arg::Text(c.conversation_id.clone()),
-                    Arg::Text(c.class.to_owned()),
-                    Arg::opt_int(c.http_status.map(i64::from)),
-                    Arg::opt_text(c.error_code.as_deref()),
-                    Arg::opt_text(c.error_message.as_deref()),
-                    Arg::Int(latency),
-                    Arg::Int(ms(c.started_at)),
-                    Arg::Int(ms(c.started_at).saturating_add(latency)),
-                ]);
-                let p: Vec<String> = (1..=10).map(|k| format!("${}", base + k)).collect();
-                rows.push(format!(
-                    "({}, $1, {})",
-                    p[0..2].join(", "),
-                    p[2..].join(", ")
-                ));
-            }
-            let stmt = self.q(&format!(
-                "INSERT INTO sweeper_attempts (session_token, attempt, worker_id, conversation_id, \
-                 outcome, http_status, error_code, error_message, latency_ms, started_at, finished_at) \
-                 VALUES {}",
-                rows.join(", ")
-            ));
-            query(&stmt, &args)
-                .execute(&mut *tx)
-                .await
-                .op("recording attempts")?;
-        }
-        Ok(())
-    }
-
     /// A write transaction (SQLite takes its write lock at once).
     pub(crate) async fn begin_write(
         &self,
@@ -711,16 +573,6 @@ impl SqlStore {
             None => self.pool.begin().await.op(op),
         }
     }
-}
-
-/// Appends `values` to `args` as text and returns the placeholder list (`$k, $k+1, …`).
-pub(crate) fn list_of<'a>(args: &mut Vec<Arg>, values: impl Iterator<Item = &'a str>) -> String {
-    let mut list = Vec::new();
-    for v in values {
-        args.push(Arg::Text(v.to_owned()));
-        list.push(format!("${}", args.len()));
-    }
-    list.join(", ")
 }
 
 /// Statements every new connection runs: the session settings the sweeper relies on.
@@ -898,142 +750,24 @@ impl Store for SqlStore {
         tokens: &[&str],
         idle_before: DateTime<Utc>,
     ) -> Result<Vec<Recheck>> {
-        let sql = self.sql().await?;
-        let largest = RECHECK_SIZES[RECHECK_SIZES.len() - 1];
-        let mut verdicts = Vec::with_capacity(tokens.len());
-        for chunk in tokens.chunks(largest) {
-            let (size, stmt) = RECHECK_SIZES
-                .iter()
-                .zip(&sql.recheck)
-                .find(|(size, _)| **size >= chunk.len())
-                .expect("the largest size takes any chunk");
-            let mut args = Vec::with_capacity(3 + size);
-            args.extend([
-                Arg::Text(worker.to_owned()),
-                Arg::Text(self.source.active_value.clone()),
-                self.cutoff(sql.shape.activity, idle_before),
-            ]);
-            let last = chunk[chunk.len() - 1];
-            args.extend((0..*size).map(|i| Arg::Text(chunk.get(i).unwrap_or(&last).to_string())));
-            let rows = query_owned(stmt, args)
-                .fetch_all(&self.pool)
-                .await
-                .op("rechecking sessions")?;
-            let found: Vec<(String, Recheck)> = rows
-                .iter()
-                .filter_map(|r| {
-                    let verdict = if opt_int(r, 1) != Some(1) {
-                        Recheck::LeaseLost
-                    } else if opt_int(r, 2) != Some(1) {
-                        Recheck::NoLongerEligible
-                    } else {
-                        Recheck::Eligible
-                    };
-                    Some((text(r, 0)?, verdict))
-                })
-                .collect();
-            verdicts.extend(chunk.iter().map(|t| {
-                found
-                    .iter()
-                    .find(|(token, _)| token == t)
-                    .map_or(Recheck::LeaseLost, |(_, v)| *v)
-            }));
+        if tokens.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(verdicts)
+        self.recheck_on_lane(worker, tokens, idle_before).await
     }
 
     async fn record(&self, worker: &str, batch: &[Settlement]) -> Result<Vec<String>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin_write("starting to record").await?;
-        let mut accepted = Vec::with_capacity(batch.len());
-        for chunk in batch.chunks(CHUNK) {
-            accepted.extend(self.record_chunk(&mut tx, worker, chunk).await?);
-        }
-        tx.commit().await.op("committing recorded outcomes")?;
-        Ok(accepted)
+        self.record_on_lane(worker, batch).await
     }
 
     async fn mark_passive(&self, tokens: &[String], idle_before: DateTime<Utc>) -> Result<u64> {
         if tokens.is_empty() {
             return Ok(0);
         }
-        let sql = self.sql().await?;
-        let table = self.col(&self.source.table);
-        let (tok, status, last) = (
-            self.col(&self.source.token_column),
-            self.col(&self.source.status_column),
-            self.col(&self.source.last_activity_column),
-        );
-        let cutoff = self.cutoff_expr(sql.shape.activity).replace("$2", "$3");
-        let fits = self.time_fits(sql.shape.activity);
-        let mut tx = self
-            .begin_write("starting to mark sessions passive")
-            .await?;
-        let mut noted = 0;
-        for chunk in tokens.chunks(CHUNK * 4) {
-            let mut args = vec![
-                Arg::Text(self.source.passive_value.clone()),
-                Arg::Text(self.source.active_value.clone()),
-                self.cutoff(sql.shape.activity, idle_before),
-            ];
-            let mut list = Vec::new();
-            for t in chunk {
-                args.push(Arg::Text(t.clone()));
-                list.push(
-                    sql.shape
-                        .token_from_text
-                        .replace("{}", &format!("${}", args.len())),
-                );
-                // A SQLite column without text affinity stores an integer token as an integer.
-                if self.dialect == Dialect::Sqlite
-                    && let Ok(i) = t.parse::<i64>()
-                    && i.to_string() == *t
-                {
-                    args.push(Arg::Int(i));
-                    list.push(format!("${}", args.len()));
-                }
-            }
-            // MySQL's collations fold case and ignore trailing spaces: after the index finds the
-            // candidates, the bytes must match too, or another shopper's row would be marked.
-            let exact = match self.dialect {
-                Dialect::MySql => format!(
-                    " AND CAST(CONVERT(s.{tok} USING utf8mb4) AS BINARY) IN ({})",
-                    list.iter()
-                        .map(|p| format!("CAST({p} AS BINARY)"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                _ => String::new(),
-            };
-            // Only rows still idle: a duplicate token touched a moment ago stays active.
-            query(
-                &self.q(&format!(
-                    "UPDATE {table} AS s SET {status} = $1 WHERE s.{tok} IN ({}){exact} AND s.{status} = $2 \
-                     AND s.{last} < {cutoff} AND {fits}",
-                    list.join(", ")
-                )),
-                &args,
-            )
-            .execute(&mut *tx)
-            .await
-            .op("marking sessions passive")?;
-            let mut args = Vec::new();
-            let list = list_of(&mut args, chunk.iter().map(String::as_str));
-            noted += query(
-                &self.q(&format!(
-                    "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({list})"
-                )),
-                &args,
-            )
-            .execute(&mut *tx)
-            .await
-            .op("noting marked sessions")?
-            .rows_affected();
-        }
-        tx.commit().await.op("committing marked sessions")?;
-        Ok(noted)
+        self.mark_on_lane(tokens, idle_before).await
     }
 
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>> {
@@ -1396,6 +1130,8 @@ impl Store for SqlStore {
     }
 
     async fn close(&self) {
+        self.lanes.recheck.clear();
+        self.lanes.record.clear();
         self.pool.close().await;
     }
 }

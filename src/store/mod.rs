@@ -4,6 +4,8 @@
 
 mod core;
 mod dialect;
+mod hot;
+mod lane;
 mod mysql;
 mod postgres;
 mod sqlite;

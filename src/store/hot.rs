@@ -1,0 +1,607 @@
+//! The hot path's statements: the re-check before each call, the record of outcomes (attempt
+//! log and ledger) and the source update. They run on lanes (connections kept between uses,
+//! see `lane`) and in a few fixed sizes: a batch is cut into pieces of at most [`LARGEST`] rows
+//! and each piece is padded up to the next of [`SIZES`], so the same few statement texts repeat
+//! and each is prepared once per connection.
+
+use chrono::{DateTime, Utc};
+use sqlx::AnyConnection;
+
+use super::core::{Arg, SqlStore, millis, ms, opt_int, query_owned, text};
+use super::dialect::{Dialect, Stmt};
+use super::lane::Lane;
+use super::{FlatDecision, Op, Recheck, Result, Settlement, StoreError};
+
+/// Rows per multi-row statement: a piece of a batch is padded up to the next of these.
+pub(crate) const SIZES: [usize; 5] = [1, 4, 16, 64, 256];
+/// The largest piece of a batch one statement takes.
+pub(crate) const LARGEST: usize = SIZES[SIZES.len() - 1];
+
+/// The index in [`SIZES`] of the smallest size that takes `n` rows (`n` ≤ [`LARGEST`]).
+fn size_index(n: usize) -> usize {
+    SIZES
+        .iter()
+        .position(|&size| size >= n)
+        .expect("pieces are at most LARGEST")
+}
+
+/// Placeholders `$first`, `$first+1`, … for `n` rows of `width` values each, one string per
+/// row (the values of a row separated by commas).
+fn row_placeholders(n: usize, first: usize, width: usize) -> Vec<Vec<String>> {
+    (0..n)
+        .map(|r| {
+            (0..width)
+                .map(|c| format!("${}", first + r * width + c))
+                .collect()
+        })
+        .collect()
+}
+
+/// The hot path's statements, one per entry of [`SIZES`].
+pub(crate) struct HotStatements {
+    recheck: Vec<Stmt>,
+    attempts: Vec<Stmt>,
+    /// The ledger update; it returns the tokens it settled, except on MySQL (no `RETURNING`).
+    settle: Vec<Stmt>,
+    /// MySQL: the leases still ours among a piece, locked until the end of the transaction.
+    held: Vec<Stmt>,
+    mark_source: Vec<Stmt>,
+    mark_note: Vec<Stmt>,
+}
+
+/// What the hot statements are rendered from.
+pub(crate) struct HotShape<'a> {
+    /// "The session behind ledger row `l` is still idle", with `$2` the active value and `$3`
+    /// the idle cutoff.
+    pub still_idle: &'a str,
+    /// A text placeholder `{}` as a value comparable with the source's token column.
+    pub token_from_text: &'a str,
+    /// The idle cutoff in the column's own terms, as `$3`.
+    pub cutoff: &'a str,
+    /// The condition that the source row's time can be read.
+    pub fits: &'a str,
+}
+
+impl HotStatements {
+    /// Renders every statement in every size.
+    pub(crate) fn render(store: &SqlStore, shape: &HotShape<'_>) -> Self {
+        let each = |f: &dyn Fn(usize) -> String| -> Vec<Stmt> {
+            SIZES.iter().map(|&n| store.dialect.render(&f(n))).collect()
+        };
+        Self {
+            recheck: each(&|n| recheck_sql(store.dialect, shape, n)),
+            attempts: each(&|n| attempts_sql(n)),
+            settle: each(&|n| settle_sql(store, n)),
+            held: if store.dialect == Dialect::MySql {
+                each(&|n| held_sql(n))
+            } else {
+                Vec::new()
+            },
+            mark_source: each(&|n| mark_source_sql(store, shape, n)),
+            mark_note: each(&|n| {
+                let list: Vec<String> = (1..=n).map(|k| format!("${k}")).collect();
+                format!(
+                    "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({})",
+                    list.join(", ")
+                )
+            }),
+        }
+    }
+}
+
+/// $1 worker, $2 active value, $3 idle cutoff, $4… tokens.
+fn recheck_sql(d: Dialect, shape: &HotShape<'_>, n: usize) -> String {
+    let list: Vec<String> = (4..4 + n).map(|k| format!("${k}")).collect();
+    format!(
+        "SELECT l.session_token, {}, {} FROM sweeper_sessions l WHERE l.session_token IN ({})",
+        d.flag("l.lease_owner = $1"),
+        d.flag(shape.still_idle),
+        list.join(", ")
+    )
+}
+
+/// $1 worker, then ten values per call; a row whose token is NULL is padding.
+fn attempts_sql(n: usize) -> String {
+    let names = [
+        "t", "a", "c", "o", "h", "e", "m", "l", "s", "f", // see `attempt_args`
+    ];
+    let rows: Vec<String> = row_placeholders(n, 2, names.len())
+        .iter()
+        .map(|row| {
+            let cols: Vec<String> = row
+                .iter()
+                .zip(names)
+                .map(|(p, name)| format!("{p} AS {name}"))
+                .collect();
+            format!("SELECT {}", cols.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO sweeper_attempts (session_token, attempt, worker_id, conversation_id, \
+         outcome, http_status, error_code, error_message, latency_ms, started_at, finished_at) \
+         SELECT u.t, u.a, $1, u.c, u.o, u.h, u.e, u.m, u.l, u.s, u.f FROM ({}) u \
+         WHERE u.t IS NOT NULL",
+        rows.join(" UNION ALL ")
+    )
+}
+
+/// $1 worker, then six values per settlement (see `settle_args`); padding repeats a row.
+fn settle_sql(store: &SqlStore, n: usize) -> String {
+    let d = store.dialect;
+    let now = d.now_ms();
+    let owed = if store.source.mark_passive {
+        "0"
+    } else {
+        "NULL"
+    };
+    let rows: Vec<String> = row_placeholders(n, 2, 6)
+        .iter()
+        .map(|p| {
+            format!(
+                "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
+                p[0], p[1], p[2], p[3], p[4], p[5]
+            )
+        })
+        .collect();
+    // A NULL state releases the lease and leaves everything else as it was.
+    let keep =
+        |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
+    let sets = [
+        ("state", "COALESCE(u.state, l.state)".to_owned()),
+        ("attempts", "COALESCE(u.attempts, l.attempts)".to_owned()),
+        (
+            "next_attempt_at",
+            keep(
+                "next_attempt_at",
+                &format!("CASE WHEN u.retry_ms IS NULL THEN NULL ELSE {now} + u.retry_ms END"),
+            ),
+        ),
+        ("last_error_code", keep("last_error_code", "u.code")),
+        ("last_error_message", keep("last_error_message", "u.msg")),
+        (
+            "source_marked",
+            format!(
+                "CASE WHEN u.state IN ('invalidated', 'already_invalidated') THEN {owed} ELSE l.source_marked END"
+            ),
+        ),
+        (
+            "settled_at",
+            format!(
+                "CASE WHEN u.state IS NULL THEN l.settled_at WHEN u.state = 'pending' THEN NULL ELSE {now} END"
+            ),
+        ),
+        ("lease_owner", "NULL".to_owned()),
+        ("lease_expires_at", "NULL".to_owned()),
+        ("updated_at", now.to_owned()),
+    ];
+    let update = d.update_from(
+        "sweeper_sessions",
+        &sets,
+        &rows.join(" UNION ALL "),
+        "l.session_token = u.token",
+        "l.lease_owner = $1",
+    );
+    match d {
+        // The update itself says which leases were still ours: no locking read first.
+        Dialect::Postgres | Dialect::Sqlite => format!("{update} RETURNING session_token"),
+        Dialect::MySql => update,
+    }
+}
+
+/// $1 worker, $2… tokens.
+fn held_sql(n: usize) -> String {
+    let list: Vec<String> = (2..2 + n).map(|k| format!("${k}")).collect();
+    format!(
+        "SELECT session_token FROM sweeper_sessions WHERE lease_owner = $1 \
+         AND session_token IN ({}) FOR UPDATE",
+        list.join(", ")
+    )
+}
+
+/// $1 passive value, $2 active value, $3 idle cutoff, then per token its text (and on SQLite
+/// its integer value or NULL: a column without text affinity stores an integer token as an
+/// integer). Only rows still idle are marked: a duplicate token touched a moment ago stays
+/// active.
+fn mark_source_sql(store: &SqlStore, shape: &HotShape<'_>, n: usize) -> String {
+    let d = store.dialect;
+    let table = store.col(&store.source.table);
+    let tok = store.col(&store.source.token_column);
+    let status = store.col(&store.source.status_column);
+    let last = store.col(&store.source.last_activity_column);
+    let width = if d == Dialect::Sqlite { 2 } else { 1 };
+    let list: Vec<String> = row_placeholders(n, 4, width)
+        .into_iter()
+        .flat_map(|row| {
+            let mut row = row.into_iter();
+            let text = shape
+                .token_from_text
+                .replace("{}", &row.next().expect("a text"));
+            std::iter::once(text).chain(row)
+        })
+        .collect();
+    // MySQL's collations fold case and ignore trailing spaces: after the index finds the
+    // candidates, the bytes must match too, or another shopper's row would be marked.
+    let exact = match d {
+        Dialect::MySql => format!(
+            " AND CAST(CONVERT(s.{tok} USING utf8mb4) AS BINARY) IN ({})",
+            list.iter()
+                .map(|p| format!("CAST({p} AS BINARY)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => String::new(),
+    };
+    // SQLite's planner prefers a range scan of the idle index to a long `IN` list of tokens,
+    // and then reads every idle row: `(…) = 1` keeps the same test but takes its index away.
+    let unindexed = |condition: String| match d {
+        Dialect::Sqlite => format!("({condition}) = 1"),
+        _ => condition,
+    };
+    format!(
+        "UPDATE {table} AS s SET {status} = $1 WHERE s.{tok} IN ({}){exact} AND {} AND {} AND {}",
+        list.join(", "),
+        unindexed(format!("s.{status} = $2")),
+        unindexed(format!("s.{last} < {}", shape.cutoff)),
+        shape.fits
+    )
+}
+
+/// Where a transaction failed: at its first statement (nothing was written yet, and a kept
+/// connection may simply have broken since its last use) or later.
+enum Failed {
+    First(StoreError),
+    Later(StoreError),
+}
+
+impl Failed {
+    fn error(self) -> StoreError {
+        match self {
+            Failed::First(e) | Failed::Later(e) => e,
+        }
+    }
+}
+
+/// Whether a failed first statement on a kept connection says nothing about the statement (a
+/// connection that broke, not an answer from the database).
+fn connection_failed(e: &StoreError) -> bool {
+    !matches!(
+        e,
+        StoreError::Database {
+            source: sqlx::Error::Database(_),
+            ..
+        }
+    )
+}
+
+/// Runs `$work` (an expression over the connection `$conn`) on `$lane`'s connection; when its
+/// first statement failed on a kept connection, once more on a fresh one, as the pool's ping on
+/// taking it would have. The connection is kept only after a success.
+macro_rules! on_lane {
+    ($store:expr, $lane:expr, $op:expr, |$conn:ident| $work:expr) => {{
+        let mut taken = $lane.take(&$store.pool).await.op($op)?;
+        let result = {
+            let $conn: &mut AnyConnection = &mut taken.conn;
+            $work
+        };
+        let result = match result {
+            Err(Failed::First(e)) if !taken.fresh && connection_failed(&e) => {
+                taken.conn.close_on_drop();
+                taken = Lane::fresh(&$store.pool).await.op($op)?;
+                let $conn: &mut AnyConnection = &mut taken.conn;
+                $work
+            }
+            other => other,
+        };
+        match result {
+            Ok(v) => {
+                $lane.keep(taken.conn);
+                Ok(v)
+            }
+            Err(f) => Err(f.error()),
+        }
+    }};
+}
+
+impl SqlStore {
+    /// The re-checks of `tokens` (see `Store::recheck_many`), on the re-check lane.
+    pub(crate) async fn recheck_on_lane(
+        &self,
+        worker: &str,
+        tokens: &[&str],
+        idle_before: DateTime<Utc>,
+    ) -> Result<Vec<Recheck>> {
+        let sql = self.sql().await?;
+        let cutoff = self.cutoff(sql.shape.activity, idle_before);
+        on_lane!(self, self.lanes.recheck, "rechecking sessions", |conn| {
+            self.recheck_pieces(&sql.hot, conn, worker, tokens, &cutoff)
+                .await
+        })
+    }
+
+    async fn recheck_pieces(
+        &self,
+        hot: &HotStatements,
+        conn: &mut AnyConnection,
+        worker: &str,
+        tokens: &[&str],
+        cutoff: &Arg,
+    ) -> std::result::Result<Vec<Recheck>, Failed> {
+        let mut verdicts = Vec::with_capacity(tokens.len());
+        for (i, piece) in tokens.chunks(LARGEST).enumerate() {
+            let size = size_index(piece.len());
+            let mut args = Vec::with_capacity(3 + SIZES[size]);
+            args.extend([
+                Arg::Text(worker.to_owned()),
+                Arg::Text(self.source.active_value.clone()),
+                cutoff.clone(),
+            ]);
+            let last = piece[piece.len() - 1];
+            args.extend(
+                (0..SIZES[size]).map(|k| Arg::Text(piece.get(k).unwrap_or(&last).to_string())),
+            );
+            let rows = query_owned(&hot.recheck[size], args)
+                .fetch_all(&mut *conn)
+                .await
+                .op("rechecking sessions")
+                .map_err(|e| {
+                    if i == 0 {
+                        Failed::First(e)
+                    } else {
+                        Failed::Later(e)
+                    }
+                })?;
+            let found: Vec<(String, Recheck)> = rows
+                .iter()
+                .filter_map(|r| {
+                    let verdict = if opt_int(r, 1) != Some(1) {
+                        Recheck::LeaseLost
+                    } else if opt_int(r, 2) != Some(1) {
+                        Recheck::NoLongerEligible
+                    } else {
+                        Recheck::Eligible
+                    };
+                    Some((text(r, 0)?, verdict))
+                })
+                .collect();
+            verdicts.extend(piece.iter().map(|t| {
+                found
+                    .iter()
+                    .find(|(token, _)| token == t)
+                    .map_or(Recheck::LeaseLost, |(_, v)| *v)
+            }));
+        }
+        Ok(verdicts)
+    }
+
+    /// Writes a batch of settlements (see `Store::record`), on the record lane.
+    pub(crate) async fn record_on_lane(
+        &self,
+        worker: &str,
+        batch: &[Settlement],
+    ) -> Result<Vec<String>> {
+        let sql = self.sql().await?;
+        on_lane!(self, self.lanes.record, "starting to record", |conn| {
+            self.record_tx(&sql.hot, conn, worker, batch).await
+        })
+    }
+
+    async fn record_tx(
+        &self,
+        hot: &HotStatements,
+        conn: &mut AnyConnection,
+        worker: &str,
+        batch: &[Settlement],
+    ) -> std::result::Result<Vec<String>, Failed> {
+        let mut tx = self
+            .begin_on(conn, "starting to record")
+            .await
+            .map_err(Failed::First)?;
+        self.insert_attempts(hot, &mut tx, worker, batch)
+            .await
+            .map_err(Failed::Later)?;
+        let mut accepted = Vec::with_capacity(batch.len());
+        for piece in batch.chunks(LARGEST) {
+            accepted.extend(
+                self.settle(hot, &mut tx, worker, piece)
+                    .await
+                    .map_err(Failed::Later)?,
+            );
+        }
+        tx.commit()
+            .await
+            .op("committing recorded outcomes")
+            .map_err(Failed::Later)?;
+        Ok(accepted)
+    }
+
+    /// Every call of the batch goes into the attempt log, whoever holds the lease now.
+    async fn insert_attempts(
+        &self,
+        hot: &HotStatements,
+        tx: &mut AnyConnection,
+        worker: &str,
+        batch: &[Settlement],
+    ) -> Result<()> {
+        let calls: Vec<_> = batch
+            .iter()
+            .flat_map(|s| s.calls.iter().map(move |c| (s, c)))
+            .collect();
+        for piece in calls.chunks(LARGEST) {
+            let size = size_index(piece.len());
+            let mut args = Vec::with_capacity(1 + 10 * SIZES[size]);
+            args.push(Arg::Text(worker.to_owned()));
+            for (s, c) in piece {
+                let latency = millis(c.latency);
+                args.extend([
+                    Arg::Text(s.token.clone()),
+                    Arg::Int(i64::from(s.attempt)),
+                    Arg::Text(c.conversation_id.clone()),
+                    Arg::Text(c.class.to_owned()),
+                    Arg::opt_int(c.http_status.map(i64::from)),
+                    Arg::opt_text(c.error_code.as_deref()),
+                    Arg::opt_text(c.error_message.as_deref()),
+                    Arg::Int(latency),
+                    Arg::Int(ms(c.started_at)),
+                    Arg::Int(ms(c.started_at).saturating_add(latency)),
+                ]);
+            }
+            for _ in piece.len()..SIZES[size] {
+                args.extend([
+                    Arg::NullText,
+                    Arg::NullInt,
+                    Arg::NullText,
+                    Arg::NullText,
+                    Arg::NullInt,
+                    Arg::NullText,
+                    Arg::NullText,
+                    Arg::NullInt,
+                    Arg::NullInt,
+                    Arg::NullInt,
+                ]);
+            }
+            query_owned(&hot.attempts[size], args)
+                .execute(&mut *tx)
+                .await
+                .op("recording attempts")?;
+        }
+        Ok(())
+    }
+
+    /// Settles the rows of `piece` whose lease `worker` still holds; returns their tokens.
+    async fn settle(
+        &self,
+        hot: &HotStatements,
+        tx: &mut AnyConnection,
+        worker: &str,
+        piece: &[Settlement],
+    ) -> Result<Vec<String>> {
+        let size = size_index(piece.len());
+        let last = &piece[piece.len() - 1];
+        let held = if self.dialect == Dialect::MySql {
+            let mut args = Vec::with_capacity(1 + SIZES[size]);
+            args.push(Arg::Text(worker.to_owned()));
+            args.extend(
+                (0..SIZES[size]).map(|k| Arg::Text(piece.get(k).unwrap_or(last).token.clone())),
+            );
+            let rows = query_owned(&hot.held[size], args)
+                .fetch_all(&mut *tx)
+                .await
+                .op("reading held leases")?;
+            let held: Vec<String> = rows.iter().filter_map(|r| text(r, 0)).collect();
+            if held.is_empty() {
+                return Ok(held);
+            }
+            Some(held)
+        } else {
+            None
+        };
+        let mut args = Vec::with_capacity(1 + 6 * SIZES[size]);
+        args.push(Arg::Text(worker.to_owned()));
+        for k in 0..SIZES[size] {
+            let s = piece.get(k).unwrap_or(last);
+            let f = FlatDecision::of(&s.decision);
+            args.extend([
+                Arg::Text(s.token.clone()),
+                Arg::opt_text(f.state),
+                Arg::opt_int(f.attempts.map(i64::from)),
+                Arg::opt_int(f.retry_in.map(millis)),
+                Arg::opt_text(f.error_code),
+                Arg::opt_text(f.error_message),
+            ]);
+        }
+        let update = query_owned(&hot.settle[size], args);
+        match held {
+            Some(held) => {
+                update.execute(&mut *tx).await.op("settling sessions")?;
+                Ok(held)
+            }
+            None => Ok(update
+                .fetch_all(&mut *tx)
+                .await
+                .op("settling sessions")?
+                .iter()
+                .filter_map(|r| text(r, 0))
+                .collect()),
+        }
+    }
+
+    /// Marks source rows passive and notes it (see `Store::mark_passive`), on the record lane.
+    pub(crate) async fn mark_on_lane(
+        &self,
+        tokens: &[String],
+        idle_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        let sql = self.sql().await?;
+        let cutoff = self.cutoff(sql.shape.activity, idle_before);
+        on_lane!(
+            self,
+            self.lanes.record,
+            "starting to mark sessions passive",
+            |conn| self.mark_tx(&sql.hot, conn, tokens, &cutoff).await
+        )
+    }
+
+    async fn mark_tx(
+        &self,
+        hot: &HotStatements,
+        conn: &mut AnyConnection,
+        tokens: &[String],
+        cutoff: &Arg,
+    ) -> std::result::Result<u64, Failed> {
+        let mut tx = self
+            .begin_on(conn, "starting to mark sessions passive")
+            .await
+            .map_err(Failed::First)?;
+        let mut noted = 0;
+        for piece in tokens.chunks(LARGEST) {
+            let size = size_index(piece.len());
+            let padded =
+                || (0..SIZES[size]).map(|k| piece.get(k).unwrap_or(&piece[piece.len() - 1]));
+            let mut args = vec![
+                Arg::Text(self.source.passive_value.clone()),
+                Arg::Text(self.source.active_value.clone()),
+                cutoff.clone(),
+            ];
+            for t in padded() {
+                args.push(Arg::Text(t.clone()));
+                if self.dialect == Dialect::Sqlite {
+                    args.push(match t.parse::<i64>() {
+                        Ok(i) if i.to_string() == *t => Arg::Int(i),
+                        _ => Arg::NullInt,
+                    });
+                }
+            }
+
+            query_owned(&hot.mark_source[size], args)
+                .execute(&mut *tx)
+                .await
+                .op("marking sessions passive")
+                .map_err(Failed::Later)?;
+            let args = padded().map(|t| Arg::Text(t.clone())).collect();
+            noted += query_owned(&hot.mark_note[size], args)
+                .execute(&mut *tx)
+                .await
+                .op("noting marked sessions")
+                .map_err(Failed::Later)?
+                .rows_affected();
+        }
+        tx.commit()
+            .await
+            .op("committing marked sessions")
+            .map_err(Failed::Later)?;
+        Ok(noted)
+    }
+
+    /// A write transaction on `conn` (SQLite takes its write lock at once).
+    async fn begin_on<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+        op: &'static str,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
+        use sqlx::Connection as _;
+        match self.dialect.begin_write() {
+            Some(begin) => conn.begin_with(begin).await.op(op),
+            None => conn.begin().await.op(op),
+        }
+    }
+}

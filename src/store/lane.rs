@@ -1,0 +1,115 @@
+//! Connections kept by the hot path's streams of back-to-back operations (the re-checks, the
+//! records). sqlx's pool pings a connection when it is taken and again when it is given back:
+//! two round trips per use, more than the statements of a re-check themselves. A lane keeps its
+//! connection between uses instead, and gives it back to the pool once unused for [`LANE_IDLE`].
+//!
+//! A kept connection is not pinged, so it may have broken since its last use. Callers start
+//! over on a fresh (pinged) connection when the first statement on a kept one fails, before
+//! anything was written: what the ping on taking it would have done.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool};
+
+/// How long a lane keeps its connection after its last use.
+pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
+/// Below this pool size no lane keeps a connection: claims and heartbeats must always find one.
+pub(crate) const MIN_POOL_FOR_LANES: u32 = 4;
+
+/// A pooled connection one stream of operations keeps between uses.
+pub(crate) struct Lane {
+    state: Arc<Mutex<State>>,
+    enabled: bool,
+}
+
+#[derive(Default)]
+struct State {
+    kept: Option<PoolConnection<Any>>,
+    used: Option<Instant>,
+    reaper: bool,
+}
+
+/// A connection taken from a lane.
+pub(crate) struct LaneConn {
+    /// The connection.
+    pub conn: PoolConnection<Any>,
+    /// Whether the pool just handed it out (and pinged it), rather than the lane keeping it.
+    pub fresh: bool,
+}
+
+impl Lane {
+    /// A lane that keeps connections when the pool has `max_connections` to spare.
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            state: Arc::default(),
+            enabled: max_connections >= MIN_POOL_FOR_LANES,
+        }
+    }
+
+    /// The kept connection, if it was used within [`LANE_IDLE`], else one from the pool.
+    pub async fn take(&self, pool: &AnyPool) -> Result<LaneConn, sqlx::Error> {
+        let kept = {
+            let mut state = self.state.lock().expect("lane lock");
+            let recent = state.used.is_some_and(|u| u.elapsed() < LANE_IDLE);
+            state.kept.take().filter(|_| recent)
+        };
+        match kept {
+            Some(conn) => Ok(LaneConn { conn, fresh: false }),
+            None => Self::fresh(pool).await,
+        }
+    }
+
+    /// A connection from the pool, tested by its ping.
+    pub async fn fresh(pool: &AnyPool) -> Result<LaneConn, sqlx::Error> {
+        Ok(LaneConn {
+            conn: pool.acquire().await?,
+            fresh: true,
+        })
+    }
+
+    /// Keeps `conn` for the next use (only after a use that succeeded: a connection whose
+    /// operation failed or was cut short goes back to the pool, which tests and cleans it).
+    pub fn keep(&self, conn: PoolConnection<Any>) {
+        if !self.enabled {
+            return;
+        }
+        let mut state = self.state.lock().expect("lane lock");
+        if state.kept.is_some() {
+            return;
+        }
+        state.kept = Some(conn);
+        state.used = Some(Instant::now());
+        if !state.reaper {
+            state.reaper = true;
+            tokio::spawn(reap(Arc::downgrade(&self.state)));
+        }
+    }
+
+    /// Gives the kept connection back to the pool now (closing the pool waits for it).
+    pub fn clear(&self) {
+        let kept = self.state.lock().expect("lane lock").kept.take();
+        drop(kept);
+    }
+}
+
+/// Gives the kept connection back once it has been unused for [`LANE_IDLE`].
+async fn reap(state: std::sync::Weak<Mutex<State>>) {
+    loop {
+        tokio::time::sleep(LANE_IDLE).await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let idle = {
+            let mut s = state.lock().expect("lane lock");
+            if s.used.is_some_and(|u| u.elapsed() < LANE_IDLE) {
+                continue;
+            }
+            s.reaper = false;
+            s.kept.take()
+        };
+        drop(idle);
+        return;
+    }
+}
