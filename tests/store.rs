@@ -583,7 +583,197 @@ async fn renewed_leases_do_not_lapse_while_their_worker_lives(kind: Kind) {
     );
 }
 
+async fn rechecks_many_sessions_in_one_query_each_by_its_own_verdict(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 70)).await;
+    register(&*store, "w").await;
+    register(&*store, "other").await;
+    let leases = store.claim(params("w", Utc::now(), 69)).await.unwrap();
+    assert_eq!(leases.len(), 69);
+    let unclaimed: Vec<String> = (0..70)
+        .map(|i| format!("s-{i}"))
+        .filter(|t| !leases.iter().any(|l| &l.token == t))
+        .collect();
+    let revived = leases[3].token.clone();
+    db.touch(&revived).await;
+    let idle_before = Utc::now() - Duration::from_secs(1800);
+    // Five sessions (one statement of 16, padded), then all 70 and one nobody knows (64 + 7).
+    let five: Vec<&str> = leases[..5].iter().map(|l| l.token.as_str()).collect();
+    let verdicts = store.recheck_many("w", &five, idle_before).await.unwrap();
+    let expected: Vec<Recheck> = five
+        .iter()
+        .map(|t| {
+            if *t == revived {
+                Recheck::NoLongerEligible
+            } else {
+                Recheck::Eligible
+            }
+        })
+        .collect();
+    assert_eq!(verdicts, expected);
+    let mut all: Vec<&str> = leases.iter().map(|l| l.token.as_str()).collect();
+    all.push(&unclaimed[0]);
+    all.push("nobody-knows-me");
+    let verdicts = store.recheck_many("w", &all, idle_before).await.unwrap();
+    assert_eq!(verdicts.len(), 71);
+    for (t, v) in all.iter().zip(&verdicts) {
+        let want = match *t {
+            t if t == revived => Recheck::NoLongerEligible,
+            t if t == unclaimed[0] || t == "nobody-knows-me" => Recheck::LeaseLost,
+            _ => Recheck::Eligible,
+        };
+        assert_eq!(*v, want, "{t}");
+    }
+    // Another worker's view of the same sessions: none of them is its own.
+    let theirs = store
+        .recheck_many("other", &five, idle_before)
+        .await
+        .unwrap();
+    assert!(
+        theirs.iter().all(|v| *v == Recheck::LeaseLost),
+        "{theirs:?}"
+    );
+    assert!(
+        store
+            .recheck_many("w", &[], idle_before)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn recording_and_marking_hundreds_at_once(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 300)).await;
+    register(&*store, "w").await;
+    let leases = store.claim(params("w", Utc::now(), 300)).await.unwrap();
+    assert_eq!(leases.len(), 300);
+    let call = session_sweeper::iyzico::CallRecord {
+        conversation_id: "c".into(),
+        http_status: Some(200),
+        class: "invalidated",
+        error_code: None,
+        error_message: None,
+        started_at: Utc::now(),
+        latency: Duration::from_millis(20),
+    };
+    // 300 settlements: one piece of 256 and one of 44 padded to 64; the first 10 released.
+    let batch: Vec<Settlement> = leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Settlement {
+            calls: vec![call.clone()],
+            decision: if i < 10 {
+                Decision::Release
+            } else {
+                settle(&l.token, Outcome::Invalidated, 1).decision
+            },
+            ..settle(&l.token, Outcome::Invalidated, 1)
+        })
+        .collect();
+    let accepted = store.record("w", &batch).await.unwrap();
+    assert_eq!(accepted.len(), 300);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_attempts").await,
+        300
+    );
+    assert_eq!(db.count_state("invalidated").await, 290);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_sessions WHERE lease_owner IS NOT NULL")
+            .await,
+        0
+    );
+    let invalidated: Vec<String> = leases[10..].iter().map(|l| l.token.clone()).collect();
+    let marked = store
+        .mark_passive(&invalidated, Utc::now() - Duration::from_secs(1800))
+        .await
+        .unwrap();
+    assert_eq!(marked, 290);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM checkout_sessions WHERE status = 'PASSIVE'")
+            .await,
+        290
+    );
+    assert_eq!(db.status(&leases[0].token).await, "ACTIVE");
+}
+
+/// A heartbeat renews every lease while a record waits for those rows: once the renewal
+/// commits, the record must still settle every session it holds (PostgreSQL re-checks each
+/// row it waited for, and an update over a UNION ALL of one-row SELECTs silently lost the
+/// rows after the first one).
+async fn a_lease_renewal_committing_under_a_waiting_record_loses_no_settlement(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let store = db.store().await;
+    // Enough rows for the planner to look sessions up by their key, one after the other.
+    db.seed(&idle_sessions("s", 2000)).await;
+    register(&*store, "w").await;
+    let leases = store.claim(params("w", Utc::now(), 2000)).await.unwrap();
+    assert_eq!(leases.len(), 2000);
+    // With statistics that say every row is this worker's, PostgreSQL joins by the key.
+    match kind {
+        Kind::Postgres => db.exec("ANALYZE sweeper_sessions").await,
+        Kind::MySql => db.exec("ANALYZE TABLE sweeper_sessions").await,
+        Kind::Sqlite => db.exec("ANALYZE").await,
+    }
+    // A few (joined by key) and a few dozen (joined by hash), each under a waiting renewal.
+    let mut settled = 0;
+    for n in [4, 40] {
+        let batch: Vec<Settlement> = leases[settled..settled + n]
+            .iter()
+            .map(|l| settle(&l.token, Outcome::Invalidated, 1))
+            .collect();
+        let accepted = record_under_a_renewal(&db, &store, batch).await;
+        assert_eq!(accepted.len(), n, "{accepted:?}");
+        settled += n;
+        assert_eq!(db.count_state("invalidated").await, settled as i64);
+    }
+}
+
+/// Records `batch` while another transaction holds every lease of `w` renewed but not yet
+/// committed; commits it while the record waits.
+async fn record_under_a_renewal(
+    db: &TestDb,
+    store: &std::sync::Arc<dyn Store>,
+    batch: Vec<Settlement>,
+) -> Vec<String> {
+    sqlx::any::install_default_drivers();
+    let mut renewal = <sqlx::AnyConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let begin = if db.kind == Kind::Sqlite {
+        "BEGIN IMMEDIATE"
+    } else {
+        "BEGIN"
+    };
+    sqlx::query(begin).execute(&mut renewal).await.unwrap();
+    sqlx::query(
+        "UPDATE sweeper_sessions SET lease_expires_at = lease_expires_at + 1 WHERE lease_owner = 'w'",
+    )
+    .execute(&mut renewal)
+    .await
+    .unwrap();
+    let record = {
+        let store = store.clone();
+        tokio::spawn(async move { store.record("w", &batch).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!record.is_finished(), "the record waits for the renewal");
+    sqlx::query("COMMIT").execute(&mut renewal).await.unwrap();
+    record.await.unwrap().unwrap()
+}
+
 both_backends!(
+    rechecks_many_sessions_in_one_query_each_by_its_own_verdict,
+    recording_and_marking_hundreds_at_once,
+    a_lease_renewal_committing_under_a_waiting_record_loses_no_settlement,
     renewed_leases_do_not_lapse_while_their_worker_lives,
     migrate_is_idempotent,
     check_finds_missing_table_column_and_index,

@@ -134,15 +134,31 @@ fn settle_sql(store: &SqlStore, n: usize) -> String {
     } else {
         "NULL"
     };
-    let rows: Vec<String> = row_placeholders(n, 2, 6)
-        .iter()
-        .map(|p| {
+    let rows = row_placeholders(n, 2, 6);
+    let derived = match d {
+        // A VALUES list, not a UNION ALL of one-row SELECTs: when the update waits for a row
+        // that a lease renewal holds and re-checks it once that commits, PostgreSQL forgets
+        // the rest of a UNION ALL and silently leaves its sessions unsettled.
+        Dialect::Postgres => {
+            let rows: Vec<String> = rows.iter().map(|p| format!("({})", p.join(", "))).collect();
             format!(
-                "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
-                p[0], p[1], p[2], p[3], p[4], p[5]
+                "SELECT * FROM (VALUES {}) AS v (token, state, attempts, retry_ms, code, msg)",
+                rows.join(", ")
             )
-        })
-        .collect();
+        }
+        // SQLite names VALUES columns itself, and its writers never wait inside a statement
+        // (the write lock is taken at BEGIN IMMEDIATE); MySQL locks the rows first.
+        _ => rows
+            .iter()
+            .map(|p| {
+                format!(
+                    "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
+                    p[0], p[1], p[2], p[3], p[4], p[5]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL "),
+    };
     // A NULL state releases the lease and leaves everything else as it was.
     let keep =
         |col: &str, new: &str| format!("CASE WHEN u.state IS NULL THEN l.{col} ELSE {new} END");
@@ -177,7 +193,7 @@ fn settle_sql(store: &SqlStore, n: usize) -> String {
     let update = d.update_from(
         "sweeper_sessions",
         &sets,
-        &rows.join(" UNION ALL "),
+        &derived,
         "l.session_token = u.token",
         "l.lease_owner = $1",
     );
