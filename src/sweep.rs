@@ -9,13 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder as _;
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::JoinSet;
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use futures::{Future, FutureExt as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::clock::DbClock;
 use crate::config::{Config, SweepConfig};
-use crate::iyzico::{ApiError, Client, InvalidateError};
+use crate::iyzico::{ApiError, CallRecord, Client, InvalidateError, Invalidation};
 use crate::shutdown::Shutdown;
 use crate::store::{ClaimParams, Decision, Lease, Outcome, Recheck, Settlement, Store, StoreError};
 use crate::telemetry::{Metrics, fingerprint};
@@ -31,6 +34,27 @@ pub const FINAL_STEP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MARK_RETRIES: usize = 2;
 /// Sessions whose source row is still owed its update, re-marked at the start of each sweep.
 pub const UNMARKED_PER_SWEEP: u32 = 5_000;
+/// Sessions worked on at once, per call allowed in flight: while one set of calls is on the
+/// wire, the next set waits for its rate tokens and slots and has its re-check done, so the
+/// pipe never drains between sessions.
+pub const PIPELINE_DEPTH: usize = 2;
+/// Most sessions one re-check query answers.
+pub const RECHECK_BATCH: usize = 64;
+/// The first wait before a failed batch write is tried again; it doubles with each try.
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between two tries of a batch write.
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Delays that start at `first` and double up to `max`, without jitter: the one schedule of
+/// the sweep's own retries (the client's immediate retries add jitter to theirs).
+fn doubling(first: Duration, max: Duration) -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
 
 /// `now - d`, or the earliest time there is when that overflows: a cutoff that takes nothing.
 pub fn cutoff_before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -117,8 +141,9 @@ impl SweepSettings {
 
     /// The delay before sweep-level attempt `attempts + 1`: `retry_base` doubling, capped.
     pub fn retry_delay(&self, attempts: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempts.saturating_sub(1));
-        self.retry_base.saturating_mul(factor).min(self.retry_max)
+        doubling(self.retry_base, self.retry_max)
+            .nth(attempts.saturating_sub(1) as usize)
+            .unwrap_or(self.retry_max)
     }
 }
 
@@ -310,19 +335,7 @@ impl Sweeper {
     async fn prepare(&self, settings: &SweepSettings) -> Result<u64, StoreError> {
         self.store.release_all(&self.worker).await?;
         if settings.mark_passive {
-            let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
-            if !owed.is_empty() {
-                let idle_before = cutoff_before(self.clock.now(), settings.idle_after);
-                match self.store.mark_passive(&owed, idle_before).await {
-                    Ok(n) => tracing::info!(
-                        marked = n,
-                        "marked source rows passive that an earlier sweep could not"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, owed = owed.len(), "source rows still cannot be marked passive; the sessions stay invalidated and are never sent again")
-                    }
-                }
-            }
+            self.mark_owed(settings).await?;
         }
         let skipped = self.store.skip_revived(self.params(settings, 0)).await?;
         for _ in 0..skipped {
@@ -340,6 +353,25 @@ impl Sweeper {
         Ok(skipped)
     }
 
+    /// Marks the source rows an earlier sweep could not mark passive.
+    async fn mark_owed(&self, settings: &SweepSettings) -> Result<(), StoreError> {
+        let owed = self.store.unmarked(UNMARKED_PER_SWEEP).await?;
+        if owed.is_empty() {
+            return Ok(());
+        }
+        let idle_before = cutoff_before(self.clock.now(), settings.idle_after);
+        match self.store.mark_passive(&owed, idle_before).await {
+            Ok(n) => tracing::info!(
+                marked = n,
+                "marked source rows passive that an earlier sweep could not"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, owed = owed.len(), "source rows still cannot be marked passive; the sessions stay invalidated and are never sent again")
+            }
+        }
+        Ok(())
+    }
+
     /// Drains everything eligible now (or `max_sessions`), then returns what happened.
     /// On stop it claims nothing more, lets calls in flight finish until the abort, records
     /// every outcome, and releases whatever it did not finish.
@@ -351,10 +383,6 @@ impl Sweeper {
         let started = Instant::now();
         let settings = self.settings();
         let sweep = shutdown.child();
-        let state = Arc::new(SweepState {
-            auth_failure: Mutex::new(None),
-            store_failure: Mutex::new(None),
-        });
         // Database steps run to their end (a transaction cut short can leave its pooled
         // connection unusable); only after the grace period are they given up.
         let skipped = bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
@@ -369,8 +397,64 @@ impl Sweeper {
             .eligible_at_start
             .store(eligible, Ordering::Relaxed);
         tracing::info!(eligible, worker = %self.worker, "sweep started");
+        let state = Arc::new(SweepState {
+            auth_failure: Mutex::new(None),
+            store_failure: Mutex::new(None),
+        });
+        let (run, recorder, rechecker) = self.start_run(settings, &sweep, &state, &progress);
+        // The claim loop and its attempts run as one task of the runtime, not on the thread
+        // that awaits the sweep: every answer then wakes a task where it arrives.
+        let dispatched = tokio::spawn(run.dispatch()).await;
+        // The recorder flushes its last batch under no cancellation: the last writes must land.
+        let recorded = recorder.await;
+        let rechecker = rechecker.await;
+        progress.finished.store(true, Ordering::Relaxed);
+        // Whatever we claimed but never started (stop, auth failure) goes back at once.
+        let leftover = bounded(
+            &sweep,
+            "releasing leases",
+            self.store.release_all(&self.worker),
+        )
+        .await;
+        let mut summary = recorded.map_err(|_| SweepError::Panicked("the recorder"))?;
+        let dispatched = dispatched.map_err(|_| SweepError::Panicked("the claim loop"))?;
+        rechecker.map_err(|_| SweepError::Panicked("the re-checker"))?;
+        if dispatched.panicked {
+            return Err(SweepError::Panicked("an attempt"));
+        }
+        summary.skipped += skipped;
+        summary.duration = started.elapsed();
+        summary.lost = dispatched
+            .claimed
+            .saturating_sub(summary.processed() + summary.released - skipped);
+        let leftover = leftover?;
+        if leftover > 0 {
+            tracing::info!(released = leftover, "released unfinished leases");
+        }
+        if let Some(e) = state.store_failure.lock().expect("lock").take() {
+            return Err(e.into());
+        }
+        if let Some(e) = dispatched.claim_error {
+            return Err(e.into());
+        }
+        if let Some(ApiError::Auth { code, message }) =
+            state.auth_failure.lock().expect("lock").take()
+        {
+            return Err(SweepError::Auth { code, message });
+        }
+        Ok(summary)
+    }
 
-        let (settle_tx, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
+    /// Starts the recorder and the re-checker of one sweep; returns the claim loop that feeds
+    /// them. Both tasks end once the loop (and with it every sender) is gone.
+    fn start_run(
+        &self,
+        settings: SweepSettings,
+        sweep: &Shutdown,
+        state: &Arc<SweepState>,
+        progress: &Arc<Progress>,
+    ) -> (Run, JoinHandle<SweepSummary>, JoinHandle<()>) {
+        let (settle, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
         let recorder = tokio::spawn(
             Recorder {
                 store: self.store.clone(),
@@ -385,8 +469,6 @@ impl Sweeper {
             }
             .run(settle_rx),
         );
-        // Twice the calls in flight: while one set of calls is on the wire the next set has
-        // its rate tokens and its re-check done, so the pipe never drains between sessions.
         let (recheck, rechecker) = Rechecker::start(
             self.store.clone(),
             self.worker.clone(),
@@ -394,105 +476,296 @@ impl Sweeper {
             self.clock.clone(),
             sweep.clone(),
         );
-        let slots = Arc::new(Semaphore::new(settings.concurrency * 2));
-        let mut tasks = JoinSet::new();
-        let mut claimed_total = 0u64;
-        let mut claim_error = None;
-        'claiming: while !sweep.is_stopping() {
-            let limit = match settings.max_sessions {
-                Some(max) if claimed_total >= max => break,
-                Some(max) => (max - claimed_total).min(u64::from(
-                    settings.claim_size(self.client.limiter().replicas()),
-                )) as u32,
-                None => settings.claim_size(self.client.limiter().replicas()),
-            };
-            let claim = self.store.claim(self.params(&settings, limit));
-            let leases = match bounded(&sweep, "claiming sessions", claim).await {
-                Ok(l) => l,
-                Err(e) => {
-                    claim_error = Some(e);
-                    break;
-                }
-            };
-            // A stop that came during the claim: its leases go back below, never started.
-            if sweep.is_stopping() {
-                break;
-            }
-            if leases.is_empty() {
-                break;
-            }
-            claimed_total += leases.len() as u64;
-            progress
-                .claimed
-                .fetch_add(leases.len() as u64, Ordering::Relaxed);
-            for lease in leases {
-                let permit = tokio::select! {
-                    biased;
-                    _ = sweep.stopping() => break 'claiming,
-                    p = slots.clone().acquire_owned() => p.expect("never closed"),
-                };
-                let attempt = Attempt {
-                    recheck: recheck.clone(),
-                    client: self.client.clone(),
-                    settings: settings.clone(),
-                    state: state.clone(),
-                    shutdown: sweep.clone(),
-                    settle: settle_tx.clone(),
-                };
-                tasks.spawn(async move {
-                    attempt.run(lease).await;
-                    drop(permit);
-                });
-                // Reap finished tasks so the set stays small on long sweeps.
-                while tasks.try_join_next().is_some() {}
-            }
-        }
-        let mut panicked = false;
-        while let Some(joined) = tasks.join_next().await {
-            panicked |= joined.is_err();
-        }
-        drop(recheck);
-        panicked |= rechecker.await.is_err();
-        drop(settle_tx);
-        // The recorder flushes its last batch under no cancellation: the last writes must land.
-        let recorded = recorder.await;
-        progress.finished.store(true, Ordering::Relaxed);
-        // Whatever we claimed but never started (stop, auth failure) goes back at once.
-        let leftover = bounded(
-            &sweep,
-            "releasing leases",
-            self.store.release_all(&self.worker),
-        )
-        .await;
-        let mut summary = recorded.map_err(|_| SweepError::Panicked("the recorder"))?;
-        if panicked {
-            return Err(SweepError::Panicked("an attempt"));
-        }
-        summary.skipped += skipped;
-        summary.duration = started.elapsed();
-        summary.lost =
-            claimed_total.saturating_sub(summary.processed() + summary.released - skipped);
-        let leftover = leftover?;
-        if leftover > 0 {
-            tracing::info!(released = leftover, "released unfinished leases");
-        }
-        if let Some(e) = state.store_failure.lock().expect("lock").take() {
-            return Err(e.into());
-        }
-        if let Some(e) = claim_error {
-            return Err(e.into());
-        }
-        if let Some(ApiError::Auth { code, message }) =
-            state.auth_failure.lock().expect("lock").take()
-        {
-            return Err(SweepError::Auth { code, message });
-        }
-        Ok(summary)
+        let run = Run {
+            store: self.store.clone(),
+            client: self.client.clone(),
+            worker: self.worker.clone(),
+            clock: self.clock.clone(),
+            settings,
+            sweep: sweep.clone(),
+            state: state.clone(),
+            progress: progress.clone(),
+            recheck,
+            settle,
+        };
+        (run, recorder, rechecker)
     }
 }
 
-/// Most sessions one re-check query answers.
-pub const RECHECK_BATCH: usize = 64;
+/// What the claim loop did.
+#[derive(Default)]
+struct Dispatched {
+    /// Sessions claimed.
+    claimed: u64,
+    /// Why claiming stopped early, if it failed.
+    claim_error: Option<StoreError>,
+    /// Whether an attempt panicked (a bug).
+    panicked: bool,
+}
+
+/// One sweep's claim loop and the attempts it runs: every attempt borrows what it needs from
+/// here, and the attempts of the sweep are polled together in the loop's own task.
+struct Run {
+    store: Arc<dyn Store>,
+    client: Arc<Client>,
+    worker: String,
+    clock: DbClock,
+    settings: SweepSettings,
+    sweep: Shutdown,
+    state: Arc<SweepState>,
+    progress: Arc<Progress>,
+    recheck: Rechecker,
+    settle: mpsc::Sender<Settlement>,
+}
+
+/// What an attempt in the claim loop's set yields: `Err` if it panicked.
+type Ended = std::thread::Result<()>;
+
+impl Run {
+    /// Claims batch after batch and runs an attempt for each session, at most `concurrency ×
+    /// PIPELINE_DEPTH` at once; the next batch is claimed as soon as the current one has been
+    /// handed out, while its calls are still in flight. Ends when nothing is left to claim (or
+    /// on stop) and every attempt has ended.
+    async fn dispatch(self) -> Dispatched {
+        let slots = self.settings.concurrency * PIPELINE_DEPTH;
+        let mut running = FuturesUnordered::new();
+        let mut queue = std::collections::VecDeque::new();
+        let mut out = Dispatched::default();
+        let mut claiming = true;
+        loop {
+            while running.len() < slots && !self.sweep.is_stopping() {
+                let Some(lease) = queue.pop_front() else {
+                    break;
+                };
+                running.push(std::panic::AssertUnwindSafe(self.attempt(lease)).catch_unwind());
+            }
+            // A stop: nothing more is claimed or started; what was claimed but not started
+            // goes back with the sweep's final release.
+            claiming &= !self.sweep.is_stopping();
+            if claiming && queue.is_empty() {
+                match self.claim_next(out.claimed, &mut running, &mut out).await {
+                    Ok(leases) if !leases.is_empty() && !self.sweep.is_stopping() => {
+                        out.claimed += leases.len() as u64;
+                        self.progress
+                            .claimed
+                            .fetch_add(leases.len() as u64, Ordering::Relaxed);
+                        queue.extend(leases);
+                    }
+                    Ok(_) => claiming = false,
+                    Err(e) => {
+                        out.claim_error = Some(e);
+                        claiming = false;
+                    }
+                }
+                continue;
+            }
+            if running.is_empty() && (queue.is_empty() || self.sweep.is_stopping()) {
+                return out;
+            }
+            // Every slot is taken (or nothing is left to start): wait for an attempt to end,
+            // or for a stop.
+            tokio::select! {
+                biased;
+                _ = self.sweep.stopping(), if !self.sweep.is_stopping() => {}
+                Some(ended) = running.next() => out.panicked |= ended.is_err(),
+            }
+        }
+    }
+
+    /// Claims the next batch (at most `max_sessions` in all) while the attempts in flight go
+    /// on. An empty batch: nothing is left.
+    async fn claim_next(
+        &self,
+        claimed: u64,
+        running: &mut FuturesUnordered<impl Future<Output = Ended>>,
+        out: &mut Dispatched,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let share = self.settings.claim_size(self.client.limiter().replicas());
+        let limit = match self.settings.max_sessions {
+            Some(max) if claimed >= max => return Ok(Vec::new()),
+            Some(max) => (max - claimed).min(u64::from(share)) as u32,
+            None => share,
+        };
+        let params = ClaimParams {
+            worker: &self.worker,
+            idle_before: cutoff_before(self.clock.now(), self.settings.idle_after),
+            stale_after: self.settings.stale_after,
+            lease: self.settings.lease,
+            limit,
+        };
+        let claim = bounded(&self.sweep, "claiming sessions", self.store.claim(params));
+        tokio::pin!(claim);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut claim => return r,
+                Some(ended) = running.next() => out.panicked |= ended.is_err(),
+            }
+        }
+    }
+
+    /// One session's attempt: the calls (each re-checked right before it is sent) and the
+    /// settlement they lead to, handed to the recorder.
+    #[tracing::instrument(name = "attempt", skip_all, fields(session = %fingerprint(&lease.token), attempt = lease.attempts + 1))]
+    async fn attempt(&self, lease: Lease) {
+        if self.sweep.is_stopping() {
+            let _ = self
+                .settle
+                .send(release(&lease, lease.attempts + 1, Vec::new()))
+                .await;
+            return;
+        }
+        // The last look, taken with the rate token and the slot in hand, right before each
+        // call: a shopper who came back while the session queued is never cut off.
+        let verdict = Mutex::new(None);
+        let inv = self
+            .client
+            .invalidate_checked(&lease.token, &lease.member, &self.sweep, || async {
+                let r = tokio::select! {
+                    r = self.recheck.check(&lease.token) => r,
+                    _ = self.sweep.aborted() => Err(Arc::new(StoreError::TimedOut { op: "rechecking a session" })),
+                };
+                let send = matches!(r, Ok(Recheck::Eligible));
+                *verdict.lock().expect("lock") = Some(r);
+                send
+            })
+            .await;
+        let verdict = verdict.into_inner().expect("lock");
+        if let Some(settlement) = self.settlement(&lease, inv, verdict) {
+            // The recorder only goes away after every attempt ended, so this cannot fail.
+            let _ = self.settle.send(settlement).await;
+        }
+    }
+
+    /// What an attempt settles: a call withheld by the re-check settles by the re-check's
+    /// verdict (nothing at all for a lease lost before any call), anything else by the calls.
+    fn settlement(
+        &self,
+        lease: &Lease,
+        inv: Invalidation,
+        verdict: Option<Verdict>,
+    ) -> Option<Settlement> {
+        let attempt = lease.attempts + 1;
+        let withheld = matches!(inv.result, Err(InvalidateError::Withheld));
+        match verdict {
+            Some(Ok(Recheck::LeaseLost)) if withheld => {
+                tracing::info!("lease taken over by another worker; leaving it");
+                (!inv.calls.is_empty()).then(|| release(lease, attempt, inv.calls))
+            }
+            Some(Ok(Recheck::NoLongerEligible)) if withheld => {
+                tracing::info!("active again since it was claimed; skipped");
+                // Calls made before (retries of this attempt) make it count as an attempt.
+                let attempts = if inv.calls.is_empty() {
+                    lease.attempts
+                } else {
+                    attempt
+                };
+                Some(Settlement {
+                    token: lease.token.clone(),
+                    attempt,
+                    calls: inv.calls,
+                    decision: Decision::Settle {
+                        outcome: Outcome::Skipped,
+                        attempts,
+                        retry_in: None,
+                        error_code: None,
+                        error_message: None,
+                    },
+                })
+            }
+            Some(Err(e)) if withheld => {
+                tracing::warn!(error = %e, "recheck failed; releasing");
+                Some(release(lease, attempt, inv.calls))
+            }
+            _ => Some(Settlement {
+                token: lease.token.clone(),
+                attempt,
+                decision: self.decide(attempt, inv.result),
+                calls: inv.calls,
+            }),
+        }
+    }
+
+    /// The ledger's decision for an attempt whose calls ran (or were cut short).
+    fn decide(&self, attempt: u32, result: Result<(), InvalidateError>) -> Decision {
+        match result {
+            Ok(()) => settle(Outcome::Invalidated, attempt, None, None, None),
+            Err(
+                InvalidateError::Interrupted | InvalidateError::Fenced | InvalidateError::Withheld,
+            ) => Decision::Release,
+            Err(InvalidateError::Api(e)) => self.decide_api_error(attempt, e),
+        }
+    }
+
+    fn decide_api_error(&self, attempt: u32, e: ApiError) -> Decision {
+        let code = e.code().map(str::to_owned);
+        match e {
+            ApiError::AlreadyInvalidated { message } => settle(
+                Outcome::AlreadyInvalidated,
+                attempt,
+                None,
+                code,
+                Some(message),
+            ),
+            ApiError::Permanent { code, message } => {
+                tracing::warn!(code, message, "permanent failure");
+                settle(Outcome::Failed, attempt, None, Some(code), Some(message))
+            }
+            ApiError::Auth { code, message } => {
+                tracing::error!(
+                    code,
+                    message,
+                    "iyzico rejected our credentials; stopping the sweep"
+                );
+                self.state
+                    .auth_failure
+                    .lock()
+                    .expect("lock")
+                    .get_or_insert(ApiError::Auth { code, message });
+                self.sweep.stop();
+                Decision::Release
+            }
+            // Cut short by shutdown, not judged by the retry policy: give it back.
+            ApiError::Retryable { .. } if self.sweep.is_stopping() => Decision::Release,
+            ApiError::Retryable { reason, code, .. } if attempt >= self.settings.max_attempts => {
+                tracing::warn!(reason, "retryable failure, attempts used up: failed");
+                let code = code.unwrap_or_else(|| "attempts_exhausted".to_owned());
+                settle(Outcome::Failed, attempt, None, Some(code), Some(reason))
+            }
+            ApiError::Retryable { reason, code, .. } => {
+                let next = self.settings.retry_delay(attempt);
+                settle(Outcome::Pending, attempt, Some(next), code, Some(reason))
+            }
+        }
+    }
+}
+
+/// A decision that settles the session (as opposed to releasing it).
+fn settle(
+    outcome: Outcome,
+    attempts: u32,
+    retry_in: Option<Duration>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+) -> Decision {
+    Decision::Settle {
+        outcome,
+        attempts,
+        retry_in,
+        error_code,
+        error_message,
+    }
+}
+
+/// Gives a session back untouched (the calls made, if any, are still logged).
+fn release(lease: &Lease, attempt: u32, calls: Vec<CallRecord>) -> Settlement {
+    Settlement {
+        token: lease.token.clone(),
+        attempt,
+        calls,
+        decision: Decision::Release,
+    }
+}
 
 /// What the re-check of one session found, or why it could not say.
 type Verdict = Result<Recheck, Arc<StoreError>>;
@@ -502,20 +775,19 @@ type Verdict = Result<Recheck, Arc<StoreError>>;
 /// is answered by the next query, together. Each verdict is still taken after its call was
 /// ready, with the idle cutoff of the moment its query starts; it costs one query per batch
 /// instead of one per call.
-#[derive(Clone)]
 struct Rechecker {
     requests: mpsc::UnboundedSender<(String, oneshot::Sender<Verdict>)>,
 }
 
 impl Rechecker {
-    /// Starts the task that runs the queries; it ends once every handle is dropped.
+    /// Starts the task that runs the queries; it ends once the handle is dropped.
     fn start(
         store: Arc<dyn Store>,
         worker: String,
         idle_after: Duration,
         clock: DbClock,
         shutdown: Shutdown,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> (Self, JoinHandle<()>) {
         let (requests, mut rx) = mpsc::unbounded_channel::<(String, oneshot::Sender<Verdict>)>();
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RECHECK_BATCH);
@@ -552,158 +824,6 @@ impl Rechecker {
             .send((token.to_owned(), reply))
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
-    }
-}
-
-/// One session's attempt, run in its own task.
-struct Attempt {
-    recheck: Rechecker,
-    client: Arc<Client>,
-    settings: SweepSettings,
-    state: Arc<SweepState>,
-    shutdown: Shutdown,
-    settle: mpsc::Sender<Settlement>,
-}
-
-impl Attempt {
-    #[tracing::instrument(name = "attempt", skip_all, fields(session = %fingerprint(&lease.token), attempt = lease.attempts + 1))]
-    async fn run(self, lease: Lease) {
-        let attempt = lease.attempts + 1;
-        if self.shutdown.is_stopping() {
-            let _ = self.settle.send(release(&lease, attempt, Vec::new())).await;
-            return;
-        }
-        // The last look, taken with the rate token and the slot in hand, right before each
-        // call: a shopper who came back while the session queued is never cut off.
-        let verdict = Mutex::new(None);
-        let inv = self
-            .client
-            .invalidate_checked(&lease.token, &lease.member, &self.shutdown, || async {
-                let r = tokio::select! {
-                    r = self.recheck.check(&lease.token) => r,
-                    _ = self.shutdown.aborted() => Err(Arc::new(StoreError::TimedOut { op: "rechecking a session" })),
-                };
-                let send = matches!(r, Ok(Recheck::Eligible));
-                *verdict.lock().expect("lock") = Some(r);
-                send
-            })
-            .await;
-        let settlement = match (&inv.result, verdict.into_inner().expect("lock")) {
-            (Err(InvalidateError::Withheld), Some(Ok(Recheck::LeaseLost))) => {
-                tracing::info!("lease taken over by another worker; leaving it");
-                if inv.calls.is_empty() {
-                    return;
-                }
-                release(&lease, attempt, inv.calls)
-            }
-            (Err(InvalidateError::Withheld), Some(Ok(Recheck::NoLongerEligible))) => {
-                tracing::info!("active again since it was claimed; skipped");
-                // Calls made before (retries of this attempt) make it count as an attempt.
-                let attempts = if inv.calls.is_empty() {
-                    lease.attempts
-                } else {
-                    attempt
-                };
-                Settlement {
-                    token: lease.token.clone(),
-                    attempt,
-                    calls: inv.calls,
-                    decision: Decision::Settle {
-                        outcome: Outcome::Skipped,
-                        attempts,
-                        retry_in: None,
-                        error_code: None,
-                        error_message: None,
-                    },
-                }
-            }
-            (Err(InvalidateError::Withheld), Some(Err(e))) => {
-                tracing::warn!(error = %e, "recheck failed; releasing");
-                release(&lease, attempt, inv.calls)
-            }
-            _ => self.decide(&lease, inv.calls, inv.result),
-        };
-        // The recorder only goes away after every task ended, so this cannot fail.
-        let _ = self.settle.send(settlement).await;
-    }
-
-    fn decide(
-        &self,
-        lease: &Lease,
-        calls: Vec<crate::iyzico::CallRecord>,
-        result: Result<(), InvalidateError>,
-    ) -> Settlement {
-        let attempt = lease.attempts + 1;
-        let settle =
-            |outcome, retry_in, code: Option<&str>, message: Option<&str>| Decision::Settle {
-                outcome,
-                attempts: attempt,
-                retry_in,
-                error_code: code.map(str::to_owned),
-                error_message: message.map(str::to_owned),
-            };
-        let decision = match &result {
-            Ok(()) => settle(Outcome::Invalidated, None, None, None),
-            Err(
-                InvalidateError::Interrupted | InvalidateError::Fenced | InvalidateError::Withheld,
-            ) => Decision::Release,
-            Err(InvalidateError::Api(e)) => match e {
-                ApiError::AlreadyInvalidated { message } => {
-                    settle(Outcome::AlreadyInvalidated, None, e.code(), Some(message))
-                }
-                ApiError::Permanent { code, message } => {
-                    tracing::warn!(code, message, "permanent failure");
-                    settle(Outcome::Failed, None, Some(code), Some(message))
-                }
-                ApiError::Auth { code, message } => {
-                    tracing::error!(
-                        code,
-                        message,
-                        "iyzico rejected our credentials; stopping the sweep"
-                    );
-                    self.state
-                        .auth_failure
-                        .lock()
-                        .expect("lock")
-                        .get_or_insert(e.clone());
-                    self.shutdown.stop();
-                    Decision::Release
-                }
-                ApiError::Retryable { reason, code, .. } => {
-                    if self.shutdown.is_stopping() {
-                        // Cut short by shutdown, not judged by the retry policy: give it back.
-                        Decision::Release
-                    } else if attempt >= self.settings.max_attempts {
-                        tracing::warn!(reason, "retryable failure, attempts used up: failed");
-                        settle(
-                            Outcome::Failed,
-                            None,
-                            Some(code.as_deref().unwrap_or("attempts_exhausted")),
-                            Some(reason),
-                        )
-                    } else {
-                        let next = self.settings.retry_delay(attempt);
-                        settle(Outcome::Pending, Some(next), code.as_deref(), Some(reason))
-                    }
-                }
-            },
-        };
-        Settlement {
-            token: lease.token.clone(),
-            attempt,
-            calls,
-            decision,
-        }
-    }
-}
-
-/// Gives a session back untouched (the calls made, if any, are still logged).
-fn release(lease: &Lease, attempt: u32, calls: Vec<crate::iyzico::CallRecord>) -> Settlement {
-    Settlement {
-        token: lease.token.clone(),
-        attempt,
-        calls,
-        decision: Decision::Release,
     }
 }
 
@@ -756,7 +876,7 @@ impl Recorder {
 
     /// Writes one batch of the attempt log and ledger; returns the tokens the ledger accepted.
     async fn record(&self, batch: &[Settlement]) -> Vec<String> {
-        let mut delay = Duration::from_millis(200);
+        let mut delays = doubling(RECORD_RETRY_FIRST, RECORD_RETRY_MAX);
         let mut tries = 0;
         loop {
             let write = bounded(
@@ -764,37 +884,34 @@ impl Recorder {
                 "recording outcomes",
                 self.store.record(&self.worker, batch),
             );
-            match write.await {
+            let e = match write.await {
                 Ok(accepted) => return accepted,
-                // Past the grace period one more try is all the time there is.
-                Err(e)
-                    if tries
-                        < if self.sweep.is_aborted() {
-                            0
-                        } else {
-                            RECORD_RETRIES
-                        } =>
-                {
-                    tries += 1;
-                    tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.sweep.aborted() => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => {
-                    // Sessions invalidated but not recorded keep their lease until it lapses;
-                    // the next attempt is answered `260030` and settles them.
-                    tracing::error!(error = %e, lost = batch.len(), "cannot record outcomes; stopping the sweep");
-                    self.state
-                        .store_failure
-                        .lock()
-                        .expect("lock")
-                        .get_or_insert(e);
-                    self.sweep.stop();
-                    return Vec::new();
-                }
+                Err(e) => e,
+            };
+            // Past the grace period one more try is all the time there is.
+            let budget = if self.sweep.is_aborted() {
+                0
+            } else {
+                RECORD_RETRIES
+            };
+            if tries >= budget {
+                // Sessions invalidated but not recorded keep their lease until it lapses;
+                // the next attempt is answered `260030` and settles them.
+                tracing::error!(error = %e, lost = batch.len(), "cannot record outcomes; stopping the sweep");
+                self.state
+                    .store_failure
+                    .lock()
+                    .expect("lock")
+                    .get_or_insert(e);
+                self.sweep.stop();
+                return Vec::new();
+            }
+            tries += 1;
+            tracing::warn!(error = %e, tries, "recording outcomes failed; retrying");
+            let delay = delays.next().unwrap_or(RECORD_RETRY_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.sweep.aborted() => {}
             }
         }
     }
