@@ -47,6 +47,10 @@ pub(crate) struct HotStatements {
     held: Vec<Stmt>,
     mark_source: Vec<Stmt>,
     mark_note: Vec<Stmt>,
+    /// PostgreSQL: the whole record of a batch as one statement.
+    record_one: Option<Stmt>,
+    /// PostgreSQL: the source update and its note in the ledger as one statement.
+    mark_one: Vec<Stmt>,
 }
 
 /// What the hot statements are rendered from.
@@ -68,23 +72,38 @@ impl HotStatements {
         let each = |f: &dyn Fn(usize) -> String| -> Vec<Stmt> {
             SIZES.iter().map(|&n| store.dialect.render(&f(n))).collect()
         };
+        let pg = store.dialect == Dialect::Postgres;
         Self {
             recheck: each(&|n| recheck_sql(store.dialect, shape, n)),
-            attempts: each(&|n| attempts_sql(n)),
-            settle: each(&|n| settle_sql(store, n)),
+            attempts: if pg {
+                Vec::new()
+            } else {
+                each(&|n| attempts_sql(n))
+            },
+            settle: if pg {
+                Vec::new()
+            } else {
+                each(&|n| settle_sql(store, n))
+            },
             held: if store.dialect == Dialect::MySql {
                 each(&|n| held_sql(n))
             } else {
                 Vec::new()
             },
             mark_source: each(&|n| mark_source_sql(store, shape, n)),
-            mark_note: each(&|n| {
-                let list: Vec<String> = (1..=n).map(|k| format!("${k}")).collect();
-                format!(
-                    "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({})",
-                    list.join(", ")
-                )
-            }),
+            mark_note: each(&|n| mark_note_sql(n, 1)),
+            record_one: pg.then(|| store.dialect.render(&record_one_sql(store))),
+            mark_one: if pg {
+                each(&|n| {
+                    format!(
+                        "WITH marked AS ({}) {}",
+                        mark_source_sql(store, shape, n),
+                        mark_note_sql(n, 4)
+                    )
+                })
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -125,39 +144,59 @@ fn attempts_sql(n: usize) -> String {
     )
 }
 
-/// $1 worker, then six values per settlement (see `settle_args`); padding repeats a row.
+/// $1 worker, then six values per settlement (see `settle`); padding repeats a row. SQLite
+/// and MySQL (PostgreSQL records a batch in one statement, see `record_one_sql`).
 fn settle_sql(store: &SqlStore, n: usize) -> String {
+    // SQLite's writers never wait inside a statement (the write lock is taken at BEGIN
+    // IMMEDIATE), and MySQL locks the rows first (`held_sql`): no row is re-checked mid-way.
+    let derived: Vec<String> = row_placeholders(n, 2, 6)
+        .iter()
+        .map(|p| {
+            format!(
+                "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
+                p[0], p[1], p[2], p[3], p[4], p[5]
+            )
+        })
+        .collect();
+    let update = settle_update(store, &derived.join(" UNION ALL "));
+    match store.dialect {
+        // The update itself says which leases were still ours: no locking read first.
+        Dialect::Sqlite => format!("{update} RETURNING session_token"),
+        _ => update,
+    }
+}
+
+/// PostgreSQL: a whole batch in one statement (one round trip, its own transaction). The calls
+/// ($2) and the settlements ($3) travel as JSON arrays of arrays, so one text takes any batch;
+/// $1 is the worker. The ledger update joins the rows of a function, not a UNION ALL of
+/// one-row SELECTs: when it waits for a row that a lease renewal holds and re-checks it once
+/// that commits, PostgreSQL forgets the rest of such a UNION ALL, and its sessions would stay
+/// unsettled.
+fn record_one_sql(store: &SqlStore) -> String {
+    let update = settle_update(
+        store,
+        "SELECT e->>0 AS token, e->>1 AS state, CAST(e->>2 AS int8) AS attempts, \
+         CAST(e->>3 AS int8) AS retry_ms, e->>4 AS code, e->>5 AS msg \
+         FROM json_array_elements(CAST($3 AS json)) AS e",
+    );
+    format!(
+        "WITH logged AS (INSERT INTO sweeper_attempts (session_token, attempt, worker_id, \
+         conversation_id, outcome, http_status, error_code, error_message, latency_ms, started_at, \
+         finished_at) SELECT e->>0, CAST(e->>1 AS int8), $1, e->>2, e->>3, CAST(e->>4 AS int8), \
+         e->>5, e->>6, CAST(e->>7 AS int8), CAST(e->>8 AS int8), CAST(e->>9 AS int8) \
+         FROM json_array_elements(CAST($2 AS json)) AS e) {update} RETURNING session_token"
+    )
+}
+
+/// The ledger update of a record: the rows of `derived` (token, state, attempts, retry_ms,
+/// code, msg) settle the sessions whose lease `$1` still holds.
+fn settle_update(store: &SqlStore, derived: &str) -> String {
     let d = store.dialect;
     let now = d.now_ms();
     let owed = if store.source.mark_passive {
         "0"
     } else {
         "NULL"
-    };
-    let rows = row_placeholders(n, 2, 6);
-    let derived = match d {
-        // A VALUES list, not a UNION ALL of one-row SELECTs: when the update waits for a row
-        // that a lease renewal holds and re-checks it once that commits, PostgreSQL forgets
-        // the rest of a UNION ALL and silently leaves its sessions unsettled.
-        Dialect::Postgres => {
-            let rows: Vec<String> = rows.iter().map(|p| format!("({})", p.join(", "))).collect();
-            format!(
-                "SELECT * FROM (VALUES {}) AS v (token, state, attempts, retry_ms, code, msg)",
-                rows.join(", ")
-            )
-        }
-        // SQLite names VALUES columns itself, and its writers never wait inside a statement
-        // (the write lock is taken at BEGIN IMMEDIATE); MySQL locks the rows first.
-        _ => rows
-            .iter()
-            .map(|p| {
-                format!(
-                    "SELECT {} AS token, {} AS state, {} AS attempts, {} AS retry_ms, {} AS code, {} AS msg",
-                    p[0], p[1], p[2], p[3], p[4], p[5]
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL "),
     };
     // A NULL state releases the lease and leaves everything else as it was.
     let keep =
@@ -190,18 +229,13 @@ fn settle_sql(store: &SqlStore, n: usize) -> String {
         ("lease_expires_at", "NULL".to_owned()),
         ("updated_at", now.to_owned()),
     ];
-    let update = d.update_from(
+    d.update_from(
         "sweeper_sessions",
         &sets,
-        &derived,
+        derived,
         "l.session_token = u.token",
         "l.lease_owner = $1",
-    );
-    match d {
-        // The update itself says which leases were still ours: no locking read first.
-        Dialect::Postgres | Dialect::Sqlite => format!("{update} RETURNING session_token"),
-        Dialect::MySql => update,
-    }
+    )
 }
 
 /// $1 worker, $2… tokens.
@@ -210,6 +244,15 @@ fn held_sql(n: usize) -> String {
     format!(
         "SELECT session_token FROM sweeper_sessions WHERE lease_owner = $1 \
          AND session_token IN ({}) FOR UPDATE",
+        list.join(", ")
+    )
+}
+
+/// Notes in the ledger that `n` sessions' source rows are marked: tokens from `$first` on.
+fn mark_note_sql(n: usize, first: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|k| format!("${k}")).collect();
+    format!(
+        "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({})",
         list.join(", ")
     )
 }
@@ -259,6 +302,54 @@ fn mark_source_sql(store: &SqlStore, shape: &HotShape<'_>, n: usize) -> String {
         unindexed(format!("s.{status} = $2")),
         unindexed(format!("s.{last} < {}", shape.cutoff)),
         shape.fits
+    )
+}
+
+/// `piece` padded to `size` items by repeating its last one.
+fn padded<T>(piece: &[T], size: usize) -> impl Iterator<Item = &T> {
+    (0..size).map(|k| piece.get(k).unwrap_or(&piece[piece.len() - 1]))
+}
+
+/// A batch as the two JSON arrays PostgreSQL's one-statement record reads: its calls, then its
+/// settlements (see `record_one_sql` for the columns).
+fn record_json(batch: &[Settlement]) -> (String, String) {
+    let calls: Vec<_> = batch
+        .iter()
+        .flat_map(|s| {
+            s.calls.iter().map(move |c| {
+                let latency = millis(c.latency);
+                (
+                    s.token.as_str(),
+                    s.attempt,
+                    c.conversation_id.as_str(),
+                    c.class,
+                    c.http_status,
+                    c.error_code.as_deref(),
+                    c.error_message.as_deref(),
+                    latency,
+                    ms(c.started_at),
+                    ms(c.started_at).saturating_add(latency),
+                )
+            })
+        })
+        .collect();
+    let settlements: Vec<_> = batch
+        .iter()
+        .map(|s| {
+            let f = FlatDecision::of(&s.decision);
+            (
+                s.token.as_str(),
+                f.state,
+                f.attempts,
+                f.retry_in.map(millis),
+                f.error_code,
+                f.error_message,
+            )
+        })
+        .collect();
+    (
+        serde_json::to_string(&calls).expect("strings and numbers serialize"),
+        serde_json::to_string(&settlements).expect("strings and numbers serialize"),
     )
 }
 
@@ -396,6 +487,26 @@ impl SqlStore {
         batch: &[Settlement],
     ) -> Result<Vec<String>> {
         let sql = self.sql().await?;
+        if let Some(one) = &sql.hot.record_one {
+            let (calls, settlements) = record_json(batch);
+            // One statement: a failure may come after it ran, so it is never simply sent
+            // again here (the recorder decides, as for any failed write).
+            return on_lane!(self, self.lanes.record, "recording outcomes", |conn| {
+                query_owned(
+                    one,
+                    vec![
+                        Arg::Text(worker.to_owned()),
+                        Arg::Text(calls.clone()),
+                        Arg::Text(settlements.clone()),
+                    ],
+                )
+                .fetch_all(conn)
+                .await
+                .op("recording outcomes")
+                .map(|rows| rows.iter().filter_map(|r| text(r, 0)).collect())
+                .map_err(Failed::Later)
+            });
+        }
         on_lane!(self, self.lanes.record, "starting to record", |conn| {
             self.record_tx(&sql.hot, conn, worker, batch).await
         })
@@ -549,6 +660,27 @@ impl SqlStore {
     ) -> Result<u64> {
         let sql = self.sql().await?;
         let cutoff = self.cutoff(sql.shape.activity, idle_before);
+        if !sql.hot.mark_one.is_empty() && tokens.len() <= LARGEST {
+            // One statement that marks and notes (its own transaction); sent again at once
+            // only when it failed on a kept connection, which is harmless: marking is
+            // idempotent.
+            return on_lane!(
+                self,
+                self.lanes.record,
+                "marking sessions passive",
+                |conn| {
+                    let size = size_index(tokens.len());
+                    let mut args = self.mark_args(tokens, size, &cutoff);
+                    args.extend(padded(tokens, SIZES[size]).map(|t| Arg::Text(t.clone())));
+                    query_owned(&sql.hot.mark_one[size], args)
+                        .execute(conn)
+                        .await
+                        .op("marking sessions passive")
+                        .map(|done| done.rows_affected())
+                        .map_err(Failed::First)
+                }
+            );
+        }
         on_lane!(
             self,
             self.lanes.record,
@@ -571,29 +703,14 @@ impl SqlStore {
         let mut noted = 0;
         for piece in tokens.chunks(LARGEST) {
             let size = size_index(piece.len());
-            let padded =
-                || (0..SIZES[size]).map(|k| piece.get(k).unwrap_or(&piece[piece.len() - 1]));
-            let mut args = vec![
-                Arg::Text(self.source.passive_value.clone()),
-                Arg::Text(self.source.active_value.clone()),
-                cutoff.clone(),
-            ];
-            for t in padded() {
-                args.push(Arg::Text(t.clone()));
-                if self.dialect == Dialect::Sqlite {
-                    args.push(match t.parse::<i64>() {
-                        Ok(i) if i.to_string() == *t => Arg::Int(i),
-                        _ => Arg::NullInt,
-                    });
-                }
-            }
-
-            query_owned(&hot.mark_source[size], args)
+            query_owned(&hot.mark_source[size], self.mark_args(piece, size, cutoff))
                 .execute(&mut *tx)
                 .await
                 .op("marking sessions passive")
                 .map_err(Failed::Later)?;
-            let args = padded().map(|t| Arg::Text(t.clone())).collect();
+            let args = padded(piece, SIZES[size])
+                .map(|t| Arg::Text(t.clone()))
+                .collect();
             noted += query_owned(&hot.mark_note[size], args)
                 .execute(&mut *tx)
                 .await
@@ -606,6 +723,25 @@ impl SqlStore {
             .op("committing marked sessions")
             .map_err(Failed::Later)?;
         Ok(noted)
+    }
+
+    /// The source update's arguments for `piece` padded to `SIZES[size]` tokens.
+    fn mark_args(&self, piece: &[String], size: usize, cutoff: &Arg) -> Vec<Arg> {
+        let mut args = vec![
+            Arg::Text(self.source.passive_value.clone()),
+            Arg::Text(self.source.active_value.clone()),
+            cutoff.clone(),
+        ];
+        for t in padded(piece, SIZES[size]) {
+            args.push(Arg::Text(t.clone()));
+            if self.dialect == Dialect::Sqlite {
+                args.push(match t.parse::<i64>() {
+                    Ok(i) if i.to_string() == *t => Arg::Int(i),
+                    _ => Arg::NullInt,
+                });
+            }
+        }
+        args
     }
 
     /// A write transaction on `conn` (SQLite takes its write lock at once).
