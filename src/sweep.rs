@@ -40,6 +40,11 @@ pub const UNMARKED_PER_SWEEP: u32 = 5_000;
 pub const PIPELINE_DEPTH: usize = 2;
 /// Most sessions one re-check query answers.
 pub const RECHECK_BATCH: usize = 64;
+/// Writes of outcomes begin at most this often: a write that finds few settlements waiting
+/// gathers more until then (a group commit). Each write costs a few round trips whatever its
+/// size, and the database's commits are what bounds how quickly an outcome is safe anyway;
+/// a slower write is followed by the next one at once.
+pub const RECORD_INTERVAL: Duration = Duration::from_millis(10);
 /// The first wait before a failed batch write is tried again; it doubles with each try.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two tries of a batch write.
@@ -846,7 +851,9 @@ impl Recorder {
     async fn run(self, mut rx: mpsc::Receiver<Settlement>) -> SweepSummary {
         let mut summary = SweepSummary::default();
         let mut batch = Vec::with_capacity(RECORD_BATCH);
-        while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let mut last_write = None;
+        while self.gather(&mut rx, &mut batch, last_write).await > 0 {
+            last_write = Some(tokio::time::Instant::now());
             let accepted = self.record(&batch).await;
             let accepted: std::collections::HashSet<&str> =
                 accepted.iter().map(String::as_str).collect();
@@ -872,6 +879,32 @@ impl Recorder {
             }
         }
         summary
+    }
+
+    /// Waits for the next batch: at least one settlement, and then more until
+    /// [`RECORD_INTERVAL`] has passed since the last write began (or [`RECORD_BATCH`] are in,
+    /// or every sender is gone). Returns how many there are; 0 once all is written.
+    async fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<Settlement>,
+        batch: &mut Vec<Settlement>,
+        last_write: Option<tokio::time::Instant>,
+    ) -> usize {
+        if rx.recv_many(batch, RECORD_BATCH).await == 0 {
+            return 0;
+        }
+        let Some(last) = last_write else {
+            return batch.len();
+        };
+        let next = last + RECORD_INTERVAL;
+        while batch.len() < RECORD_BATCH {
+            tokio::select! {
+                n = rx.recv_many(batch, RECORD_BATCH - batch.len()) => if n == 0 { break },
+                _ = tokio::time::sleep_until(next) => break,
+                _ = self.sweep.aborted() => break,
+            }
+        }
+        batch.len()
     }
 
     /// Writes one batch of the attempt log and ledger; returns the tokens the ledger accepted.
