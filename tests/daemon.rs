@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Kind, TestDb, sessions_and_simulator, signal, spawn_sweeper, wait_for};
+use session_sweeper::daemon::DaemonError;
 use session_sweeper::fleet::Membership;
 use session_sweeper::iyzico::limiter::SharedLimiter;
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::WorkerInfo;
+use session_sweeper::sweep::SweepError;
 use session_sweeper::telemetry::Metrics;
 
 async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) {
@@ -129,14 +131,6 @@ both_backends!(
     after_sigkill_a_restart_settles_everything_at_most_twice,
 );
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn get(url: &str) -> (u16, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let r = reqwest::get(url).await.unwrap();
@@ -150,18 +144,15 @@ async fn metrics_health_and_skipped_ticks() {
     else {
         return;
     };
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let config = db.config(
         &_sim.base_url(),
         &[
-            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
             ("SWEEPER_SWEEP__INTERVAL", "100ms"),
             ("SWEEPER_SWEEP__CONCURRENCY", "2"),
         ],
     );
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
+    let base = daemon.base_url.clone();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let start = Instant::now();
     loop {
@@ -383,15 +374,19 @@ async fn run_exits_1_when_iyzico_rejects_the_credentials() {
     };
     let config = db.config(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "wrong")]);
     let store = session_sweeper::store::open(&config).await.unwrap();
+    let daemon = session_sweeper::daemon::Daemon::new(store, config, Metrics::new());
     let result = tokio::time::timeout(
         Duration::from_secs(10),
-        session_sweeper::daemon::serve(store, config, Metrics::new(), Shutdown::new()),
+        daemon.run_until_stopped(Shutdown::new()),
     )
     .await
     .expect("the daemon stops on its own");
     let err = result.unwrap_err();
-    assert_eq!(err.exit_code(), 1);
-    assert!(format!("{err:#}").contains("credentials"), "{err:#}");
+    assert!(
+        matches!(err, DaemonError::Sweep(SweepError::Auth { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("credentials"), "{err}");
     assert_eq!(db.count_state("failed").await, 0);
 }
 
@@ -400,20 +395,15 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
     let Some(db) = TestDb::new(Kind::Sqlite).await else {
         return;
     };
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let config = db.config(
         "http://127.0.0.1:9",
-        &[
-            (
-                "SWEEPER_DATABASE__URL",
-                "postgres://postgres@127.0.0.1:1/nowhere",
-            ),
-            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
-        ],
+        &[(
+            "SWEEPER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:1/nowhere",
+        )],
     );
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
+    let base = daemon.base_url.clone();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let start = Instant::now();
     while reqwest::get(format!("{base}/healthz")).await.is_err() {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use session_sweeper::cli::Engine;
 use session_sweeper::config::Config;
+use session_sweeper::engine::Replica;
 use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::{self, Store};
@@ -556,31 +556,34 @@ pub async fn sessions_and_simulator(
     Some((db, sim))
 }
 
-/// The daemon (`run`) in-process: its metrics, its shutdown handle and its task.
+/// The daemon (`run`) in-process: its metrics, its shutdown handle, its task, and the address
+/// of its HTTP routes (a listener the test bound to port 0).
 pub struct Daemon {
     /// The metrics it records into.
     pub metrics: Metrics,
     /// Stops it without a signal.
     pub shutdown: Shutdown,
     /// Ends with the daemon's result.
-    pub task: tokio::task::JoinHandle<Result<(), session_sweeper::cli::CliError>>,
+    pub task: tokio::task::JoinHandle<Result<(), session_sweeper::daemon::DaemonError>>,
+    /// `http://127.0.0.1:PORT`, where `/metrics`, `/healthz`, `/readyz` and the page answer.
+    pub base_url: String,
 }
 
 impl Daemon {
     /// Starts `run`'s loop on `config`'s database (migrated beforehand by the test's setup).
     pub async fn start(config: Config) -> Self {
         let store = store::open(&config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
         let (metrics, shutdown) = (Metrics::new(), Shutdown::new());
-        let task = tokio::spawn(session_sweeper::daemon::serve(
-            store,
-            config,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        let daemon =
+            session_sweeper::daemon::Daemon::new(store, config, metrics.clone()).serving(listener);
+        let task = tokio::spawn(daemon.run_until_stopped(shutdown.clone()));
         Self {
             metrics,
             shutdown,
             task,
+            base_url,
         }
     }
 
@@ -608,15 +611,14 @@ pub async fn sweep_once_with(
 ) -> Result<SweepSummary, SweepError> {
     let store = store::open(config).await.unwrap();
     store.migrate().await.unwrap();
-    let engine = Engine::start(store.clone(), config, metrics)
+    let replica = Replica::start(store.clone(), config, metrics)
         .await
-        .map_err(|e| panic!("{e}"))
-        .unwrap();
-    let result = engine
+        .unwrap_or_else(|e| panic!("{e}"));
+    let result = replica
         .sweeper
         .run_once(shutdown, Arc::new(Progress::default()))
         .await;
-    engine.membership.leave().await;
+    replica.membership.leave().await;
     store.close().await;
     result
 }
