@@ -132,7 +132,7 @@ both_backends!(
 );
 
 async fn get(url: &str) -> (u16, String) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     let r = reqwest::get(url).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
@@ -153,7 +153,7 @@ async fn metrics_health_and_skipped_ticks() {
     );
     let daemon = common::Daemon::start(config).await;
     let base = daemon.base_url.clone();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     let start = Instant::now();
     loop {
         if let Ok(r) = reqwest::get(format!("{base}/metrics")).await {
@@ -404,7 +404,7 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
     );
     let daemon = common::Daemon::start(config).await;
     let base = daemon.base_url.clone();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     let start = Instant::now();
     while reqwest::get(format!("{base}/healthz")).await.is_err() {
         assert!(start.elapsed() < Duration::from_secs(10));

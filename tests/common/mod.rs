@@ -800,3 +800,18 @@ impl TestDb {
             .await;
     }
 }
+
+/// A local port nothing listens on right now, for a *child process* to bind (in-process
+/// servers take a listener bound to port 0 instead, which cannot race).
+pub fn free_local_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `127.0.0.1:PORT` with a [`free_local_port`].
+pub fn free_local_addr() -> String {
+    format!("127.0.0.1:{}", free_local_port())
+}
