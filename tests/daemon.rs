@@ -405,11 +405,7 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
     let daemon = common::Daemon::start(config).await;
     let base = daemon.base_url.clone();
     session_sweeper::iyzico::install_tls_provider();
-    let start = Instant::now();
-    while reqwest::get(format!("{base}/healthz")).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The listener was bound before the daemon started: nothing to wait for.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
