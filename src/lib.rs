@@ -4,6 +4,7 @@
 //! Data flows one way: `daemon` (schedule) → `sweep` (claim → invalidate → record), with
 //! `store` and `iyzico` as the two edges. `config`, `shutdown` and `telemetry` are shared leaves.
 
+pub mod build_info;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -8,24 +8,9 @@ use std::time::Duration;
 
 use clap::CommandFactory as _;
 
+pub use crate::build_info::{BUILD_DATE, COMMIT, LONG_VERSION, VERSION};
 use crate::cli::{Cli, CliError};
 use crate::config::redact_url;
-
-/// The crate version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The short git commit the binary was built from, or "unknown" (see build.rs).
-pub const COMMIT: &str = env!("SWEEPER_GIT_COMMIT");
-/// The UTC build date, `YYYY-MM-DD` (see build.rs).
-pub const BUILD_DATE: &str = env!("SWEEPER_BUILD_DATE");
-/// What `--version` prints after the binary's name.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("SWEEPER_GIT_COMMIT"),
-    ", built ",
-    env!("SWEEPER_BUILD_DATE"),
-    ")"
-);
 
 /// The address `healthcheck` asks when there is no config file at all.
 pub const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);

@@ -248,8 +248,8 @@ impl Metrics {
         let build_info = Family::<BuildInfoLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildInfoLabels {
-                version: crate::release::VERSION,
-                commit: crate::release::COMMIT,
+                version: crate::build_info::VERSION,
+                commit: crate::build_info::COMMIT,
             })
             .set(1);
         registry.register(
