@@ -280,12 +280,9 @@ impl Metrics {
         }
     }
 
-    /// Active source rows the sweep cannot use, by reason.
-    pub fn set_unusable(&self, rows: crate::store::UnusableRows) {
-        for (reason, n) in [
-            ("unreadable_last_activity", rows.unreadable_last_activity),
-            ("bad_source_row", rows.bad_source_row),
-        ] {
+    /// Active source rows the sweep cannot use, as `(reason, rows)` pairs.
+    pub fn set_unusable(&self, by_reason: impl IntoIterator<Item = (&'static str, u64)>) {
+        for (reason, n) in by_reason {
             self.inner
                 .unusable_rows
                 .get_or_create(&ReasonLabel { reason })

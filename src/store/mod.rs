@@ -222,6 +222,21 @@ pub struct UnusableRows {
     pub bad_source_row: u64,
 }
 
+/// The counts as `(reason, rows)` pairs, the reasons named as the
+/// `sweeper_source_rows_unusable` metric labels them.
+impl IntoIterator for UnusableRows {
+    type Item = (&'static str, u64);
+    type IntoIter = std::array::IntoIter<(&'static str, u64), 2>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [
+            ("unreadable_last_activity", self.unreadable_last_activity),
+            (BAD_SOURCE_ROW, self.bad_source_row),
+        ]
+        .into_iter()
+    }
+}
+
 /// How many attempt-log rows the status page's chart reads at most (newest first, by primary
 /// key): the bound on its cost however busy the last day was.
 pub const STATUS_CALL_ROWS: i64 = 100_000;
