@@ -43,6 +43,9 @@ pub const MAX_RETRIES: u32 = 20;
 /// The longest `iyzico.retry_min_delay` and `iyzico.retry_max_delay`: immediate retries are for
 /// transient failures; longer waits are what `sweep.retry_base` is for.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Longest `Retry-After` the client honours; a larger value is capped so shutdown stays prompt.
+/// Here, not in the client, because the lease rule ([`Config::worst_case_attempt`]) counts it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// A configuration error: which key, and what is wrong with it. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +215,14 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         },
         _ => url.to_owned(),
+    }
+}
+
+/// A `mariadb://` URL as the MySQL driver reads it (the same protocol).
+pub fn mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
     }
 }
 
@@ -410,7 +421,7 @@ impl Config {
     /// The longest one attempt on one session can keep its lease busy: every call of it
     /// (the first and `iyzico.retries` immediate retries) waiting out `iyzico.timeout`, every
     /// wait before a retry at its longest (the larger of `iyzico.retry_max_delay` and the
-    /// `Retry-After` cap, [`crate::iyzico::client::MAX_RETRY_AFTER`]), plus one
+    /// `Retry-After` cap, [`MAX_RETRY_AFTER`]), plus one
     /// `sweep.heartbeat` for the renewal that follows:
     ///
     /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
@@ -424,9 +435,7 @@ impl Config {
 
 /// The longest wait before one immediate retry.
 fn longest_retry_wait(iyzico: &IyzicoConfig) -> Duration {
-    iyzico
-        .retry_max_delay
-        .max(crate::iyzico::client::MAX_RETRY_AFTER)
+    iyzico.retry_max_delay.max(MAX_RETRY_AFTER)
 }
 
 /// [`Config::worst_case_attempt`] on the two sections (saturating: the inputs are bounded, so
@@ -473,7 +482,7 @@ fn validate_lease(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Result<(), Conf
                 iyzico.retries,
                 human(longest_retry_wait(iyzico)),
                 human(iyzico.retry_max_delay),
-                human(crate::iyzico::client::MAX_RETRY_AFTER),
+                human(MAX_RETRY_AFTER),
                 human(sweep.heartbeat),
             ),
         ));
@@ -994,7 +1003,7 @@ impl RawDatabase {
         let parsed = match backend {
             Backend::Sqlite => url.parse::<sqlx::sqlite::SqliteConnectOptions>().map(drop),
             Backend::Postgres => url.parse::<sqlx::postgres::PgConnectOptions>().map(drop),
-            Backend::MySql => crate::store::mysql_url(url)
+            Backend::MySql => mysql_url(url)
                 .parse::<sqlx::mysql::MySqlConnectOptions>()
                 .map(drop),
         };

@@ -21,6 +21,9 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
+// `core` reads the URL normalisation as `super::mysql_url`; config owns it, as it parses the
+// URL at start-up too.
+use crate::config::mysql_url;
 use crate::config::{Backend, Config, SourceConfig};
 use crate::iyzico::CallRecord;
 
@@ -500,14 +503,6 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(
         SqlStore::connect(url, dialect, db.max_connections.get(), source.clone()).await?,
     ))
-}
-
-/// A `mariadb://` URL as the MySQL driver reads it (the same protocol).
-pub fn mysql_url(url: &str) -> String {
-    match url.strip_prefix("mariadb://") {
-        Some(rest) => format!("mysql://{rest}"),
-        None => url.to_owned(),
-    }
 }
 
 /// One embedded migration.
