@@ -11,13 +11,6 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-/// Default heartbeat period of a worker; three missed beats make it stale.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Default smallest delay between two immediate retries of one call.
-pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(2);
-/// Default largest delay between two immediate retries of one call.
-pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
-
 /// A year as humantime counts it (365.25 days), so limits print as whole years.
 const YEAR: u64 = 31_557_600;
 /// The longest duration any key accepts: 10 years. Times are computed as `now ± duration` with
@@ -181,6 +174,9 @@ pub enum Backend {
     MySql,
 }
 
+/// Default `database.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
 /// `[database]`.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -226,6 +222,9 @@ pub fn mysql_url(url: &str) -> String {
     }
 }
 
+/// Default `source.mark_passive`.
+pub const DEFAULT_MARK_PASSIVE: bool = true;
+
 /// `[source]`: the application's sessions table.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -262,6 +261,25 @@ pub enum Schedule {
     /// A cron expression with seconds, already checked to parse.
     Cron(String),
 }
+
+/// Default `sweep.interval` (when neither it nor `sweep.schedule` is set).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+/// Default `sweep.batch_size`.
+pub const DEFAULT_BATCH_SIZE: u32 = 500;
+/// Default `sweep.concurrency`.
+pub const DEFAULT_CONCURRENCY: u32 = 16;
+/// Default `sweep.lease`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// Default `sweep.max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Default `sweep.retry_base`.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(30);
+/// Default `sweep.retry_max`.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(3600);
+/// Default `sweep.shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// Default `sweep.heartbeat`; three missed beats make a worker stale.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// `[sweep]`.
 #[derive(Debug, Clone)]
@@ -300,6 +318,23 @@ impl SweepConfig {
         self.heartbeat * 2
     }
 }
+
+/// Default `iyzico.locale`.
+pub const DEFAULT_LOCALE: Locale = Locale::Tr;
+/// Default `iyzico.timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `iyzico.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `iyzico.rate_per_second`.
+pub const DEFAULT_RATE_PER_SECOND: u32 = 10;
+/// Default `iyzico.burst`.
+pub const DEFAULT_BURST: u32 = 10;
+/// Default `iyzico.retries`.
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Default `iyzico.retry_min_delay`: the smallest delay between two immediate retries of one call.
+pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(2);
+/// Default `iyzico.retry_max_delay`: the largest delay between two immediate retries of one call.
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// `[iyzico]`.
 #[derive(Clone)]
@@ -362,8 +397,11 @@ impl Locale {
     }
 }
 
+/// Default `server.status_page` (`server.listen` has none: no server unless set).
+pub const DEFAULT_STATUS_PAGE: bool = true;
+
 /// `[server]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` disables the server.
     pub listen: Option<SocketAddr>,
@@ -372,15 +410,19 @@ pub struct ServerConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line.
     Json,
 }
+
+/// Default `log.format`.
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+/// Default `log.level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// `[log]`.
 #[derive(Debug, Clone)]
@@ -394,8 +436,8 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: LogFormat::Text,
-            level: "info".into(),
+            format: DEFAULT_LOG_FORMAT,
+            level: DEFAULT_LOG_LEVEL.into(),
         }
     }
 }
@@ -1016,7 +1058,7 @@ impl RawDatabase {
             max_connections: nz(positive(
                 "database.max_connections",
                 self.max_connections,
-                8,
+                DEFAULT_MAX_CONNECTIONS,
                 "connections",
             )?),
         })
@@ -1067,7 +1109,7 @@ impl RawSource {
                 Duration::ZERO,
                 MAX_DURATION,
             )?,
-            mark_passive: self.mark_passive.unwrap_or(true),
+            mark_passive: self.mark_passive.unwrap_or(DEFAULT_MARK_PASSIVE),
         })
     }
 }
@@ -1088,18 +1130,18 @@ impl RawSweep {
                 validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
                 Schedule::Cron(cron)
             }
-            (None, None) => Schedule::Interval(Duration::from_secs(60)),
+            (None, None) => Schedule::Interval(DEFAULT_INTERVAL),
         };
         let retry_base = duration(
             "sweep.retry_base",
             self.retry_base,
-            Duration::from_secs(30),
+            DEFAULT_RETRY_BASE,
             MAX_DURATION,
         )?;
         let retry_max = duration(
             "sweep.retry_max",
             self.retry_max,
-            Duration::from_secs(3600),
+            DEFAULT_RETRY_MAX,
             MAX_DURATION,
         )?;
         if retry_max < retry_base {
@@ -1126,7 +1168,7 @@ impl RawSweep {
                 ),
             ));
         }
-        let shutdown_grace = self.shutdown_grace.unwrap_or(Duration::from_secs(25));
+        let shutdown_grace = self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         if shutdown_grace > MAX_SHUTDOWN_GRACE {
             return Err(ConfigError::invalid(
                 "sweep.shutdown_grace",
@@ -1142,26 +1184,21 @@ impl RawSweep {
             batch_size: nz(positive(
                 "sweep.batch_size",
                 self.batch_size,
-                500,
+                DEFAULT_BATCH_SIZE,
                 "sessions",
             )?),
             concurrency: NonZeroUsize::new(positive(
                 "sweep.concurrency",
                 self.concurrency,
-                16,
+                DEFAULT_CONCURRENCY,
                 "calls in flight",
             )? as usize)
             .expect("checked positive"),
-            lease: duration(
-                "sweep.lease",
-                self.lease,
-                Duration::from_secs(300),
-                MAX_DURATION,
-            )?,
+            lease: duration("sweep.lease", self.lease, DEFAULT_LEASE, MAX_DURATION)?,
             max_attempts: nz(positive(
                 "sweep.max_attempts",
                 self.max_attempts,
-                10,
+                DEFAULT_MAX_ATTEMPTS,
                 "attempts",
             )?),
             retry_base,
@@ -1231,10 +1268,11 @@ impl RawIyzico {
             self.secret_key_file,
             "a secret",
         )?;
-        let locale = match self.locale.as_deref().unwrap_or("tr") {
-            "tr" => Locale::Tr,
-            "en" => Locale::En,
-            other => {
+        let locale = match self.locale.as_deref() {
+            None => DEFAULT_LOCALE,
+            Some("tr") => Locale::Tr,
+            Some("en") => Locale::En,
+            Some(other) => {
                 return Err(ConfigError::invalid(
                     "iyzico.locale",
                     format!("{other:?} must be \"tr\" or \"en\""),
@@ -1244,7 +1282,7 @@ impl RawIyzico {
         let retries = whole(
             "iyzico.retries",
             self.retries,
-            3,
+            DEFAULT_RETRIES,
             "retries",
             (0, MAX_RETRIES),
         )?;
@@ -1271,25 +1309,25 @@ impl RawIyzico {
             api_key,
             secret_key,
             locale,
-            timeout: duration(
-                "iyzico.timeout",
-                self.timeout,
-                Duration::from_secs(10),
-                MAX_TIMEOUT,
-            )?,
+            timeout: duration("iyzico.timeout", self.timeout, DEFAULT_TIMEOUT, MAX_TIMEOUT)?,
             connect_timeout: duration(
                 "iyzico.connect_timeout",
                 self.connect_timeout,
-                Duration::from_secs(5),
+                DEFAULT_CONNECT_TIMEOUT,
                 MAX_TIMEOUT,
             )?,
             rate_per_second: nz(positive(
                 "iyzico.rate_per_second",
                 self.rate_per_second,
-                10,
+                DEFAULT_RATE_PER_SECOND,
                 "requests per second",
             )?),
-            burst: nz(positive("iyzico.burst", self.burst, 10, "requests")?),
+            burst: nz(positive(
+                "iyzico.burst",
+                self.burst,
+                DEFAULT_BURST,
+                "requests",
+            )?),
             retries,
             retry_min_delay,
             retry_max_delay,
@@ -1310,19 +1348,19 @@ impl RawServer {
         };
         Ok(ServerConfig {
             listen,
-            status_page: self.status_page.unwrap_or(true),
+            status_page: self.status_page.unwrap_or(DEFAULT_STATUS_PAGE),
         })
     }
 }
 
 impl RawLog {
     fn validate(self) -> Result<LogConfig, ConfigError> {
-        let level = self.level.unwrap_or_else(|| "info".into());
+        let level = self.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
         tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
             ConfigError::invalid("log.level", format!("{level:?} is not a log filter: {e}"))
         })?;
         Ok(LogConfig {
-            format: self.format.unwrap_or_default(),
+            format: self.format.unwrap_or(DEFAULT_LOG_FORMAT),
             level,
         })
     }
