@@ -304,18 +304,85 @@ pub struct SweepConfig {
     pub heartbeat: Duration,
 }
 
+/// Heartbeats a worker may miss before its peers count it dead ([`SweepConfig::stale_after`]).
+pub const STALE_AFTER_BEATS: u32 = 3;
+/// Heartbeats without a good one after which a worker fences itself
+/// ([`SweepConfig::fence_after`]): one fewer than [`STALE_AFTER_BEATS`].
+pub const FENCE_AFTER_BEATS: u32 = STALE_AFTER_BEATS - 1;
+
 impl SweepConfig {
     /// A worker whose heartbeat is older than this is considered dead and its leases reclaimable.
     pub fn stale_after(&self) -> Duration {
-        self.heartbeat * 3
+        self.heartbeat * STALE_AFTER_BEATS
     }
 
     /// A worker whose last good heartbeat is older than this stops sending and cancels its
-    /// calls in flight (self-fencing). It is one heartbeat before [`Self::stale_after`]
-    /// (3 × heartbeat), when peers may take its sessions; that beat of margin is why
-    /// `sweep.heartbeat` is at least [`MIN_HEARTBEAT`].
+    /// calls in flight (self-fencing). It is one heartbeat before [`Self::stale_after`], when
+    /// peers may take its sessions; that beat of margin is why `sweep.heartbeat` is at least
+    /// [`MIN_HEARTBEAT`].
     pub fn fence_after(&self) -> Duration {
-        self.heartbeat * 2
+        self.heartbeat * FENCE_AFTER_BEATS
+    }
+
+    /// The longest one attempt on one session can keep its lease busy with `iyzico`'s
+    /// settings: every call of it ([`IyzicoConfig::calls_per_attempt`]) waiting out
+    /// `iyzico.timeout`, every wait before a retry at its longest
+    /// ([`IyzicoConfig::longest_retry_wait`]), plus one `sweep.heartbeat` for the renewal that
+    /// follows:
+    ///
+    /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
+    ///
+    /// `sweep.lease` must be at least this, so a lease never lapses under an attempt even if
+    /// renewals stop. (Rate-limiter and concurrency waits come before a call, not during one.)
+    /// Saturating: the inputs are bounded, so it never saturates in practice.
+    pub fn worst_case_attempt(&self, iyzico: &IyzicoConfig) -> Duration {
+        iyzico
+            .timeout
+            .saturating_mul(iyzico.calls_per_attempt())
+            .saturating_add(iyzico.longest_retry_wait().saturating_mul(iyzico.retries))
+            .saturating_add(self.heartbeat)
+    }
+
+    /// The rules between `[sweep]` and `[iyzico]`: the lease against the heartbeat and against
+    /// the longest attempt.
+    fn check_lease(&self, iyzico: &IyzicoConfig) -> Result<(), ConfigError> {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let beats = self.stale_after();
+        if self.lease < beats {
+            return Err(ConfigError::invalid(
+                "sweep.lease",
+                format!(
+                    "{} is shorter than {STALE_AFTER_BEATS} × sweep.heartbeat ({}) = {}: leases \
+                     are renewed with each heartbeat, and a shorter lease lapses between \
+                     renewals, so this worker's next claim would take its own sessions again",
+                    human(self.lease),
+                    human(self.heartbeat),
+                    human(beats)
+                ),
+            ));
+        }
+        let worst = self.worst_case_attempt(iyzico);
+        if self.lease < worst {
+            return Err(ConfigError::invalid(
+                "sweep.lease",
+                format!(
+                    "{} is shorter than the longest attempt, {} = (iyzico.retries {} + 1) × \
+                     iyzico.timeout {} + {} × {} (the longest wait before a retry: \
+                     iyzico.retry_max_delay {} or a Retry-After of up to {}) + sweep.heartbeat \
+                     {}; raise sweep.lease or lower those",
+                    human(self.lease),
+                    human(worst),
+                    iyzico.retries,
+                    human(iyzico.timeout),
+                    iyzico.retries,
+                    human(iyzico.longest_retry_wait()),
+                    human(iyzico.retry_max_delay),
+                    human(MAX_RETRY_AFTER),
+                    human(self.heartbeat),
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -361,6 +428,20 @@ pub struct IyzicoConfig {
     pub retry_min_delay: Duration,
     /// Largest backoff between immediate retries.
     pub retry_max_delay: Duration,
+}
+
+impl IyzicoConfig {
+    /// Calls one sweep-level attempt makes at most: the first and `iyzico.retries` immediate
+    /// retries.
+    pub fn calls_per_attempt(&self) -> u32 {
+        self.retries + 1
+    }
+
+    /// The longest wait before one immediate retry: `iyzico.retry_max_delay`, or a
+    /// `Retry-After` up to its cap, [`MAX_RETRY_AFTER`].
+    pub fn longest_retry_wait(&self) -> Duration {
+        self.retry_max_delay.max(MAX_RETRY_AFTER)
+    }
 }
 
 impl fmt::Debug for IyzicoConfig {
@@ -460,76 +541,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// The longest one attempt on one session can keep its lease busy: every call of it
-    /// (the first and `iyzico.retries` immediate retries) waiting out `iyzico.timeout`, every
-    /// wait before a retry at its longest (the larger of `iyzico.retry_max_delay` and the
-    /// `Retry-After` cap, [`MAX_RETRY_AFTER`]), plus one
-    /// `sweep.heartbeat` for the renewal that follows:
-    ///
-    /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
-    ///
-    /// `sweep.lease` must be at least this, so a lease never lapses under an attempt even if
-    /// renewals stop. (Rate-limiter and concurrency waits come before a call, not during one.)
+    /// The longest one attempt on one session can keep its lease busy:
+    /// [`SweepConfig::worst_case_attempt`] with this config's `[iyzico]`.
     pub fn worst_case_attempt(&self) -> Duration {
-        worst_case_attempt(&self.sweep, &self.iyzico)
+        self.sweep.worst_case_attempt(&self.iyzico)
     }
-}
-
-/// The longest wait before one immediate retry.
-fn longest_retry_wait(iyzico: &IyzicoConfig) -> Duration {
-    iyzico.retry_max_delay.max(MAX_RETRY_AFTER)
-}
-
-/// [`Config::worst_case_attempt`] on the two sections (saturating: the inputs are bounded, so
-/// it never saturates in practice).
-fn worst_case_attempt(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Duration {
-    iyzico
-        .timeout
-        .saturating_mul(iyzico.retries + 1)
-        .saturating_add(longest_retry_wait(iyzico).saturating_mul(iyzico.retries))
-        .saturating_add(sweep.heartbeat)
-}
-
-/// The rules between `[sweep]` and `[iyzico]`: the lease against the heartbeat and against the
-/// longest attempt.
-fn validate_lease(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Result<(), ConfigError> {
-    let human = |d: Duration| humantime::format_duration(d).to_string();
-    let beats = sweep.stale_after();
-    if sweep.lease < beats {
-        return Err(ConfigError::invalid(
-            "sweep.lease",
-            format!(
-                "{} is shorter than 3 × sweep.heartbeat ({}) = {}: leases are renewed with each \
-                 heartbeat, and a shorter lease lapses between renewals, so this worker's next \
-                 claim would take its own sessions again",
-                human(sweep.lease),
-                human(sweep.heartbeat),
-                human(beats)
-            ),
-        ));
-    }
-    let worst = worst_case_attempt(sweep, iyzico);
-    if sweep.lease < worst {
-        return Err(ConfigError::invalid(
-            "sweep.lease",
-            format!(
-                "{} is shorter than the longest attempt, {} = (iyzico.retries {} + 1) × \
-                 iyzico.timeout {} + {} × {} (the longest wait before a retry: \
-                 iyzico.retry_max_delay {} or a Retry-After of up to {}) + sweep.heartbeat {}; \
-                 raise sweep.lease or lower those",
-                human(sweep.lease),
-                human(worst),
-                iyzico.retries,
-                human(iyzico.timeout),
-                iyzico.retries,
-                human(longest_retry_wait(iyzico)),
-                human(iyzico.retry_max_delay),
-                human(MAX_RETRY_AFTER),
-                human(sweep.heartbeat),
-            ),
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,7 +1013,7 @@ impl RawConfig {
         let source = self.source.validate()?;
         let sweep = self.sweep.validate()?;
         let iyzico = self.iyzico.validate()?;
-        validate_lease(&sweep, &iyzico)?;
+        sweep.check_lease(&iyzico)?;
         Ok(Config {
             database,
             source,
@@ -1160,9 +1176,10 @@ impl RawSweep {
             return Err(ConfigError::invalid(
                 "sweep.heartbeat",
                 format!(
-                    "{} is too short: at least {}, so that the beat between fencing (2 beats \
-                     without a good heartbeat) and staleness (3 beats) covers a database round \
-                     trip and the cancellation of calls in flight",
+                    "{} is too short: at least {}, so that the beat between fencing \
+                     ({FENCE_AFTER_BEATS} beats without a good heartbeat) and staleness \
+                     ({STALE_AFTER_BEATS} beats) covers a database round trip and the \
+                     cancellation of calls in flight",
                     humantime::format_duration(heartbeat),
                     humantime::format_duration(MIN_HEARTBEAT)
                 ),

@@ -135,7 +135,7 @@ pub fn apply(new: &Config, sweeper: &Sweeper, log: Option<&LogLevelHandle>) {
     });
     sweeper.update_settings(|s| {
         s.rate_per_second = new.iyzico.rate_per_second.get();
-        s.calls_per_attempt = new.iyzico.retries + 1;
+        s.calls_per_attempt = new.iyzico.calls_per_attempt();
         s.concurrency = new.sweep.concurrency.get();
         s.batch_size = new.sweep.batch_size.get();
         s.max_attempts = new.sweep.max_attempts.get();
