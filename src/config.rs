@@ -1132,70 +1132,10 @@ impl RawSource {
 
 impl RawSweep {
     fn validate(self) -> Result<SweepConfig, ConfigError> {
-        let schedule = match (self.interval, self.schedule) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "sweep.schedule",
-                    "set either sweep.interval or sweep.schedule, not both",
-                ));
-            }
-            (Some(i), None) => {
-                Schedule::Interval(duration("sweep.interval", Some(i), i, MAX_DURATION)?)
-            }
-            (None, Some(cron)) => {
-                validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
-                Schedule::Cron(cron)
-            }
-            (None, None) => Schedule::Interval(DEFAULT_INTERVAL),
-        };
-        let retry_base = duration(
-            "sweep.retry_base",
-            self.retry_base,
-            DEFAULT_RETRY_BASE,
-            MAX_DURATION,
-        )?;
-        let retry_max = duration(
-            "sweep.retry_max",
-            self.retry_max,
-            DEFAULT_RETRY_MAX,
-            MAX_DURATION,
-        )?;
-        if retry_max < retry_base {
-            return Err(ConfigError::invalid(
-                "sweep.retry_max",
-                "must be at least sweep.retry_base",
-            ));
-        }
-        let heartbeat = duration(
-            "sweep.heartbeat",
-            self.heartbeat,
-            DEFAULT_HEARTBEAT,
-            MAX_HEARTBEAT,
-        )?;
-        if heartbeat < MIN_HEARTBEAT {
-            return Err(ConfigError::invalid(
-                "sweep.heartbeat",
-                format!(
-                    "{} is too short: at least {}, so that the beat between fencing \
-                     ({FENCE_AFTER_BEATS} beats without a good heartbeat) and staleness \
-                     ({STALE_AFTER_BEATS} beats) covers a database round trip and the \
-                     cancellation of calls in flight",
-                    humantime::format_duration(heartbeat),
-                    humantime::format_duration(MIN_HEARTBEAT)
-                ),
-            ));
-        }
-        let shutdown_grace = self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
-        if shutdown_grace > MAX_SHUTDOWN_GRACE {
-            return Err(ConfigError::invalid(
-                "sweep.shutdown_grace",
-                format!(
-                    "{} is too long: at most {}",
-                    humantime::format_duration(shutdown_grace),
-                    humantime::format_duration(MAX_SHUTDOWN_GRACE)
-                ),
-            ));
-        }
+        let schedule = sweep_schedule(self.interval, self.schedule)?;
+        let (retry_base, retry_max) = sweep_retry_window(self.retry_base, self.retry_max)?;
+        let heartbeat = sweep_heartbeat(self.heartbeat)?;
+        let shutdown_grace = sweep_shutdown_grace(self.shutdown_grace)?;
         Ok(SweepConfig {
             schedule,
             batch_size: nz(positive(
@@ -1226,6 +1166,80 @@ impl RawSweep {
     }
 }
 
+/// `sweep.interval` or `sweep.schedule` (at most one of them; neither: the default interval).
+fn sweep_schedule(
+    interval: Option<Duration>,
+    cron: Option<String>,
+) -> Result<Schedule, ConfigError> {
+    Ok(match (interval, cron) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "sweep.schedule",
+                "set either sweep.interval or sweep.schedule, not both",
+            ));
+        }
+        (Some(i), None) => {
+            Schedule::Interval(duration("sweep.interval", Some(i), i, MAX_DURATION)?)
+        }
+        (None, Some(cron)) => {
+            validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
+            Schedule::Cron(cron)
+        }
+        (None, None) => Schedule::Interval(DEFAULT_INTERVAL),
+    })
+}
+
+/// `sweep.retry_base` and `sweep.retry_max`, the second at least the first.
+fn sweep_retry_window(
+    base: Option<Duration>,
+    max: Option<Duration>,
+) -> Result<(Duration, Duration), ConfigError> {
+    let base = duration("sweep.retry_base", base, DEFAULT_RETRY_BASE, MAX_DURATION)?;
+    let max = duration("sweep.retry_max", max, DEFAULT_RETRY_MAX, MAX_DURATION)?;
+    if max < base {
+        return Err(ConfigError::invalid(
+            "sweep.retry_max",
+            "must be at least sweep.retry_base",
+        ));
+    }
+    Ok((base, max))
+}
+
+/// `sweep.heartbeat`, from [`MIN_HEARTBEAT`] to [`MAX_HEARTBEAT`].
+fn sweep_heartbeat(value: Option<Duration>) -> Result<Duration, ConfigError> {
+    let heartbeat = duration("sweep.heartbeat", value, DEFAULT_HEARTBEAT, MAX_HEARTBEAT)?;
+    if heartbeat < MIN_HEARTBEAT {
+        return Err(ConfigError::invalid(
+            "sweep.heartbeat",
+            format!(
+                "{} is too short: at least {}, so that the beat between fencing \
+                 ({FENCE_AFTER_BEATS} beats without a good heartbeat) and staleness \
+                 ({STALE_AFTER_BEATS} beats) covers a database round trip and the \
+                 cancellation of calls in flight",
+                humantime::format_duration(heartbeat),
+                humantime::format_duration(MIN_HEARTBEAT)
+            ),
+        ));
+    }
+    Ok(heartbeat)
+}
+
+/// `sweep.shutdown_grace`, at most [`MAX_SHUTDOWN_GRACE`] (zero allowed: no grace).
+fn sweep_shutdown_grace(value: Option<Duration>) -> Result<Duration, ConfigError> {
+    let grace = value.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    if grace > MAX_SHUTDOWN_GRACE {
+        return Err(ConfigError::invalid(
+            "sweep.shutdown_grace",
+            format!(
+                "{} is too long: at most {}",
+                humantime::format_duration(grace),
+                humantime::format_duration(MAX_SHUTDOWN_GRACE)
+            ),
+        ));
+    }
+    Ok(grace)
+}
+
 /// Checks that a cron expression (six fields, with seconds) parses.
 pub fn validate_cron(expr: &str) -> Result<(), String> {
     let fields = expr.split_whitespace().count();
@@ -1242,37 +1256,7 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 
 impl RawIyzico {
     fn validate(self) -> Result<IyzicoConfig, ConfigError> {
-        let base_url = reqwest::Url::parse(&self.base_url).map_err(|e| {
-            ConfigError::invalid(
-                "iyzico.base_url",
-                format!("{:?} is not a URL: {e}", self.base_url),
-            )
-        })?;
-        let loopback = match base_url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            None => false,
-        };
-        match base_url.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            _ => {
-                return Err(ConfigError::invalid(
-                    "iyzico.base_url",
-                    format!(
-                        "{:?} must use https:// (plain http is allowed only for a loopback host)",
-                        self.base_url
-                    ),
-                ));
-            }
-        }
-        if base_url.path() != "/" || base_url.query().is_some() {
-            return Err(ConfigError::invalid(
-                "iyzico.base_url",
-                format!("{:?} must be scheme, host and port only", self.base_url),
-            ));
-        }
+        let base_url = api_base_url(&self.base_url)?;
         let api_key = secret_value(
             "iyzico.api_key",
             self.api_key,
@@ -1285,17 +1269,7 @@ impl RawIyzico {
             self.secret_key_file,
             "a secret",
         )?;
-        let locale = match self.locale.as_deref() {
-            None => DEFAULT_LOCALE,
-            Some("tr") => Locale::Tr,
-            Some("en") => Locale::En,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    "iyzico.locale",
-                    format!("{other:?} must be \"tr\" or \"en\""),
-                ));
-            }
-        };
+        let locale = api_locale(self.locale.as_deref())?;
         let retries = whole(
             "iyzico.retries",
             self.retries,
@@ -1303,24 +1277,8 @@ impl RawIyzico {
             "retries",
             (0, MAX_RETRIES),
         )?;
-        let retry_min_delay = duration(
-            "iyzico.retry_min_delay",
-            self.retry_min_delay,
-            DEFAULT_RETRY_MIN_DELAY,
-            MAX_RETRY_DELAY,
-        )?;
-        let retry_max_delay = duration(
-            "iyzico.retry_max_delay",
-            self.retry_max_delay,
-            DEFAULT_RETRY_MAX_DELAY,
-            MAX_RETRY_DELAY,
-        )?;
-        if retry_max_delay < retry_min_delay {
-            return Err(ConfigError::invalid(
-                "iyzico.retry_max_delay",
-                "must be at least iyzico.retry_min_delay",
-            ));
-        }
+        let (retry_min_delay, retry_max_delay) =
+            api_retry_delays(self.retry_min_delay, self.retry_max_delay)?;
         Ok(IyzicoConfig {
             base_url,
             api_key,
@@ -1350,6 +1308,73 @@ impl RawIyzico {
             retry_max_delay,
         })
     }
+}
+
+/// `iyzico.base_url`: scheme, host and port only, and `https` unless the host is loopback.
+fn api_base_url(raw: &str) -> Result<reqwest::Url, ConfigError> {
+    let refuse = |message: String| ConfigError::invalid("iyzico.base_url", message);
+    let base_url =
+        reqwest::Url::parse(raw).map_err(|e| refuse(format!("{raw:?} is not a URL: {e}")))?;
+    let loopback = match base_url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    match base_url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(refuse(format!(
+                "{raw:?} must use https:// (plain http is allowed only for a loopback host)"
+            )));
+        }
+    }
+    if base_url.path() != "/" || base_url.query().is_some() {
+        return Err(refuse(format!(
+            "{raw:?} must be scheme, host and port only"
+        )));
+    }
+    Ok(base_url)
+}
+
+/// `iyzico.locale`: `tr` or `en`.
+fn api_locale(value: Option<&str>) -> Result<Locale, ConfigError> {
+    match value {
+        None => Ok(DEFAULT_LOCALE),
+        Some("tr") => Ok(Locale::Tr),
+        Some("en") => Ok(Locale::En),
+        Some(other) => Err(ConfigError::invalid(
+            "iyzico.locale",
+            format!("{other:?} must be \"tr\" or \"en\""),
+        )),
+    }
+}
+
+/// `iyzico.retry_min_delay` and `iyzico.retry_max_delay`, the second at least the first.
+fn api_retry_delays(
+    min: Option<Duration>,
+    max: Option<Duration>,
+) -> Result<(Duration, Duration), ConfigError> {
+    let min = duration(
+        "iyzico.retry_min_delay",
+        min,
+        DEFAULT_RETRY_MIN_DELAY,
+        MAX_RETRY_DELAY,
+    )?;
+    let max = duration(
+        "iyzico.retry_max_delay",
+        max,
+        DEFAULT_RETRY_MAX_DELAY,
+        MAX_RETRY_DELAY,
+    )?;
+    if max < min {
+        return Err(ConfigError::invalid(
+            "iyzico.retry_max_delay",
+            "must be at least iyzico.retry_min_delay",
+        ));
+    }
+    Ok((min, max))
 }
 
 impl RawServer {
