@@ -582,16 +582,7 @@ impl TestDb {
 url = "{url}"
 max_connections = 8
 
-[source]
-table = "checkout_sessions"
-token_column = "session_token"
-member_column = "member_identifier"
-status_column = "status"
-last_activity_column = "last_activity_at"
-active_value = "ACTIVE"
-passive_value = "PASSIVE"
-idle_after = "30m"
-
+{source}
 [sweep]
 interval = "1h"
 batch_size = 50
@@ -615,9 +606,25 @@ retries = 2
 retry_min_delay = "10ms"
 retry_max_delay = "50ms"
 "#,
-            url = self.url
+            url = self.url,
+            source = source_toml(),
         )
     }
+}
+
+/// The `[source]` block of every test config, ending in a newline: the `checkout_sessions`
+/// table [`TestDb::new`] creates, idle after 30 minutes.
+pub fn source_toml() -> &'static str {
+    r#"[source]
+table = "checkout_sessions"
+token_column = "session_token"
+member_column = "member_identifier"
+status_column = "status"
+last_activity_column = "last_activity_at"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+"#
 }
 
 /// Starts the simulator on port 0 with the test credentials.
