@@ -28,8 +28,7 @@ use crate::config::{Backend, Config, SourceConfig};
 use crate::iyzico::CallRecord;
 
 /// Ledger states. `Pending` is the only non-terminal one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// iyzico said success.
     Invalidated,
@@ -174,7 +173,7 @@ pub struct RequeueFilter {
 }
 
 /// A pending session in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PendingSummary {
     /// Sessions pending.
     pub count: u64,
@@ -200,7 +199,7 @@ pub struct FailureRow {
 }
 
 /// What `report` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Report {
     /// Counts per outcome, every outcome present.
     pub counts: Vec<(Outcome, u64)>,
@@ -249,7 +248,7 @@ pub const STATUS_WORKERS: i64 = 100;
 pub const STATUS_FAILURE_CODES: i64 = 20;
 
 /// Attempt-log calls that finished in one minute with one result class.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MinuteCount {
     /// The start of the minute.
     pub minute: DateTime<Utc>,
@@ -260,7 +259,7 @@ pub struct MinuteCount {
 }
 
 /// A row of `sweeper_workers`, with the leases it holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct WorkerStatus {
     /// Its id (`host:pid:nonce`).
     pub id: String,
@@ -292,7 +291,7 @@ pub struct FailureGroup {
 }
 
 /// Pending sessions by when their next attempt is due.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PendingByDue {
     /// Due now (or overdue).
     pub now: u64,
@@ -309,7 +308,7 @@ pub struct PendingByDue {
 }
 
 /// What the status page reads from the database: the report plus a few bounded queries.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct StatusData {
     /// The same numbers as `report`.
     pub report: Report,
