@@ -26,7 +26,7 @@ pub const DEFAULT_CONFIG: &str = "session-sweeper.toml";
 
 /// session-sweeper: invalidates abandoned "Pay with iyzico" checkout sessions.
 #[derive(Debug, Parser)]
-#[command(name = "session-sweeper", version = crate::release::LONG_VERSION, about, long_about = None)]
+#[command(name = "session-sweeper", version = crate::build_info::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     /// Config file [default: $SWEEPER_CONFIG, then ./session-sweeper.toml]
     #[arg(long, global = true, env = "SWEEPER_CONFIG", value_name = "FILE")]
@@ -297,7 +297,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 
 /// The first log line of `run` and `once`: what is running.
 fn log_start() {
-    use crate::release::{BUILD_DATE, COMMIT, VERSION};
+    use crate::build_info::{BUILD_DATE, COMMIT, VERSION};
     tracing::info!(
         version = VERSION,
         commit = COMMIT,

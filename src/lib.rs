@@ -6,6 +6,7 @@
 //! `config` and `shutdown` are shared leaves. No module imports one above it: the README's
 //! Development section draws the layers, and `tests/layout.rs` checks them.
 
+pub mod build_info;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -45,16 +45,7 @@ fn config_file(
 url = "sqlite://{}?mode=rwc"
 max_connections = 4
 
-[source]
-table = "checkout_sessions"
-token_column = "session_token"
-member_column = "member_identifier"
-status_column = "status"
-last_activity_column = "last_activity_at"
-active_value = "ACTIVE"
-passive_value = "PASSIVE"
-idle_after = "30m"
-mark_passive = true
+{source}mark_passive = true
 
 [sweep]
 interval = "1m"
@@ -83,7 +74,8 @@ listen = "127.0.0.1:9464"
 format = "text"
 level = "info"
 "#,
-        db.display()
+        db.display(),
+        source = common::source_toml(),
     );
     let path = dir.join("sweeper.toml");
     std::fs::write(&path, edit(text)).unwrap();
