@@ -316,7 +316,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
         async move { s.stopping().await }
     };
     tokio::select! {
-        r = Simulator::serve(args.listen, config, stop) => r.map_err(|e| CliError::Runtime(anyhow::anyhow!("simulator on {}: {e}", args.listen))),
+        r = Simulator::listen_until(args.listen, config, stop) => r.map_err(|e| CliError::Runtime(anyhow::anyhow!("simulator on {}: {e}", args.listen))),
         code = forced => Err(CliError::Forced(code)),
     }
 }

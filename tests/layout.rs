@@ -40,7 +40,10 @@ fn source_files() -> Vec<PathBuf> {
         }
     }
     let mut files = Vec::new();
-    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
     files.sort();
     files
 }
@@ -48,7 +51,12 @@ fn source_files() -> Vec<PathBuf> {
 /// `src/store/core.rs` → `store`; `src/cli.rs` → `cli`.
 fn module_of(file: &Path) -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let first = file.strip_prefix(&src).unwrap().components().next().unwrap();
+    let first = file
+        .strip_prefix(&src)
+        .unwrap()
+        .components()
+        .next()
+        .unwrap();
     let name = first.as_os_str().to_str().unwrap();
     name.trim_end_matches(".rs").to_owned()
 }
@@ -65,7 +73,11 @@ fn code_only(text: &str) -> String {
         let end = if rest.starts_with(b"//") {
             i + rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len())
         } else if rest.starts_with(b"/*") {
-            i + rest.windows(2).position(|w| w == b"*/").expect("closed comment") + 2
+            i + rest
+                .windows(2)
+                .position(|w| w == b"*/")
+                .expect("closed comment")
+                + 2
         } else if let Some(len) = raw_string_len(b, i) {
             i + len
         } else if rest[0] == b'"' {
@@ -245,7 +257,10 @@ fn no_function_in_src_is_longer_than_a_screen() {
         let code = code_only(&std::fs::read_to_string(&file).unwrap());
         for (name, line, lines) in functions(&code) {
             if lines > MAX_FUNCTION_LINES {
-                long.push(format!("{}:{line}: {name} has {lines} lines", file.display()));
+                long.push(format!(
+                    "{}:{line}: {name} has {lines} lines",
+                    file.display()
+                ));
             }
         }
     }

@@ -177,8 +177,8 @@ impl Simulator {
         format!("http://{}", self.addr)
     }
 
-    /// Serves until `stop` resolves (used by the `simulate-api` command).
-    pub async fn serve(
+    /// Binds `listen` and serves until `stop` resolves (the `simulate-api` command).
+    pub async fn listen_until(
         listen: SocketAddr,
         config: SimulatorConfig,
         stop: impl Future<Output = ()> + Send + 'static,
