@@ -4,7 +4,11 @@
 //!         cargo bench --bench sweeper -- [throughput|rate|scale|replicas|recovery|all]
 //!
 //! The sweeper always runs as its own process (the release binary), so its CPU time and peak RSS
-//! are its own (`wait4`); the simulator and the data seeding run in this process.
+//! are its own (`wait4`); the simulator and the data seeding run in this process. Databases,
+//! the simulator and the migrations come from the test suite's helpers (`tests/common`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,183 +16,112 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use common::{Kind, Pool, TestDb};
 use session_sweeper::config::Config;
 use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::store::{self, ClaimParams};
-use sqlx::Row;
 
-const API_KEY: &str = "bench-key";
-const SECRET: &str = "bench-secret";
 const BIN: &str = env!("CARGO_BIN_EXE_session-sweeper");
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-    MySql,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "SQLite",
-            Backend::Postgres => "PostgreSQL",
-            Backend::MySql => "MariaDB",
-        }
+/// The backend's name in the tables.
+fn label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Sqlite => "SQLite",
+        Kind::Postgres => "PostgreSQL",
+        Kind::MySql => "MariaDB",
     }
 }
 
-/// A fresh database with the source table; dropped (Postgres) or deleted (SQLite) at the end.
-struct Db {
-    backend: Backend,
-    url: String,
-    dir: PathBuf,
-    pg_name: Option<String>,
-}
-
-impl Db {
-    async fn new(backend: Backend) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("sweeper-bench-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (url, pg_name) = match backend {
-            Backend::Sqlite => (
-                format!("sqlite://{}?mode=rwc", dir.join("bench.db").display()),
-                None,
-            ),
-            server => {
-                let admin = admin_url(server);
-                let name = format!("sweeper_bench_{}", uuid::Uuid::new_v4().simple());
-                admin_exec(&admin, &format!("CREATE DATABASE {name}"))
-                    .await
-                    .unwrap();
-                let mut u: url::Url = admin.parse().unwrap();
-                u.set_path(&name);
-                (u.to_string(), Some(name))
-            }
+/// The server a benchmark database is created on, from the test suite's variables.
+fn admin_url(kind: Kind) -> String {
+    let url = match kind {
+        Kind::MySql => common::mysql_admin_url(),
+        _ => common::pg_admin_url(),
+    };
+    url.unwrap_or_else(|| {
+        let var = match kind {
+            Kind::MySql => common::MYSQL_ENV,
+            _ => common::PG_ENV,
         };
-        let db = Db {
-            backend,
-            url,
-            dir,
-            pg_name,
+        panic!("set {var} for {} benchmarks", label(kind))
+    })
+}
+
+/// A fresh database with the test suite's source table; benchmarks never skip a backend.
+async fn database(kind: Kind) -> TestDb {
+    if kind != Kind::Sqlite {
+        admin_url(kind);
+    }
+    TestDb::new(kind).await.expect("the server is configured")
+}
+
+/// Drops a benchmark database on its server (best effort: one left behind is only disk); a
+/// SQLite file goes with the database's directory.
+async fn drop_database(db: TestDb) {
+    match &db.pool {
+        Pool::Sqlite(p) => p.close().await,
+        Pool::Pg(p) => p.close().await,
+        Pool::MySql(p) => p.close().await,
+    }
+    if db.kind != Kind::Sqlite {
+        let url: url::Url = db.url.parse().unwrap();
+        let name = url.path().trim_start_matches('/');
+        // Nothing of ours is connected any more, but a sweeper's pool may still be closing.
+        let force = if db.kind == Kind::Postgres {
+            " WITH (FORCE)"
+        } else {
+            ""
         };
-        db.exec(match backend {
-            Backend::Sqlite => {
-                "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
-                 status TEXT NOT NULL, last_activity_at TEXT NOT NULL); \
-                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);"
-            }
-            Backend::Postgres => {
-                "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT NOT NULL, \
-                 status TEXT NOT NULL, last_activity_at TIMESTAMPTZ NOT NULL); \
-                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);"
-            }
-            Backend::MySql => {
-                "CREATE TABLE checkout_sessions (session_token VARCHAR(64) PRIMARY KEY, \
-                 member_identifier VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, \
-                 last_activity_at DATETIME(6) NOT NULL); \
-                 CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at);"
-            }
-        })
-        .await;
-        db
-    }
-
-    async fn exec(&self, sql: &str) {
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
-                sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-                pool.close().await;
-            }
-            Backend::Postgres => {
-                let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
-                sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-                pool.close().await;
-            }
-            Backend::MySql => {
-                let pool = sqlx::MySqlPool::connect(&self.url).await.unwrap();
-                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    sqlx::raw_sql(statement).execute(&pool).await.unwrap();
-                }
-                pool.close().await;
-            }
+        sqlx::any::install_default_drivers();
+        if let Ok(admin) = sqlx::AnyPool::connect(&admin_url(db.kind)).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+                .execute(&admin)
+                .await;
+            admin.close().await;
         }
     }
+    drop(db);
+}
 
-    async fn scalar(&self, sql: &str) -> i64 {
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
-                let v = sqlx::query(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-                    .get::<i64, _>(0);
-                pool.close().await;
-                v
-            }
-            Backend::Postgres => {
-                let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
-                let v = sqlx::query(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-                    .get::<i64, _>(0);
-                pool.close().await;
-                v
-            }
-            Backend::MySql => {
-                let pool = sqlx::MySqlPool::connect(&self.url).await.unwrap();
-                let v = sqlx::query(&format!("SELECT CAST(({sql}) AS SIGNED)"))
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-                    .get::<i64, _>(0);
-                pool.close().await;
-                v
-            }
-        }
-    }
-
-    /// `total` rows of which one in `1/eligible_share` is active and idle; the rest passive.
-    async fn seed(&self, total: u64, every_nth_eligible: u64) {
-        let sql = match self.backend {
-            Backend::Sqlite => format!(
-                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last}) \
-                 INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
+/// `total` rows of which one in `every_nth_eligible` is active and idle; the rest passive.
+/// Generated by the server: a million rows one by one would take minutes.
+async fn seed(db: &TestDb, total: u64, every_nth_eligible: u64) {
+    let sql = match db.kind {
+        Kind::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last}) \
+             INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
+             CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
+             datetime('now', '-' || (60 + i % 7200) || ' minutes') FROM n; ANALYZE;",
+            last = total - 1
+        ),
+        Kind::Postgres => format!(
+            "INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
+             CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
+             now() - (60 + i % 7200) * interval '1 minute' FROM generate_series(0, {last}) AS i; \
+             ANALYZE checkout_sessions;",
+            last = total - 1
+        ),
+        Kind::MySql => {
+            let d = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL \
+                     SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL \
+                     SELECT 8 UNION ALL SELECT 9)";
+            format!(
+                "INSERT INTO checkout_sessions SELECT CONCAT('tok-', i), CONCAT('mem-', i), \
                  CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
-                 datetime('now', '-' || (60 + i % 7200) || ' minutes') FROM n; ANALYZE;",
-                last = total - 1
-            ),
-            Backend::Postgres => format!(
-                "INSERT INTO checkout_sessions SELECT 'tok-' || i, 'mem-' || i, \
-                 CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
-                 now() - (60 + i % 7200) * interval '1 minute' FROM generate_series(0, {last}) AS i; \
-                 ANALYZE checkout_sessions;",
-                last = total - 1
-            ),
-            Backend::MySql => {
-                let d = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL \
-                         SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL \
-                         SELECT 8 UNION ALL SELECT 9)";
-                format!(
-                    "INSERT INTO checkout_sessions SELECT CONCAT('tok-', i), CONCAT('mem-', i), \
-                     CASE WHEN i % {every_nth_eligible} = 0 THEN 'ACTIVE' ELSE 'PASSIVE' END, \
-                     UTC_TIMESTAMP(6) - INTERVAL (60 + i % 7200) MINUTE FROM \
-                     (SELECT a.d + 10 * b.d + 100 * c.d + 1000 * e.d + 10000 * f.d + 100000 * g.d AS i \
-                      FROM {d} a, {d} b, {d} c, {d} e, {d} f, {d} g) n WHERE i < {total}; \
-                     ANALYZE TABLE checkout_sessions"
-                )
-            }
-        };
-        self.exec(&sql).await;
-    }
+                 UTC_TIMESTAMP(6) - INTERVAL (60 + i % 7200) MINUTE FROM \
+                 (SELECT a.d + 10 * b.d + 100 * c.d + 1000 * e.d + 10000 * f.d + 100000 * g.d AS i \
+                  FROM {d} a, {d} b, {d} c, {d} e, {d} f, {d} g) n WHERE i < {total}; \
+                 ANALYZE TABLE checkout_sessions"
+            )
+        }
+    };
+    db.exec(&sql).await;
+}
 
-    fn config_toml(&self, api: &str, extra_sweep: &str, extra_iyzico: &str) -> String {
-        format!(
-            r#"[database]
+/// The benchmark's config: the test credentials, and each benchmark's own sweep and API settings.
+fn config_toml(db: &TestDb, api: &str, extra_sweep: &str, extra_iyzico: &str) -> String {
+    format!(
+        r#"[database]
 url = "{url}"
 max_connections = 16
 [source]
@@ -204,87 +137,22 @@ idle_after = "30m"
 {extra_sweep}
 [iyzico]
 base_url = "{api}"
-api_key = "{API_KEY}"
-secret_key = "{SECRET}"
+api_key = "{key}"
+secret_key = "{secret}"
 timeout = "10s"
 {extra_iyzico}
 [log]
 level = "warn"
 "#,
-            url = self.url
-        )
-    }
-
-    fn write_config(&self, name: &str, text: &str) -> PathBuf {
-        Config::from_toml_str(text, std::iter::empty()).expect("bench config is valid");
-        let path = self.dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    async fn migrate(&self, config: &Path) {
-        let out = std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .arg("migrate")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
-
-    async fn drop(self) {
-        if let Some(name) = &self.pg_name {
-            let force = if self.backend == Backend::Postgres {
-                " WITH (FORCE)"
-            } else {
-                ""
-            };
-            // Best effort: a database left behind is only disk.
-            let _ = admin_exec(
-                &admin_url(self.backend),
-                &format!("DROP DATABASE IF EXISTS {name}{force}"),
-            )
-            .await;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The server a benchmark database is created on, from the test suite's variables.
-fn admin_url(backend: Backend) -> String {
-    let var = match backend {
-        Backend::MySql => "TEST_MYSQL_URL",
-        _ => "TEST_POSTGRES_URL",
-    };
-    std::env::var(var).unwrap_or_else(|_| panic!("set {var} for {} benchmarks", backend.name()))
-}
-
-/// One statement on the admin connection of a server (PostgreSQL or MySQL).
-async fn admin_exec(admin: &str, sql: &str) -> sqlx::Result<()> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(admin).await?;
-    let done = sqlx::query(sql).execute(&pool).await.map(drop);
-    pool.close().await;
-    done
-}
-
-async fn simulator(latency_ms: u64) -> Simulator {
-    Simulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimulatorConfig {
-            api_key: API_KEY.into(),
-            secret_key: SECRET.into(),
-            latency: Duration::from_millis(latency_ms),
-            ..SimulatorConfig::default()
-        },
+        url = db.url,
+        key = common::API_KEY,
+        secret = common::SECRET,
     )
-    .await
-    .unwrap()
 }
 
 /// One benchmark's setting: a seeded database, a simulator and a migrated config file.
 struct Scenario {
-    backend: Backend,
+    kind: Kind,
     rows: u64,
     every_nth_eligible: u64,
     latency_ms: u64,
@@ -294,40 +162,71 @@ struct Scenario {
 }
 
 impl Scenario {
-    async fn prepare(self) -> (Db, Simulator, PathBuf) {
-        let db = Db::new(self.backend).await;
-        db.seed(self.rows, self.every_nth_eligible).await;
-        let sim = simulator(self.latency_ms).await;
-        let cfg = db.write_config(
-            &format!("{}.toml", self.name),
-            &db.config_toml(&sim.base_url(), self.sweep, self.iyzico),
-        );
-        db.migrate(&cfg).await;
+    async fn prepare(self) -> (TestDb, Simulator, PathBuf) {
+        let db = database(self.kind).await;
+        seed(&db, self.rows, self.every_nth_eligible).await;
+        let sim = common::simulator(SimulatorConfig {
+            latency: Duration::from_millis(self.latency_ms),
+            ..SimulatorConfig::default()
+        })
+        .await;
+        let text = config_toml(&db, &sim.base_url(), self.sweep, self.iyzico);
+        Config::from_toml_str(&text, std::iter::empty()).expect("bench config is valid");
+        let cfg = db.dir.path().join(format!("{}.toml", self.name));
+        std::fs::write(&cfg, text).unwrap();
+        let (out, _) = common::run_binary(&cfg, &["migrate"], &[]);
+        assert!(out.status.success(), "{out:?}");
         (db, sim, cfg)
     }
 }
 
-/// What one sweeper process used.
+/// What one child process used.
 struct ChildReport {
-    wall: Duration,
+    /// Just before the spawn.
+    spawned: Instant,
+    /// Just after `wait4` reaped it.
+    exited: Instant,
+    /// User + system time.
     cpu: Duration,
     max_rss_kib: i64,
     stdout: String,
 }
 
-/// Runs the sweeper binary to completion and reads its own rusage with `wait4`.
-// wait4 below reaps the child; clippy cannot see that.
-#[allow(clippy::zombie_processes)]
-fn run_child(config: &Path, args: &[&str]) -> ChildReport {
-    let start = Instant::now();
-    let child = std::process::Command::new(BIN)
-        .arg("--config")
+impl ChildReport {
+    fn wall(&self) -> Duration {
+        self.exited - self.spawned
+    }
+}
+
+/// The sweeper binary with `--config config` and `args`.
+fn sweeper_command(config: &Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--config")
         .arg(config)
         .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Runs the sweeper binary to completion; see [`run_command`].
+async fn run_child(config: &Path, args: &[&str]) -> ChildReport {
+    run_command(sweeper_command(config, args)).await
+}
+
+/// Runs `cmd` to completion on a blocking thread, so that the simulator keeps every runtime
+/// worker, and reads the child's own rusage with `wait4`.
+async fn run_command(cmd: std::process::Command) -> ChildReport {
+    tokio::task::spawn_blocking(move || wait_child(cmd))
+        .await
+        .unwrap()
+}
+
+// wait4 below reaps the child; clippy cannot see that.
+#[allow(clippy::zombie_processes)]
+fn wait_child(mut cmd: std::process::Command) -> ChildReport {
+    let program = cmd.get_program().to_owned();
+    let spawned = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
     let pid = child.id() as libc::pid_t;
     let mut stdout = child.stdout.unwrap();
     let reader = std::thread::spawn(move || {
@@ -340,18 +239,19 @@ fn run_child(config: &Path, args: &[&str]) -> ChildReport {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: pid is our child, status and usage are valid out-pointers.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let exited = Instant::now();
     assert_eq!(r, pid);
-    let wall = start.elapsed();
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
     let stdout = reader.join().unwrap();
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "sweeper failed: {stdout}"
+        "{program:?} failed: {stdout}"
     );
     ChildReport {
-        wall,
+        spawned,
+        exited,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss,
         stdout,
@@ -366,10 +266,10 @@ fn sweep_secs(stdout: &str) -> f64 {
         .expect("summary line")
 }
 
-async fn throughput(backend: Backend) {
+async fn throughput(kind: Kind) {
     const N: u64 = 20_000;
     let (db, sim, cfg) = Scenario {
-        backend,
+        kind,
         rows: N,
         every_nth_eligible: 1,
         latency_ms: 20,
@@ -379,7 +279,7 @@ async fn throughput(backend: Backend) {
     }
     .prepare()
     .await;
-    let r = run_child(&cfg, &["once"]);
+    let r = run_child(&cfg, &["once"]).await;
     let secs = sweep_secs(&r.stdout);
     let rate = N as f64 / secs;
     let bound = 64.0 / 0.020;
@@ -392,22 +292,22 @@ async fn throughput(backend: Backend) {
     let served = sim.stats.mean_service_time().as_secs_f64();
     println!(
         "| throughput | {} | {N} sessions, 20 ms latency, concurrency 64 | {rate:.0} sessions/s = {:.3} of {bound:.0} (nominal); served latency {:.2} ms, so {:.3} of {:.0} (served) | sweep {secs:.2} s, process {:.2} s; {:.0} µs CPU/session | {:.1} MiB peak RSS |",
-        backend.name(),
+        label(kind),
         rate / bound,
         served * 1000.0,
         rate / (64.0 / served),
         64.0 / served,
-        r.wall.as_secs_f64(),
+        r.wall().as_secs_f64(),
         r.cpu.as_micros() as f64 / N as f64,
         r.max_rss_kib as f64 / 1024.0
     );
-    db.drop().await;
+    drop_database(db).await;
 }
 
 async fn rate_precision() {
     const N: u64 = 4000;
     let (db, sim, cfg) = Scenario {
-        backend: Backend::Sqlite,
+        kind: Kind::Sqlite,
         rows: N,
         every_nth_eligible: 1,
         latency_ms: 2,
@@ -417,7 +317,7 @@ async fn rate_precision() {
     }
     .prepare()
     .await;
-    run_child(&cfg, &["once"]);
+    run_child(&cfg, &["once"]).await;
     let arrivals = sim.stats.arrivals();
     assert_eq!(arrivals.len() as u64, N);
     let most = sim.stats.max_in_window(Duration::from_secs(1));
@@ -431,13 +331,13 @@ async fn rate_precision() {
         200 + 10,
         sustained / 200.0
     );
-    db.drop().await;
+    drop_database(db).await;
 }
 
-async fn scale(backend: Backend) {
+async fn scale(kind: Kind) {
     for total in [100_000u64, 1_000_000] {
         let (db, _sim, cfg) = Scenario {
-            backend,
+            kind,
             rows: total,
             every_nth_eligible: 100,
             latency_ms: 0,
@@ -475,19 +375,19 @@ async fn scale(backend: Backend) {
         times.sort();
         store.forget_worker("bench").await.unwrap();
         store.close().await;
-        let r = run_child(&cfg, &["once", "--max", "5000"]);
+        let r = run_child(&cfg, &["once", "--max", "5000"]).await;
         println!(
             "| scale | {} | {total} rows, 1% eligible | claim of 500: median {:.1} ms, p95 {:.1} ms | `once --max 5000`: {:.1} MiB peak RSS | |",
-            backend.name(),
+            label(kind),
             times[times.len() / 2].as_secs_f64() * 1000.0,
             times[times.len() * 95 / 100].as_secs_f64() * 1000.0,
             r.max_rss_kib as f64 / 1024.0
         );
-        db.drop().await;
+        drop_database(db).await;
     }
     // A 200,000-session backlog: memory must not follow it.
     let (db, _sim, cfg) = Scenario {
-        backend,
+        kind,
         rows: 1_000_000,
         every_nth_eligible: 5,
         latency_ms: 0,
@@ -497,21 +397,21 @@ async fn scale(backend: Backend) {
     }
     .prepare()
     .await;
-    let r = run_child(&cfg, &["once", "--max", "20000"]);
+    let r = run_child(&cfg, &["once", "--max", "20000"]).await;
     println!(
         "| scale | {} | 1,000,000 rows, 200,000 eligible | `once --max 20000`: {:.1} MiB peak RSS | {:.0} sessions/s (0 ms latency) | |",
-        backend.name(),
+        label(kind),
         r.max_rss_kib as f64 / 1024.0,
         20000.0 / sweep_secs(&r.stdout)
     );
-    db.drop().await;
+    drop_database(db).await;
 }
 
-async fn replicas(backend: Backend) {
+async fn replicas(kind: Kind) {
     const N: u64 = 6000;
     for n in [1usize, 2, 4] {
         let (db, sim, cfg) = Scenario {
-            backend,
+            kind,
             rows: N,
             every_nth_eligible: 1,
             latency_ms: 20,
@@ -523,13 +423,10 @@ async fn replicas(backend: Backend) {
         .await;
         let start = Instant::now();
         let handles: Vec<_> = (0..n)
-            .map(|_| {
-                let cfg = cfg.clone();
-                std::thread::spawn(move || run_child(&cfg, &["once"]))
-            })
+            .map(|_| tokio::spawn(run_command(sweeper_command(&cfg, &["once"]))))
             .collect();
         for h in handles {
-            h.join().unwrap();
+            h.await.unwrap();
         }
         let wall = start.elapsed().as_secs_f64();
         let calls: HashMap<String, u32> = sim.stats.calls_per_token();
@@ -537,18 +434,18 @@ async fn replicas(backend: Backend) {
         assert_eq!(calls.len() as u64, N);
         println!(
             "| replicas | {} | {n} process(es), fleet budget 1000/s, {N} sessions | {:.0} sessions/s aggregate | most in any 1 s window: {} | {doubles} double sends |",
-            backend.name(),
+            label(kind),
             N as f64 / wall,
             sim.stats.max_in_window(Duration::from_secs(1))
         );
-        db.drop().await;
+        drop_database(db).await;
     }
 }
 
 async fn recovery() {
     const N: u64 = 3000;
     let (db, sim, cfg) = Scenario {
-        backend: Backend::Postgres,
+        kind: Kind::Postgres,
         rows: N,
         every_nth_eligible: 1,
         latency_ms: 100,
@@ -558,21 +455,15 @@ async fn recovery() {
     }
     .prepare()
     .await;
-    let spawn = || {
-        std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("run")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap()
+    let Pool::Pg(pool) = db.pool.clone() else {
+        unreachable!("recovery runs on PostgreSQL")
     };
+    let spawn = || sweeper_command(&cfg, &["run"]).spawn().unwrap();
     let mut victim = spawn();
     let mut survivor = spawn();
     while sim.stats.invalidated.load(Ordering::SeqCst) < 500 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let victim_id: String =
         sqlx::query_scalar("SELECT worker_id FROM sweeper_workers WHERE pid = $1")
             .bind(victim.id() as i32)
@@ -626,8 +517,7 @@ async fn recovery() {
         .status()
         .unwrap();
     survivor.wait().unwrap();
-    pool.close().await;
-    db.drop().await;
+    drop_database(db).await;
 }
 
 #[tokio::main]
@@ -641,26 +531,26 @@ async fn main() {
     println!("| benchmark | backend | setup | result | | |");
     println!("|---|---|---|---|---|---|");
     if wants("throughput") {
-        throughput(Backend::Sqlite).await;
-        throughput(Backend::Postgres).await;
+        throughput(Kind::Sqlite).await;
+        throughput(Kind::Postgres).await;
     }
     if wants("rate") {
         rate_precision().await;
     }
     if wants("scale") {
-        scale(Backend::Postgres).await;
-        scale(Backend::Sqlite).await;
+        scale(Kind::Postgres).await;
+        scale(Kind::Sqlite).await;
     }
     if wants("replicas") {
-        replicas(Backend::Postgres).await;
+        replicas(Kind::Postgres).await;
     }
     if wants("recovery") {
         recovery().await;
     }
     // MariaDB/MySQL: `-- mysql` (or `all` with TEST_MYSQL_URL set).
     if what.iter().any(|w| w == "mysql") || (all && std::env::var_os("TEST_MYSQL_URL").is_some()) {
-        throughput(Backend::MySql).await;
-        scale(Backend::MySql).await;
-        replicas(Backend::MySql).await;
+        throughput(Kind::MySql).await;
+        scale(Kind::MySql).await;
+        replicas(Kind::MySql).await;
     }
 }
