@@ -4,8 +4,9 @@
 //!         cargo bench --bench sweeper -- [throughput|rate|scale|replicas|recovery|all]
 //!
 //! The sweeper always runs as its own process (the release binary), so its CPU time and peak RSS
-//! are its own (`wait4`); the simulator and the data seeding run in this process. Databases,
-//! the simulator and the migrations come from the test suite's helpers (`tests/common`).
+//! are its own (`wait4`, read by a small spawner process in between: see [`spawner`]); the
+//! simulator and the data seeding run in this process. Databases, the simulator and the
+//! migrations come from the test suite's helpers (`tests/common`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -22,6 +23,8 @@ use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::store::{self, ClaimParams};
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-sweeper");
+/// The first argument that makes this binary the spawner: `<program> <args…>`; see [`spawner`].
+const SPAWNER_ARG: &str = "__spawner";
 
 /// The backend's name in the tables.
 fn label(kind: Kind) -> &'static str {
@@ -213,25 +216,103 @@ async fn run_child(config: &Path, args: &[&str]) -> ChildReport {
     run_command(sweeper_command(config, args)).await
 }
 
-/// Runs `cmd` to completion on a blocking thread, so that the simulator keeps every runtime
-/// worker, and reads the child's own rusage with `wait4`.
+/// Runs `cmd` to completion under the spawner (see [`spawner`]), on a blocking thread so that
+/// the simulator keeps every runtime worker, and returns the child's own usage.
 async fn run_command(cmd: std::process::Command) -> ChildReport {
-    tokio::task::spawn_blocking(move || wait_child(cmd))
+    tokio::task::spawn_blocking(move || run_spawned(cmd))
         .await
         .unwrap()
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: `Instant`'s clock on Linux, comparable across processes.
+fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid value; clock_gettime fills it.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: t is a valid out-pointer and CLOCK_MONOTONIC always exists.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    assert_eq!(r, 0);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The `Instant` of a CLOCK_MONOTONIC reading taken in the past (by the spawner).
+fn instant_of(ns: u64) -> Instant {
+    let (now, now_ns) = (Instant::now(), monotonic_ns());
+    now - Duration::from_nanos(now_ns.saturating_sub(ns))
+}
+
+/// Runs `cmd` through this binary's spawner mode and reads the spawner's last line.
+fn run_spawned(cmd: std::process::Command) -> ChildReport {
+    let mut spawner = std::process::Command::new(std::env::current_exe().unwrap());
+    spawner
+        .arg(SPAWNER_ARG)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => spawner.env(k, v),
+            None => spawner.env_remove(k),
+        };
+    }
+    let out = spawner.output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (stdout, last) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim_end()));
+    let report: serde_json::Value = serde_json::from_str(
+        last.strip_prefix(SPAWNER_ARG)
+            .unwrap_or_else(|| panic!("no spawner report: {text}"))
+            .trim(),
+    )
+    .unwrap();
+    assert!(
+        out.status.success() && report["status"] == 0,
+        "{:?} failed ({}): {stdout}",
+        cmd.get_program(),
+        report["status"]
+    );
+    let (rss, floor) = (
+        report["max_rss_kib"].as_i64().unwrap(),
+        report["spawner_rss_kib"].as_i64().unwrap(),
+    );
+    // A child's peak RSS starts at its spawner's (see `spawner`): at or below it, it is not its own.
+    assert!(
+        rss > floor,
+        "peak RSS {rss} KiB is the spawner's ({floor} KiB)"
+    );
+    ChildReport {
+        spawned: instant_of(report["spawned_ns"].as_u64().unwrap()),
+        exited: instant_of(report["exited_ns"].as_u64().unwrap()),
+        cpu: Duration::from_micros(report["cpu_us"].as_u64().unwrap()),
+        max_rss_kib: rss,
+        stdout: format!("{stdout}\n"),
+    }
+}
+
+/// Spawner mode (`SPAWNER_ARG program args…`): runs the program, copies its stdout, then prints
+/// one line with its own usage from `wait4`, its spawn and reap times (CLOCK_MONOTONIC) and its
+/// exit status.
+///
+/// Why a process in between: on Linux a child's peak RSS (`ru_maxrss`) starts at the peak RSS
+/// of the process it was spawned from (exec keeps the larger of the two), and this benchmark's
+/// own process (simulator, pools, arrival lists) is bigger than the ideal client and sometimes
+/// than the sweeper. The spawner is this binary before any runtime starts: a few MiB, printed
+/// as the floor below which a reading would not be the child's.
 // wait4 below reaps the child; clippy cannot see that.
 #[allow(clippy::zombie_processes)]
-fn wait_child(mut cmd: std::process::Command) -> ChildReport {
-    let program = cmd.get_program().to_owned();
-    let spawned = Instant::now();
-    let child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+fn spawner(args: &[String]) {
+    let floor = own_peak_rss_kib();
+    let spawned_ns = monotonic_ns();
+    let child = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id() as libc::pid_t;
     let mut stdout = child.stdout.unwrap();
     let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut s).unwrap();
         s
     });
     let mut status = 0;
@@ -239,25 +320,47 @@ fn wait_child(mut cmd: std::process::Command) -> ChildReport {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: pid is our child, status and usage are valid out-pointers.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let exited = Instant::now();
+    let exited_ns = monotonic_ns();
     assert_eq!(r, pid);
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
     };
-    let stdout = reader.join().unwrap();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{program:?} failed: {stdout}"
-    );
-    ChildReport {
-        spawned,
-        exited,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        max_rss_kib: usage.ru_maxrss,
-        stdout,
+    let out = reader.join().unwrap();
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&out).unwrap();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        writeln!(stdout).unwrap();
     }
+    writeln!(
+        stdout,
+        "{SPAWNER_ARG} {}",
+        serde_json::json!({
+            "status": code,
+            "spawned_ns": spawned_ns,
+            "exited_ns": exited_ns,
+            "cpu_us": micros(usage.ru_utime) + micros(usage.ru_stime),
+            "max_rss_kib": usage.ru_maxrss,
+            "spawner_rss_kib": floor,
+        })
+    )
+    .unwrap();
 }
 
+/// This process's peak resident memory (`VmHWM`), in KiB: what a child's peak RSS starts from.
+/// Not `getrusage`'s, which starts from this process's own spawner's.
+fn own_peak_rss_kib() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM in /proc/self/status")
+}
 /// The sweep's own duration from the summary line ("... in 6.4s ...").
 fn sweep_secs(stdout: &str) -> f64 {
     stdout
@@ -520,8 +623,17 @@ async fn recovery() {
     drop_database(db).await;
 }
 
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        // Before any runtime: the spawner's own memory is the floor of its child's peak RSS.
+        Some(SPAWNER_ARG) => spawner(&args[1..]),
+        _ => benchmarks(),
+    }
+}
+
 #[tokio::main]
-async fn main() {
+async fn benchmarks() {
     let what: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
