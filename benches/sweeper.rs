@@ -342,6 +342,10 @@ fn run_spawned(cmd: std::process::Command) -> ChildReport {
 /// own process (simulator, pools, arrival lists) is bigger than the ideal client and sometimes
 /// than the sweeper. The spawner is this binary before any runtime starts: a few MiB, printed
 /// as the floor below which a reading would not be the child's.
+///
+/// The child's stderr is a pipe copied through, never a terminal: the sweeper behaves as under
+/// systemd or in a container whether or not the benchmark runs in one (on a terminal `once`
+/// draws a progress bar, which changes what start-up and exit measure).
 // wait4 below reaps the child; clippy cannot see that.
 #[allow(clippy::zombie_processes)]
 fn spawner(args: &[String]) {
@@ -350,15 +354,17 @@ fn spawner(args: &[String]) {
     let child = std::process::Command::new(&args[0])
         .args(&args[1..])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id() as libc::pid_t;
-    let mut stdout = child.stdout.unwrap();
+    let (mut stdout, mut stderr) = (child.stdout.unwrap(), child.stderr.unwrap());
     let reader = std::thread::spawn(move || {
         let mut s = Vec::new();
         std::io::Read::read_to_end(&mut stdout, &mut s).unwrap();
         s
     });
+    let passer = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -373,6 +379,7 @@ fn spawner(args: &[String]) {
         -1
     };
     let out = reader.join().unwrap();
+    passer.join().unwrap().unwrap();
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(&out).unwrap();
