@@ -287,7 +287,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 let store = store::open(&config).await?;
                 let reload = crate::daemon::ReloadSource { path, log };
                 let result = crate::daemon::run(store.clone(), config, reload).await;
-                store.close().await;
+                // A second signal means "now", as for every other command: closing the pool
+                // politely would wait for connections that a stalled database never gives back.
+                if !matches!(result, Err(DaemonError::Forced(_))) {
+                    store.close().await;
+                }
                 return Ok(result?);
             }
             run_with_config(command, config).await

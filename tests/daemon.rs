@@ -678,3 +678,43 @@ async fn sighup_never_stops_once() {
         "the sweep went on to the end"
     );
 }
+
+/// A second signal stops `run` at once (143) even when the database stalls: the binary used to
+/// close its pool politely after a forced stop, and the pool waited forever for the connection
+/// a stalled heartbeat held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_run_at_once_even_with_a_stalled_database() {
+    let Some((db, sim)) =
+        sessions_and_simulator(Kind::Postgres, 40, Duration::from_millis(5_000)).await
+    else {
+        return;
+    };
+    let proxy = common::StallProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut url: url::Url = db.url.parse().unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let mut child = spawn_sweeper(
+        &db,
+        "run",
+        &[
+            ("SWEEPER_DATABASE__URL", url.as_str()),
+            ("SWEEPER_IYZICO__TIMEOUT", "10s"),
+            ("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s"),
+        ],
+    );
+    wait_for("calls in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // The database stops answering; within a beat (1 s) the heartbeat waits on it.
+    proxy.stall();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .expect("a second signal stops run at once, whatever the database does")
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    proxy.resume();
+}
