@@ -718,3 +718,33 @@ async fn a_second_signal_stops_run_at_once_even_with_a_stalled_database() {
     assert_eq!(status.code(), Some(143));
     proxy.resume();
 }
+
+/// A database URL whose port answers in another protocol (here an HTTP server) is a mistake in
+/// the config, not a database that is down: `run` ends with it (exit 1) as it always did,
+/// instead of waiting, not ready, for a database that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_that_reaches_another_protocol_ends_run() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let sim = common::simulator(Default::default()).await;
+    let not_postgres = sim.base_url().replace("http://", "postgres://postgres@") + "/none";
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_DATABASE__URL", not_postgres.as_str())],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let daemon = session_sweeper::daemon::Daemon::new(store, config, Metrics::new());
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        daemon.run_until_stopped(Shutdown::new()),
+    )
+    .await
+    .expect("run ends instead of retrying a server that is not a database");
+    let err = result.unwrap_err();
+    assert!(matches!(err, DaemonError::Start(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("connecting to the database"),
+        "{err}"
+    );
+}
