@@ -171,11 +171,15 @@ impl Daemon {
             spawn_http(listener, &self.metrics, status.clone(), &shutdown);
         }
         spawn_watchdog(&shutdown);
-        let Some(replica) =
-            start_when_reachable(&self.store, &self.config, &self.metrics, &shutdown).await?
-        else {
-            return Ok(());
-        };
+        let replica =
+            match start_when_reachable(&self.store, &self.config, &self.metrics, &shutdown).await {
+                Ok(Some(replica)) => replica,
+                stopped_or_failed => {
+                    // Nothing to drain: the routes and the watchdog end with the daemon.
+                    shutdown.abort();
+                    return stopped_or_failed.map(|_| ());
+                }
+            };
         self.metrics.set_ready(true);
         notify(sd_notify::NotifyState::Ready);
         let Replica {
@@ -240,7 +244,9 @@ fn spawn_watchdog(shutdown: &Shutdown) {
 }
 
 /// Start-up waits out a database that is not there yet, not ready meanwhile, instead of
-/// crash-looping. `None` when a signal came first.
+/// crash-looping. `None` when a signal came first: it ends an attempt in progress too (a
+/// database that accepts connections and never answers holds one for 10 s and more), and
+/// nothing was claimed yet.
 async fn start_when_reachable(
     store: &Arc<dyn Store>,
     config: &Config,
@@ -249,7 +255,14 @@ async fn start_when_reachable(
 ) -> Result<Option<Replica>, DaemonError> {
     let mut delays = retry_delays(FIRST_START_RETRY);
     loop {
-        match Replica::start(store.clone(), config, metrics.clone()).await {
+        let attempt = tokio::select! {
+            // A replica that is ready is taken (and drained by the sweep loop), never dropped
+            // with its heartbeat running.
+            biased;
+            started = Replica::start(store.clone(), config, metrics.clone()) => started,
+            _ = shutdown.stopping() => return Ok(None),
+        };
+        match attempt {
             Ok(replica) => return Ok(Some(replica)),
             Err(e) if e.is_transient() => {
                 metrics.set_ready(false);

@@ -748,3 +748,37 @@ async fn a_database_url_that_reaches_another_protocol_ends_run() {
         "{err}"
     );
 }
+
+/// The first signal ends `run`'s wait for a database that accepts connections and never answers
+/// at once, not after the attempt's own timeout (10 s), and the routes stop with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_ends_runs_wait_for_a_silent_database_at_once() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_DATABASE__URL", url.as_str())],
+    );
+    let daemon = common::Daemon::start(config).await;
+    let base = daemon.base_url.clone();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
+    assert!(!daemon.task.is_finished(), "still waiting for the database");
+    let stopping = Instant::now();
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(2))
+        .await;
+    assert!(stopping.elapsed() < Duration::from_secs(2));
+    let stopped = Instant::now();
+    while reqwest::get(format!("{base}/healthz")).await.is_ok() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(2),
+            "the routes stop with the daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
