@@ -508,6 +508,12 @@ async fn serve_status(
             "server.status_page is false: the status page is turned off".into(),
         ));
     }
+    // As every command that needs the database does: a refused connection is said at once,
+    // not after the pool's acquire timeout as "timed out".
+    unless_stopped(shutdown, "while waiting for the database", async {
+        Ok(store.ping().await?)
+    })
+    .await?;
     let pending = unless_stopped(shutdown, "before serving", async {
         Ok(store.pending_migrations().await?)
     })

@@ -1174,3 +1174,31 @@ both_backends!(
     the_commands_tell_a_consistent_story,
     one_signal_lets_migrate_finish_and_two_force_it,
 );
+
+/// `serve-status` opens one fresh connection first, as every command that needs the database
+/// does: a server that refuses connections is said at once, not as the pool's "timed out" ten
+/// seconds later.
+#[test]
+fn serve_status_reports_a_refused_database_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    let started = std::time::Instant::now();
+    let out = run(
+        &path,
+        &["serve-status", "--listen", "127.0.0.1:0"],
+        &[(
+            "SWEEPER_DATABASE__URL",
+            "postgres://postgres:hunter2@127.0.0.1:1/none",
+        )],
+    );
+    let took = started.elapsed();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("connecting to the database") && all.contains("Connection refused"),
+        "{all}"
+    );
+    assert!(!all.contains("hunter2"), "{all}");
+    assert_eq!(all.matches("error: ").count(), 1, "{all}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+}
