@@ -247,6 +247,15 @@ impl From<crate::release::ReleaseError> for CliError {
     }
 }
 
+impl From<crate::demo::DemoError> for CliError {
+    fn from(e: crate::demo::DemoError) -> Self {
+        match e {
+            crate::demo::DemoError::Forced(code) => CliError::Forced(code),
+            crate::demo::DemoError::Failed(e) => CliError::Runtime(e),
+        }
+    }
+}
+
 impl From<DaemonError> for CliError {
     fn from(e: DaemonError) -> Self {
         match e {

@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::Utc;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_SHUTDOWN_GRACE};
 use crate::engine::{ProgressDisplay, Replica};
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
 use crate::output::{Format, print_report};
-use crate::shutdown::{Shutdown, listen_for_signals};
+use crate::shutdown::{ForcedExit, Shutdown, listen_for_signals};
 use crate::store::{self, Store};
 use crate::telemetry::Metrics;
 
@@ -58,19 +58,39 @@ fn samples(n: u32) -> (Vec<Sample>, HashSet<String>, HashSet<String>) {
     (rows, rejected, already)
 }
 
-/// Runs the demo.
-pub async fn run(sessions: u32) -> anyhow::Result<()> {
+/// Why the demo ended without its report.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A second signal forced an immediate stop; carries the exit code (130 or 143).
+    #[error("stopped by a second signal")]
+    Forced(ForcedExit),
+    /// A step failed (the chain says which), or the first signal came before the sweep.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Runs the demo. The signals are the commands': the first one before the sweep ends the demo
+/// at once (nothing was sent), during the sweep it drains it and the report follows, a second
+/// one stops at once. The temporary directory is removed in every case.
+pub async fn run(sessions: u32) -> Result<(), DemoError> {
+    let shutdown = Shutdown::new();
+    // The demo's config sets no `shutdown_grace`: the default is its grace.
+    let forced = listen_for_signals(shutdown.clone(), DEFAULT_SHUTDOWN_GRACE)
+        .context("listening for signals")?;
     let dir = std::env::temp_dir().join(format!(
         "session-sweeper-demo-{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = demo_in(&dir, sessions).await;
+    let result = tokio::select! {
+        r = demo_in(&dir, sessions, &shutdown) => r.map_err(DemoError::Failed),
+        code = forced => Err(DemoError::Forced(code)),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn demo_in(dir: &std::path::Path, sessions: u32) -> anyhow::Result<()> {
+async fn demo_in(dir: &std::path::Path, sessions: u32, shutdown: &Shutdown) -> anyhow::Result<()> {
     let (rows, rejected, already) = samples(sessions);
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("valid"),
@@ -88,7 +108,7 @@ async fn demo_in(dir: &std::path::Path, sessions: u32) -> anyhow::Result<()> {
         sim.base_url()
     );
     let store = store::open(&config).await?;
-    let result = seed_and_sweep(&store, &config, &db_path, &rows, &sim).await;
+    let result = seed_and_sweep(&store, &config, &db_path, &rows, &sim, shutdown).await;
     store.close().await;
     result
 }
@@ -146,29 +166,37 @@ timeout = "3s"
     )
 }
 
-/// Seeds the sample sessions, sweeps them once, and prints what happened.
+/// Seeds the sample sessions, sweeps them once, and prints what happened. The first signal
+/// before the sweep ends it at once; during the sweep it drains it.
 async fn seed_and_sweep(
     store: &Arc<dyn Store>,
     config: &Config,
     db_path: &std::path::Path,
     rows: &[Sample],
     sim: &Simulator,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    seed(db_path, rows).await?;
-    describe_samples(rows);
-    store.migrate().await?;
-    let shutdown = Shutdown::new();
-    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)?;
-    let replica = Replica::start(store.clone(), config, Metrics::new()).await?;
+    let prepare = async {
+        seed(db_path, rows).await?;
+        describe_samples(rows);
+        store.migrate().await?;
+        anyhow::Ok(Replica::start(store.clone(), config, Metrics::new()).await?)
+    };
+    let replica = tokio::select! {
+        // A replica that is ready sweeps (and leaves the fleet), never dropped with its
+        // heartbeat running.
+        biased;
+        r = prepare => r?,
+        _ = shutdown.stopping() => {
+            anyhow::bail!("stopped by a signal while preparing the demo; nothing was sent")
+        }
+    };
     let display = if std::io::stderr().is_terminal() {
         ProgressDisplay::Bar
     } else {
         ProgressDisplay::LogLines
     };
-    let summary = tokio::select! {
-        r = replica.sweep_once(&shutdown, display) => r?,
-        _ = forced => anyhow::bail!("stopped by a second signal"),
-    };
+    let summary = replica.sweep_once(shutdown, display).await?;
     println!("\n{}\n", summary.line());
     println!(
         "The simulator saw {} calls; the retries absorbed its injected faults.\n",

@@ -1202,3 +1202,120 @@ fn serve_status_reports_a_refused_database_at_once() {
     assert_eq!(all.matches("error: ").count(), 1, "{all}");
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
 }
+
+/// `demo` as a newcomer runs it: its own temporary database and simulator, one sweep, the
+/// report, exit 0, and nothing left behind in the temporary directory.
+#[test]
+fn demo_prints_its_report_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+        .args(["demo", "--sessions", "100"])
+        .env("TMPDIR", tmp.path())
+        .env_remove("SWEEPER_CONFIG")
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "session-sweeper demo",
+        "swept ",
+        "OUTCOME",
+        "invalidated",
+        "Next:",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{all}");
+}
+
+/// `demo` started with `args` in its own temporary directory, and its stdout line by line.
+fn spawn_demo(
+    tmp: &Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+        .arg("demo")
+        .args(args)
+        .env("TMPDIR", tmp)
+        .env_remove("SWEEPER_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            lines.push(line);
+        }
+        lines
+    });
+    (child, rx, reader)
+}
+
+/// Waits for a line of `lines` that contains `needle`.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no line with {needle:?}: {e}"));
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+/// Sends `sig` (`"-TERM"`, `"-INT"`) to `child`.
+fn kill(child: &std::process::Child, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Signals during `demo` keep the contract: the first before its sweep stops it at once (exit
+/// 1, saying so), a second during the sweep forces 130/143; either way its temporary directory
+/// is removed. It used to die of a signal that came while it seeded (leaving the directory
+/// behind) and to exit 1 on a forced stop.
+#[test]
+fn demo_obeys_signals_and_leaves_nothing_behind() {
+    // The first signal while the sample sessions are written.
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, lines, reader) = spawn_demo(tmp.path(), &["--sessions", "300000"]);
+    wait_for_line(&lines, "session-sweeper demo");
+    kill(&child, "-TERM");
+    let status = child.wait().unwrap();
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped by a signal"), "{stderr}");
+    assert_eq!(stderr.matches("error: ").count(), 1, "{stderr}");
+    reader.join().unwrap();
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+
+    // Two signals while it sweeps (5,000 sessions at 200/s): forced, 128 + the second one
+    // (both pending at once, the kernel delivers SIGINT first).
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, lines, reader) = spawn_demo(tmp.path(), &["--sessions", "5000"]);
+    wait_for_line(&lines, "sessions:");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    kill(&child, "-TERM");
+    kill(&child, "-INT");
+    let status = child.wait().unwrap();
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert!(
+        matches!(status.code(), Some(130 | 143)),
+        "{status:?}: {stderr}"
+    );
+    reader.join().unwrap();
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
