@@ -16,6 +16,7 @@ use crate::engine::{ProgressDisplay, Replica, StartError};
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
 pub use crate::output::Format;
 use crate::output::print_report;
+use crate::output::say;
 use crate::shutdown::{Shutdown, listen_for_signals};
 use crate::store::{self, ClaimParams, Finding, RequeueFilter, Store};
 use crate::sweep::SweepError;
@@ -454,7 +455,7 @@ async fn migrate(store: &dyn Store, shutdown: &Shutdown) -> Result<(), CliError>
         Ok(store.migrate().await?)
     })
     .await?;
-    println!("migrations applied; the sweeper's tables are current");
+    say!("migrations applied; the sweeper's tables are current");
     Ok(())
 }
 
@@ -473,11 +474,11 @@ async fn requeue(
     })
     .await?;
     match format {
-        Format::Json => println!(
+        Format::Json => say!(
             "{}",
             serde_json::json!({ "requeued": n, "error_code": error_code })
         ),
-        Format::Table => println!("requeued {n} failed sessions"),
+        Format::Table => say!("requeued {n} failed sessions"),
     }
     Ok(())
 }
@@ -501,7 +502,7 @@ async fn once(
         ProgressDisplay::LogLines
     };
     let summary = replica.sweep_once(shutdown, display).await?;
-    println!("{}", summary.line());
+    say!("{}", summary.line());
     Ok(())
 }
 
@@ -552,16 +553,16 @@ async fn serve_status(
 
 async fn check(store: &dyn Store) -> Result<(), CliError> {
     store.ping().await?;
-    println!("ok: config is valid and the database answers");
+    say!("ok: config is valid and the database answers");
     let findings = store.check().await?;
     let mut errors = 0;
     for f in &findings {
         match f {
-            Finding::Ok(m) => println!("ok: {m}"),
-            Finding::Warning(m) => println!("warning: {m}"),
+            Finding::Ok(m) => say!("ok: {m}"),
+            Finding::Warning(m) => say!("warning: {m}"),
             Finding::Error(m) => {
                 errors += 1;
-                println!("error: {m}")
+                say!("error: {m}")
             }
         }
     }
@@ -593,18 +594,18 @@ async fn dry_run(
     match format {
         Format::Json => {
             let doc = serde_json::json!({ "eligible": total, "listed": sessions.len(), "sessions": sessions });
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&doc).expect("serializable")
             );
         }
         Format::Table => {
-            println!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
+            say!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
             for s in &sessions {
                 let idle = humantime::format_duration(Duration::from_secs(s.idle_for.as_secs()));
-                println!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
+                say!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
             }
-            println!(
+            say!(
                 "{total} eligible now ({} listed); nothing was sent or written",
                 sessions.len()
             );
@@ -620,7 +621,9 @@ pub async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !matches!(e, CliError::Forced(_)) {
-                eprintln!("error: {}", error_chain(&e));
+                // Not `eprintln!`: a closed stderr must not turn the exit code into a panic's.
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "error: {}", error_chain(&e));
             }
             ExitCode::from(e.exit_code())
         }

@@ -13,6 +13,7 @@ use chrono::Utc;
 use crate::config::{Config, DEFAULT_SHUTDOWN_GRACE};
 use crate::engine::{ProgressDisplay, Replica};
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
+use crate::output::say;
 use crate::output::{Format, print_report};
 use crate::shutdown::{ForcedExit, Shutdown, listen_for_signals};
 use crate::store::{self, Store};
@@ -101,9 +102,9 @@ async fn demo_in(dir: &std::path::Path, sessions: u32, shutdown: &Shutdown) -> a
     let db_path = dir.join("demo.db");
     let config = Config::from_toml_str(&demo_config(&db_path, &sim.base_url()), std::iter::empty())
         .context("the demo config")?;
-    println!("session-sweeper demo");
-    println!("  database:  {} (temporary SQLite)", db_path.display());
-    println!(
+    say!("session-sweeper demo");
+    say!("  database:  {} (temporary SQLite)", db_path.display());
+    say!(
         "  simulator: {} (15 ms latency; 5% 503s, 3% 429s, 2% malformed answers)",
         sim.base_url()
     );
@@ -197,23 +198,23 @@ async fn seed_and_sweep(
         ProgressDisplay::LogLines
     };
     let summary = replica.sweep_once(shutdown, display).await?;
-    println!("\n{}\n", summary.line());
-    println!(
+    say!("\n{}\n", summary.line());
+    say!(
         "The simulator saw {} calls; the retries absorbed its injected faults.\n",
         sim.stats
             .requests
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     print_report(&store.report(5).await?, Format::Table);
-    println!("\nNext: write a session-sweeper.toml for your database (see the README), then");
-    println!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
+    say!("\nNext: write a session-sweeper.toml for your database (see the README), then");
+    say!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
     Ok(())
 }
 
 fn describe_samples(rows: &[Sample]) {
     let abandoned = |r: &&Sample| r.status == "ACTIVE" && r.idle > Duration::from_secs(1800);
     let in_use = |r: &&Sample| r.status == "ACTIVE" && r.idle <= Duration::from_secs(1800);
-    println!(
+    say!(
         "  sessions:  {} in all: {} abandoned (idle > 30m), {} still in use, {} finished\n",
         rows.len(),
         rows.iter().filter(abandoned).count(),

@@ -3,6 +3,16 @@
 
 use crate::store::{Outcome, Report};
 
+/// `println!` that stops quietly when stdout is closed (`dry-run | head`), where `println!`
+/// panics: the work is done, only its listing has no reader left.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// Output format of listing commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -15,7 +25,7 @@ pub enum Format {
 /// Prints a report as a table or as the contract's JSON.
 pub fn print_report(report: &Report, format: Format) {
     match format {
-        Format::Json => println!("{}", report_json(report)),
+        Format::Json => say!("{}", report_json(report)),
         Format::Table => print_report_table(report),
     }
 }
@@ -46,20 +56,22 @@ fn report_json(report: &Report) -> String {
 }
 
 fn print_report_table(report: &Report) {
-    println!("{:<22} {:>10}", "OUTCOME", "SESSIONS");
+    say!("{:<22} {:>10}", "OUTCOME", "SESSIONS");
     for (outcome, n) in &report.counts {
-        println!("{:<22} {:>10}", outcome.as_str(), n);
+        say!("{:<22} {:>10}", outcome.as_str(), n);
     }
     print_backlog(report);
     print_unusable_rows(report);
     if !report.recent_failures.is_empty() {
-        println!("\nrecent failures:");
-        println!(
+        say!("\nrecent failures:");
+        say!(
             "{:<10} {:<20} {:>8}  MESSAGE",
-            "SESSION", "ERROR CODE", "ATTEMPTS"
+            "SESSION",
+            "ERROR CODE",
+            "ATTEMPTS"
         );
         for f in &report.recent_failures {
-            println!(
+            say!(
                 "{:<10} {:<20} {:>8}  {}",
                 f.session,
                 f.error_code.as_deref().unwrap_or("-"),
@@ -82,16 +94,16 @@ fn print_backlog(report: &Report) {
             .pending
             .next_due
             .map_or("now".into(), |t| t.to_rfc3339());
-        println!(
+        say!(
             "\npending: {} due now; next attempt due {next}",
             report.pending.due_now
         );
     }
     if report.leased > 0 {
-        println!("leased right now: {}", report.leased);
+        say!("leased right now: {}", report.leased);
     }
     if report.source_not_marked > 0 {
-        println!(
+        say!(
             "invalidated, source row not marked passive yet (retried each sweep, never sent again): {}",
             report.source_not_marked
         );
@@ -102,13 +114,13 @@ fn print_backlog(report: &Report) {
 fn print_unusable_rows(report: &Report) {
     let u = report.unusable;
     if u.unreadable_last_activity > 0 {
-        println!(
+        say!(
             "active rows never swept, last activity missing or not in source.last_activity_format: {}",
             u.unreadable_last_activity
         );
     }
     if u.bad_source_row > 0 {
-        println!(
+        say!(
             "active rows never sent, token or member NULL or not text (bad_source_row): {}",
             u.bad_source_row
         );

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::build_info::VERSION;
 use crate::config::redact_url;
+use crate::output::say;
 
 /// The address `healthcheck` asks when there is no config file at all.
 pub const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
@@ -151,7 +152,7 @@ pub fn healthcheck(args: &HealthcheckArgs, config: &Path) -> Result<(), ReleaseE
     let (addr, host, path) = parse_http_url(&url, &shown)?;
     match get(addr, &host, &path) {
         Ok(status) if (200..300).contains(&status) => {
-            println!("{shown}: {status}");
+            say!("{shown}: {status}");
             Ok(())
         }
         Ok(status) => Err(ReleaseError::Unhealthy { shown, status }),

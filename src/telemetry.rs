@@ -50,9 +50,13 @@ where
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(&log.level));
+    // A log line that cannot be written is dropped. By default the subscriber reports that on
+    // stderr with `eprintln!`, which panics when stderr is the closed pipe: in a sqlx worker
+    // thread that left a transaction open and the sweep waiting forever.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(sink);
+        .with_writer(sink)
+        .log_internal_errors(false);
     fn handle<S: Send + Sync + 'static>(
         h: tracing_subscriber::reload::Handle<EnvFilter, S>,
     ) -> LogLevelHandle {

@@ -5,9 +5,11 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use common::{
-    Kind, SECRET, TestDb, fresh_session, idle_sessions, signal, simulator, spawn_sweeper,
+    Kind, SECRET, TestDb, fresh_session, idle_sessions, sessions_and_simulator, signal, simulator,
+    spawn_sweeper,
 };
 use session_sweeper::config::Config;
 use session_sweeper::iyzico::simulator::SimulatorConfig;
@@ -1318,4 +1320,44 @@ fn demo_obeys_signals_and_leaves_nothing_behind() {
     );
     reader.join().unwrap();
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+/// A log shipper that goes away (`once 2>&1 | head`) must not stop the sweep half-way: a log
+/// line that cannot be written is dropped, the sweep finishes, every call is recorded, and the
+/// process exits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_output_pipes_neither_hang_nor_lose_a_sweep() {
+    let Some((db, _sim)) = sessions_and_simulator(Kind::Sqlite, 40, Duration::from_millis(5)).await
+    else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(db.dir.path().join("sweeper.toml"))
+        .arg("once")
+        // Every statement and request logged: the writes start failing at once.
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // The reader goes away before the first line.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("once hung after its output pipes closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(db.count_state("invalidated").await, 40);
+    let passive = db
+        .scalar("SELECT COUNT(*) FROM checkout_sessions WHERE status = 'PASSIVE'")
+        .await;
+    assert_eq!(passive, 40);
 }
