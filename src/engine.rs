@@ -110,6 +110,7 @@ impl Replica {
             store.clone(),
             this_worker(),
             config.sweep.heartbeat,
+            config.sweep.stale_after(),
             config.sweep.lease,
             view,
         )

@@ -283,6 +283,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(1),
         beat,
+        beat * 3,
         Duration::from_secs(60),
         session_sweeper::fleet::FleetView {
             limiter: limiter_a.clone(),
@@ -298,6 +299,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(2),
         beat,
+        beat * 3,
         Duration::from_secs(60),
         session_sweeper::fleet::FleetView {
             limiter: limiter_b.clone(),
