@@ -6,20 +6,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::clock::DbClock;
 use crate::config::{Config, ConfigError, LogConfig, LogFormat};
-use crate::fleet::{FleetView, Membership, this_worker};
-use crate::iyzico::Client;
-use crate::iyzico::limiter::SharedLimiter;
+use crate::daemon::DaemonError;
+use crate::engine::{ProgressDisplay, Replica, StartError};
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
-use crate::shutdown::{Liveness, Shutdown, listen_for_signals};
-use crate::store::{self, ClaimParams, Finding, Outcome, Report, RequeueFilter, Store};
-use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
+pub use crate::output::Format;
+use crate::output::print_report;
+use crate::output::say;
+use crate::shutdown::{Shutdown, listen_for_signals};
+use crate::store::{self, ClaimParams, Finding, RequeueFilter, Store};
+use crate::sweep::SweepError;
 use crate::telemetry::{Metrics, init_logging};
 
 /// The default config file when neither `--config` nor `SWEEPER_CONFIG` is set.
@@ -27,7 +27,7 @@ pub const DEFAULT_CONFIG: &str = "session-sweeper.toml";
 
 /// session-sweeper: invalidates abandoned "Pay with iyzico" checkout sessions.
 #[derive(Debug, Parser)]
-#[command(name = "session-sweeper", version = crate::release::LONG_VERSION, about, long_about = None)]
+#[command(name = "session-sweeper", version = crate::build_info::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     /// Config file [default: $SWEEPER_CONFIG, then ./session-sweeper.toml]
     #[arg(long, global = true, env = "SWEEPER_CONFIG", value_name = "FILE")]
@@ -35,15 +35,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Output format of listing commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns for people.
-    Table,
-    /// One JSON document for programs.
-    Json,
 }
 
 /// The commands of the contract, plus `requeue`.
@@ -235,6 +226,46 @@ impl From<store::StoreError> for CliError {
     }
 }
 
+impl From<StartError> for CliError {
+    fn from(e: StartError) -> Self {
+        CliError::Runtime(e.into())
+    }
+}
+
+impl From<SweepError> for CliError {
+    fn from(e: SweepError) -> Self {
+        CliError::Runtime(e.into())
+    }
+}
+
+impl From<crate::release::ReleaseError> for CliError {
+    fn from(e: crate::release::ReleaseError) -> Self {
+        if e.is_usage() {
+            CliError::Usage(e.to_string())
+        } else {
+            CliError::Runtime(e.into())
+        }
+    }
+}
+
+impl From<crate::demo::DemoError> for CliError {
+    fn from(e: crate::demo::DemoError) -> Self {
+        match e {
+            crate::demo::DemoError::Forced(code) => CliError::Forced(code),
+            crate::demo::DemoError::Failed(e) => CliError::Runtime(e),
+        }
+    }
+}
+
+impl From<DaemonError> for CliError {
+    fn from(e: DaemonError) -> Self {
+        match e {
+            DaemonError::Forced(code) => CliError::Forced(code),
+            e => CliError::Runtime(e.into()),
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
@@ -243,40 +274,50 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             simulate(args).await
         }
         Command::Demo { sessions } => {
-            init_logging(
-                &LogConfig {
-                    level: "error".into(),
-                    ..LogConfig::default()
-                },
-                std::io::stderr,
-            );
-            crate::demo::run(sessions).await.map_err(CliError::Runtime)
+            let quiet = LogConfig {
+                level: "error".into(),
+                ..LogConfig::default()
+            };
+            init_logging(&quiet, std::io::stderr);
+            Ok(crate::demo::run(sessions).await?)
         }
-        Command::Healthcheck(args) => crate::release::healthcheck(&args, cli.config.as_deref()),
-        Command::Completions(args) => crate::release::completions(&args),
+        Command::Healthcheck(args) => {
+            let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            Ok(crate::release::healthcheck(&args, &path)?)
+        }
+        Command::Completions(args) => Ok(crate::release::completions(&args, Cli::command())?),
         command => {
             let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             let config = Config::load(&path, std::env::vars())?;
             let log = init_logging(&config.log, std::io::stderr);
             if matches!(command, Command::Run | Command::Once { .. }) {
-                use crate::release::{BUILD_DATE, COMMIT, VERSION};
-                tracing::info!(
-                    version = VERSION,
-                    commit = COMMIT,
-                    built = BUILD_DATE,
-                    "session-sweeper {VERSION} ({COMMIT}) starting"
-                );
+                log_start();
             }
             if let Command::Run = command {
                 let store = store::open(&config).await?;
                 let reload = crate::daemon::ReloadSource { path, log };
                 let result = crate::daemon::run(store.clone(), config, reload).await;
-                store.close().await;
-                return result;
+                // A second signal means "now", as for every other command: closing the pool
+                // politely would wait for connections that a stalled database never gives back.
+                if !matches!(result, Err(DaemonError::Forced(_))) {
+                    store.close().await;
+                }
+                return Ok(result?);
             }
             run_with_config(command, config).await
         }
     }
+}
+
+/// The first log line of `run` and `once`: what is running.
+fn log_start() {
+    use crate::build_info::{BUILD_DATE, COMMIT, VERSION};
+    tracing::info!(
+        version = VERSION,
+        commit = COMMIT,
+        built = BUILD_DATE,
+        "session-sweeper {VERSION} ({COMMIT}) starting"
+    );
 }
 
 async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
@@ -289,7 +330,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
         async move { s.stopping().await }
     };
     tokio::select! {
-        r = Simulator::serve(args.listen, config, stop) => r.map_err(|e| CliError::Runtime(anyhow::anyhow!("simulator on {}: {e}", args.listen))),
+        r = Simulator::listen_until(args.listen, config, stop) => r.map_err(|e| CliError::Runtime(anyhow::anyhow!("simulator on {}: {e}", args.listen))),
         code = forced => Err(CliError::Forced(code)),
     }
 }
@@ -301,13 +342,14 @@ async fn simulate(args: SimulateArgs) -> Result<(), CliError> {
 /// exit 1 with a message), and otherwise lets the work finish (`migrate` and `requeue` complete
 /// or roll back, and `once` drains its sweep), so 130/143 only ever mean a second signal.
 pub async fn run_with_config(command: Command, config: Config) -> Result<(), CliError> {
-    let store = store::open(&config).await?;
     let shutdown = Shutdown::new();
     crate::shutdown::ignore_hangups().map_err(|e| CliError::Runtime(e.into()))?;
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(|e| CliError::Runtime(e.into()))?;
+    let store = store::open(&config).await?;
     let result = tokio::select! {
         r = run_command(command, store.clone(), &config, &shutdown) => r,
+        // A second signal means "now": the pool is not closed politely, the process exits.
         code = forced => return Err(CliError::Forced(code)),
     };
     if shutdown.is_stopping() {
@@ -378,22 +420,11 @@ async fn run_command(
         .await?;
     }
     match command {
-        Command::Migrate => {
-            despite_stop(shutdown, "the migration", async {
-                Ok(store.migrate().await?)
-            })
-            .await?;
-            println!("migrations applied; the sweeper's tables are current");
-            Ok(())
-        }
+        Command::Migrate => migrate(&*store, shutdown).await,
         Command::Check => unless_stopped(shutdown, "during check", check(&*store)).await,
         Command::DryRun { format, limit } => {
-            unless_stopped(
-                shutdown,
-                "during dry-run",
-                dry_run(&*store, config, format, limit),
-            )
-            .await
+            let listing = dry_run(&*store, config, format, limit);
+            unless_stopped(shutdown, "during dry-run", listing).await
         }
         Command::Report { format, failures } => {
             let report = unless_stopped(shutdown, "while reading the report", async {
@@ -405,23 +436,7 @@ async fn run_command(
         }
         Command::Requeue {
             error_code, format, ..
-        } => {
-            let filter = RequeueFilter {
-                error_code: error_code.clone(),
-            };
-            let n = despite_stop(shutdown, "the requeue", async {
-                Ok(store.requeue(&filter).await?)
-            })
-            .await?;
-            match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::json!({ "requeued": n, "error_code": error_code })
-                ),
-                Format::Table => println!("requeued {n} failed sessions"),
-            }
-            Ok(())
-        }
+        } => requeue(&*store, error_code, format, shutdown).await,
         Command::Once { max } => once(store, config, max, shutdown).await,
         Command::ServeStatus { listen } => serve_status(store, config, listen, shutdown).await,
         Command::Run
@@ -432,6 +447,63 @@ async fn run_command(
             unreachable!("handled before")
         }
     }
+}
+
+/// `migrate`: runs to its end even on the first signal (a half-applied migration helps nobody).
+async fn migrate(store: &dyn Store, shutdown: &Shutdown) -> Result<(), CliError> {
+    despite_stop(shutdown, "the migration", async {
+        Ok(store.migrate().await?)
+    })
+    .await?;
+    say!("migrations applied; the sweeper's tables are current");
+    Ok(())
+}
+
+/// `requeue`: one transaction, finished (or rolled back) even on the first signal.
+async fn requeue(
+    store: &dyn Store,
+    error_code: Option<String>,
+    format: Format,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    let filter = RequeueFilter {
+        error_code: error_code.clone(),
+    };
+    let n = despite_stop(shutdown, "the requeue", async {
+        Ok(store.requeue(&filter).await?)
+    })
+    .await?;
+    match format {
+        Format::Json => say!(
+            "{}",
+            serde_json::json!({ "requeued": n, "error_code": error_code })
+        ),
+        Format::Table => say!("requeued {n} failed sessions"),
+    }
+    Ok(())
+}
+
+/// `once`: the first signal ends the wait for the database at once (nothing was claimed yet),
+/// or, once the sweep runs, stops claiming and drains it (exit 0).
+async fn once(
+    store: Arc<dyn Store>,
+    config: &Config,
+    max: Option<u64>,
+    shutdown: &Shutdown,
+) -> Result<(), CliError> {
+    let replica = unless_stopped(shutdown, "while waiting for the database", async {
+        Ok(Replica::start(store, config, Metrics::new()).await?)
+    })
+    .await?;
+    replica.sweeper.update_settings(|s| s.max_sessions = max);
+    let display = if std::io::stderr().is_terminal() && config.log.format == LogFormat::Text {
+        ProgressDisplay::Bar
+    } else {
+        ProgressDisplay::LogLines
+    };
+    let summary = replica.sweep_once(shutdown, display).await?;
+    say!("{}", summary.line());
+    Ok(())
 }
 
 /// `serve-status`: the status page and its data, read from the database, until a signal.
@@ -446,6 +518,12 @@ async fn serve_status(
             "server.status_page is false: the status page is turned off".into(),
         ));
     }
+    // As every command that needs the database does: a refused connection is said at once,
+    // not after the pool's acquire timeout as "timed out".
+    unless_stopped(shutdown, "while waiting for the database", async {
+        Ok(store.ping().await?)
+    })
+    .await?;
     let pending = unless_stopped(shutdown, "before serving", async {
         Ok(store.pending_migrations().await?)
     })
@@ -475,16 +553,16 @@ async fn serve_status(
 
 async fn check(store: &dyn Store) -> Result<(), CliError> {
     store.ping().await?;
-    println!("ok: config is valid and the database answers");
+    say!("ok: config is valid and the database answers");
     let findings = store.check().await?;
     let mut errors = 0;
     for f in &findings {
         match f {
-            Finding::Ok(m) => println!("ok: {m}"),
-            Finding::Warning(m) => println!("warning: {m}"),
+            Finding::Ok(m) => say!("ok: {m}"),
+            Finding::Warning(m) => say!("warning: {m}"),
             Finding::Error(m) => {
                 errors += 1;
-                println!("error: {m}")
+                say!("error: {m}")
             }
         }
     }
@@ -516,267 +594,24 @@ async fn dry_run(
     match format {
         Format::Json => {
             let doc = serde_json::json!({ "eligible": total, "listed": sessions.len(), "sessions": sessions });
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&doc).expect("serializable")
             );
         }
         Format::Table => {
-            println!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
+            say!("{:<40} {:<40} {:>12}", "SESSION TOKEN", "MEMBER", "IDLE");
             for s in &sessions {
                 let idle = humantime::format_duration(Duration::from_secs(s.idle_for.as_secs()));
-                println!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
+                say!("{:<40} {:<40} {:>12}", s.token, s.member, idle.to_string());
             }
-            println!(
+            say!(
                 "{total} eligible now ({} listed); nothing was sent or written",
                 sessions.len()
             );
         }
     }
     Ok(())
-}
-
-/// Prints a report as a table or as the contract's JSON.
-pub fn print_report(report: &Report, format: Format) {
-    match format {
-        Format::Json => {
-            let mut doc = serde_json::Map::new();
-            for (outcome, n) in &report.counts {
-                doc.insert(outcome.as_str().into(), (*n).into());
-            }
-            doc.insert("pending_due_now".into(), report.pending.due_now.into());
-            doc.insert(
-                "pending_next_due".into(),
-                serde_json::to_value(report.pending.next_due).expect("serializable"),
-            );
-            doc.insert("leased".into(), report.leased.into());
-            doc.insert("source_not_marked".into(), report.source_not_marked.into());
-            doc.insert(
-                "unusable_source_rows".into(),
-                serde_json::to_value(report.unusable).expect("serializable"),
-            );
-            doc.insert(
-                "recent_failures".into(),
-                serde_json::to_value(&report.recent_failures).expect("serializable"),
-            );
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&doc).expect("serializable")
-            );
-        }
-        Format::Table => {
-            println!("{:<22} {:>10}", "OUTCOME", "SESSIONS");
-            for (outcome, n) in &report.counts {
-                println!("{:<22} {:>10}", outcome.as_str(), n);
-            }
-            let pending = report
-                .counts
-                .iter()
-                .find(|(o, _)| *o == Outcome::Pending)
-                .map_or(0, |c| c.1);
-            if pending > 0 {
-                let next = report
-                    .pending
-                    .next_due
-                    .map_or("now".into(), |t| t.to_rfc3339());
-                println!(
-                    "\npending: {} due now; next attempt due {next}",
-                    report.pending.due_now
-                );
-            }
-            if report.leased > 0 {
-                println!("leased right now: {}", report.leased);
-            }
-            if report.source_not_marked > 0 {
-                println!(
-                    "invalidated, source row not marked passive yet (retried each sweep, never sent again): {}",
-                    report.source_not_marked
-                );
-            }
-            let u = report.unusable;
-            if u.unreadable_last_activity > 0 {
-                println!(
-                    "active rows never swept, last activity missing or not in source.last_activity_format: {}",
-                    u.unreadable_last_activity
-                );
-            }
-            if u.bad_source_row > 0 {
-                println!(
-                    "active rows never sent, token or member NULL or not text (bad_source_row): {}",
-                    u.bad_source_row
-                );
-            }
-            if !report.recent_failures.is_empty() {
-                println!("\nrecent failures:");
-                println!(
-                    "{:<10} {:<20} {:>8}  MESSAGE",
-                    "SESSION", "ERROR CODE", "ATTEMPTS"
-                );
-                for f in &report.recent_failures {
-                    println!(
-                        "{:<10} {:<20} {:>8}  {}",
-                        f.session,
-                        f.error_code.as_deref().unwrap_or("-"),
-                        f.attempts,
-                        f.error_message.as_deref().unwrap_or("")
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// The parts a sweep needs, built from the config.
-pub struct Engine {
-    /// The sweeper.
-    pub sweeper: Sweeper,
-    /// The heartbeat.
-    pub membership: Membership,
-}
-
-impl Engine {
-    /// Checks the schema, joins the fleet and builds the client and the sweeper.
-    pub async fn start(
-        store: Arc<dyn Store>,
-        config: &Config,
-        metrics: Metrics,
-    ) -> Result<Self, CliError> {
-        // A fresh connection first: a refused or unreachable server is reported as such at
-        // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
-        store.ping().await?;
-        let pending = store.pending_migrations().await?;
-        if !pending.is_empty() {
-            return Err(CliError::Runtime(anyhow::anyhow!(
-                "the sweeper's tables need migrations {}: run `session-sweeper migrate` first",
-                pending.join(", ")
-            )));
-        }
-        let limiter = Arc::new(SharedLimiter::new(
-            config.iyzico.rate_per_second,
-            config.iyzico.burst,
-        ));
-        let client = Client::new(
-            &config.iyzico,
-            config.sweep.concurrency.get(),
-            limiter.clone(),
-            metrics.clone(),
-        )
-        .map_err(|e| CliError::Runtime(e.into()))?;
-        // Stop sending, and cancel calls in flight, one beat before peers may take our
-        // sessions: see `Liveness`.
-        let liveness = Liveness::new(config.sweep.fence_after());
-        let client = client.with_liveness(liveness.clone());
-        let clock = DbClock::new();
-        let membership = Membership::join(
-            store.clone(),
-            this_worker(),
-            config.sweep.heartbeat,
-            config.sweep.lease,
-            FleetView {
-                limiter,
-                metrics: metrics.clone(),
-                liveness,
-                clock: clock.clone(),
-                skewed: Default::default(),
-            },
-        )
-        .await?;
-        let sweeper = Sweeper::new(
-            store,
-            Arc::new(client),
-            SweepSettings::from_config(config),
-            membership.worker_id().to_owned(),
-            metrics.clone(),
-        )
-        .with_clock(clock);
-        Ok(Self {
-            sweeper,
-            membership,
-        })
-    }
-}
-
-/// `once`: the first signal ends the wait for the database at once (nothing was claimed yet),
-/// or, once the sweep runs, stops claiming and drains it (exit 0).
-async fn once(
-    store: Arc<dyn Store>,
-    config: &Config,
-    max: Option<u64>,
-    shutdown: &Shutdown,
-) -> Result<(), CliError> {
-    let engine = unless_stopped(
-        shutdown,
-        "while waiting for the database",
-        Engine::start(store, config, Metrics::new()),
-    )
-    .await?;
-    engine.sweeper.update_settings(|s| s.max_sessions = max);
-    let progress = Arc::new(Progress::default());
-    let show_bar = std::io::stderr().is_terminal() && config.log.format == LogFormat::Text;
-    let mut reporter = tokio::spawn(report_progress(progress.clone(), show_bar));
-    let result = engine.sweeper.run_once(shutdown, progress.clone()).await;
-    // The bar draws its last state and returns; log lines stop at the next tick.
-    if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
-        .await
-        .is_err()
-    {
-        reporter.abort();
-    }
-    engine.membership.leave().await;
-    finish_sweep(result)
-}
-
-/// Prints the summary line and maps a sweep's result to an exit status.
-pub fn finish_sweep(result: Result<SweepSummary, SweepError>) -> Result<(), CliError> {
-    match result {
-        Ok(summary) => {
-            println!("{}", summary.line());
-            Ok(())
-        }
-        Err(e) => Err(CliError::Runtime(e.into())),
-    }
-}
-
-/// A progress bar on a terminal; otherwise a progress log line every few seconds.
-pub async fn report_progress(progress: Arc<Progress>, bar: bool) {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    if bar {
-        let pb = indicatif::ProgressBar::new(load(&progress.eligible_at_start));
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sessions ({rate}, eta {eta})",
-            )
-            .expect("valid template")
-            .with_key(
-                "rate",
-                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = write!(w, "{:.0}/s", state.per_sec());
-                },
-            ),
-        );
-        loop {
-            let finished = progress.finished.load(Ordering::Relaxed);
-            pb.set_length(load(&progress.eligible_at_start).max(load(&progress.claimed)));
-            pb.set_position(load(&progress.done));
-            if finished {
-                pb.finish();
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    } else {
-        let mut ticker = tokio::time::interval(Duration::from_secs(5));
-        ticker.tick().await;
-        while !progress.finished.load(Ordering::Relaxed) {
-            ticker.tick().await;
-            tracing::info!(
-                done = load(&progress.done),
-                claimed = load(&progress.claimed),
-                eligible_at_start = load(&progress.eligible_at_start),
-                "sweep progress"
-            );
-        }
-    }
 }
 
 /// The binary's entry point after the runtime starts: runs and maps errors to exit codes.
@@ -786,7 +621,9 @@ pub async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !matches!(e, CliError::Forced(_)) {
-                eprintln!("error: {}", error_chain(&e));
+                // Not `eprintln!`: a closed stderr must not turn the exit code into a panic's.
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "error: {}", error_chain(&e));
             }
             ExitCode::from(e.exit_code())
         }

@@ -11,13 +11,6 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-/// Default heartbeat period of a worker; three missed beats make it stale.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Default smallest delay between two immediate retries of one call.
-pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(2);
-/// Default largest delay between two immediate retries of one call.
-pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
-
 /// A year as humantime counts it (365.25 days), so limits print as whole years.
 const YEAR: u64 = 31_557_600;
 /// The longest duration any key accepts: 10 years. Times are computed as `now ± duration` with
@@ -43,6 +36,9 @@ pub const MAX_RETRIES: u32 = 20;
 /// The longest `iyzico.retry_min_delay` and `iyzico.retry_max_delay`: immediate retries are for
 /// transient failures; longer waits are what `sweep.retry_base` is for.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Longest `Retry-After` the client honours; a larger value is capped so shutdown stays prompt.
+/// Here, not in the client, because the lease rule ([`Config::worst_case_attempt`]) counts it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// A configuration error: which key, and what is wrong with it. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +174,9 @@ pub enum Backend {
     MySql,
 }
 
+/// Default `database.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
 /// `[database]`.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -214,6 +213,17 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// A `mariadb://` URL as the MySQL driver reads it (the same protocol).
+pub fn mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Default `source.mark_passive`.
+pub const DEFAULT_MARK_PASSIVE: bool = true;
 
 /// `[source]`: the application's sessions table.
 #[derive(Debug, Clone)]
@@ -252,6 +262,25 @@ pub enum Schedule {
     Cron(String),
 }
 
+/// Default `sweep.interval` (when neither it nor `sweep.schedule` is set).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+/// Default `sweep.batch_size`.
+pub const DEFAULT_BATCH_SIZE: u32 = 500;
+/// Default `sweep.concurrency`.
+pub const DEFAULT_CONCURRENCY: u32 = 16;
+/// Default `sweep.lease`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// Default `sweep.max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Default `sweep.retry_base`.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(30);
+/// Default `sweep.retry_max`.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(3600);
+/// Default `sweep.shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// Default `sweep.heartbeat`; three missed beats make a worker stale.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// `[sweep]`.
 #[derive(Debug, Clone)]
 pub struct SweepConfig {
@@ -275,20 +304,104 @@ pub struct SweepConfig {
     pub heartbeat: Duration,
 }
 
+/// Heartbeats a worker may miss before its peers count it dead ([`SweepConfig::stale_after`]).
+pub const STALE_AFTER_BEATS: u32 = 3;
+/// Heartbeats without a good one after which a worker fences itself
+/// ([`SweepConfig::fence_after`]): one fewer than [`STALE_AFTER_BEATS`].
+pub const FENCE_AFTER_BEATS: u32 = STALE_AFTER_BEATS - 1;
+
 impl SweepConfig {
     /// A worker whose heartbeat is older than this is considered dead and its leases reclaimable.
     pub fn stale_after(&self) -> Duration {
-        self.heartbeat * 3
+        self.heartbeat * STALE_AFTER_BEATS
     }
 
     /// A worker whose last good heartbeat is older than this stops sending and cancels its
-    /// calls in flight (self-fencing). It is one heartbeat before [`Self::stale_after`]
-    /// (3 × heartbeat), when peers may take its sessions; that beat of margin is why
-    /// `sweep.heartbeat` is at least [`MIN_HEARTBEAT`].
+    /// calls in flight (self-fencing). It is one heartbeat before [`Self::stale_after`], when
+    /// peers may take its sessions; that beat of margin is why `sweep.heartbeat` is at least
+    /// [`MIN_HEARTBEAT`].
     pub fn fence_after(&self) -> Duration {
-        self.heartbeat * 2
+        self.heartbeat * FENCE_AFTER_BEATS
+    }
+
+    /// The longest one attempt on one session can keep its lease busy with `iyzico`'s
+    /// settings: every call of it ([`IyzicoConfig::calls_per_attempt`]) waiting out
+    /// `iyzico.timeout`, every wait before a retry at its longest
+    /// ([`IyzicoConfig::longest_retry_wait`]), plus one `sweep.heartbeat` for the renewal that
+    /// follows:
+    ///
+    /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
+    ///
+    /// `sweep.lease` must be at least this, so a lease never lapses under an attempt even if
+    /// renewals stop. (Rate-limiter and concurrency waits come before a call, not during one.)
+    /// Saturating: the inputs are bounded, so it never saturates in practice.
+    pub fn worst_case_attempt(&self, iyzico: &IyzicoConfig) -> Duration {
+        iyzico
+            .timeout
+            .saturating_mul(iyzico.calls_per_attempt())
+            .saturating_add(iyzico.longest_retry_wait().saturating_mul(iyzico.retries))
+            .saturating_add(self.heartbeat)
+    }
+
+    /// The rules between `[sweep]` and `[iyzico]`: the lease against the heartbeat and against
+    /// the longest attempt.
+    fn check_lease(&self, iyzico: &IyzicoConfig) -> Result<(), ConfigError> {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let beats = self.stale_after();
+        if self.lease < beats {
+            return Err(ConfigError::invalid(
+                "sweep.lease",
+                format!(
+                    "{} is shorter than {STALE_AFTER_BEATS} × sweep.heartbeat ({}) = {}: leases \
+                     are renewed with each heartbeat, and a shorter lease lapses between \
+                     renewals, so this worker's next claim would take its own sessions again",
+                    human(self.lease),
+                    human(self.heartbeat),
+                    human(beats)
+                ),
+            ));
+        }
+        let worst = self.worst_case_attempt(iyzico);
+        if self.lease < worst {
+            return Err(ConfigError::invalid(
+                "sweep.lease",
+                format!(
+                    "{} is shorter than the longest attempt, {} = (iyzico.retries {} + 1) × \
+                     iyzico.timeout {} + {} × {} (the longest wait before a retry: \
+                     iyzico.retry_max_delay {} or a Retry-After of up to {}) + sweep.heartbeat \
+                     {}; raise sweep.lease or lower those",
+                    human(self.lease),
+                    human(worst),
+                    iyzico.retries,
+                    human(iyzico.timeout),
+                    iyzico.retries,
+                    human(iyzico.longest_retry_wait()),
+                    human(iyzico.retry_max_delay),
+                    human(MAX_RETRY_AFTER),
+                    human(self.heartbeat),
+                ),
+            ));
+        }
+        Ok(())
     }
 }
+
+/// Default `iyzico.locale`.
+pub const DEFAULT_LOCALE: Locale = Locale::Tr;
+/// Default `iyzico.timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `iyzico.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `iyzico.rate_per_second`.
+pub const DEFAULT_RATE_PER_SECOND: u32 = 10;
+/// Default `iyzico.burst`.
+pub const DEFAULT_BURST: u32 = 10;
+/// Default `iyzico.retries`.
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Default `iyzico.retry_min_delay`: the smallest delay between two immediate retries of one call.
+pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(2);
+/// Default `iyzico.retry_max_delay`: the largest delay between two immediate retries of one call.
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// `[iyzico]`.
 #[derive(Clone)]
@@ -315,6 +428,20 @@ pub struct IyzicoConfig {
     pub retry_min_delay: Duration,
     /// Largest backoff between immediate retries.
     pub retry_max_delay: Duration,
+}
+
+impl IyzicoConfig {
+    /// Calls one sweep-level attempt makes at most: the first and `iyzico.retries` immediate
+    /// retries.
+    pub fn calls_per_attempt(&self) -> u32 {
+        self.retries + 1
+    }
+
+    /// The longest wait before one immediate retry: `iyzico.retry_max_delay`, or a
+    /// `Retry-After` up to its cap, [`MAX_RETRY_AFTER`].
+    pub fn longest_retry_wait(&self) -> Duration {
+        self.retry_max_delay.max(MAX_RETRY_AFTER)
+    }
 }
 
 impl fmt::Debug for IyzicoConfig {
@@ -351,8 +478,11 @@ impl Locale {
     }
 }
 
+/// Default `server.status_page` (`server.listen` has none: no server unless set).
+pub const DEFAULT_STATUS_PAGE: bool = true;
+
 /// `[server]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` disables the server.
     pub listen: Option<SocketAddr>,
@@ -361,15 +491,19 @@ pub struct ServerConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line.
     Json,
 }
+
+/// Default `log.format`.
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+/// Default `log.level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// `[log]`.
 #[derive(Debug, Clone)]
@@ -383,8 +517,8 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: LogFormat::Text,
-            level: "info".into(),
+            format: DEFAULT_LOG_FORMAT,
+            level: DEFAULT_LOG_LEVEL.into(),
         }
     }
 }
@@ -407,78 +541,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// The longest one attempt on one session can keep its lease busy: every call of it
-    /// (the first and `iyzico.retries` immediate retries) waiting out `iyzico.timeout`, every
-    /// wait before a retry at its longest (the larger of `iyzico.retry_max_delay` and the
-    /// `Retry-After` cap, [`crate::iyzico::client::MAX_RETRY_AFTER`]), plus one
-    /// `sweep.heartbeat` for the renewal that follows:
-    ///
-    /// `(retries + 1) × timeout + retries × max(retry_max_delay, 60 s) + heartbeat`
-    ///
-    /// `sweep.lease` must be at least this, so a lease never lapses under an attempt even if
-    /// renewals stop. (Rate-limiter and concurrency waits come before a call, not during one.)
+    /// The longest one attempt on one session can keep its lease busy:
+    /// [`SweepConfig::worst_case_attempt`] with this config's `[iyzico]`.
     pub fn worst_case_attempt(&self) -> Duration {
-        worst_case_attempt(&self.sweep, &self.iyzico)
+        self.sweep.worst_case_attempt(&self.iyzico)
     }
-}
-
-/// The longest wait before one immediate retry.
-fn longest_retry_wait(iyzico: &IyzicoConfig) -> Duration {
-    iyzico
-        .retry_max_delay
-        .max(crate::iyzico::client::MAX_RETRY_AFTER)
-}
-
-/// [`Config::worst_case_attempt`] on the two sections (saturating: the inputs are bounded, so
-/// it never saturates in practice).
-fn worst_case_attempt(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Duration {
-    iyzico
-        .timeout
-        .saturating_mul(iyzico.retries + 1)
-        .saturating_add(longest_retry_wait(iyzico).saturating_mul(iyzico.retries))
-        .saturating_add(sweep.heartbeat)
-}
-
-/// The rules between `[sweep]` and `[iyzico]`: the lease against the heartbeat and against the
-/// longest attempt.
-fn validate_lease(sweep: &SweepConfig, iyzico: &IyzicoConfig) -> Result<(), ConfigError> {
-    let human = |d: Duration| humantime::format_duration(d).to_string();
-    let beats = sweep.stale_after();
-    if sweep.lease < beats {
-        return Err(ConfigError::invalid(
-            "sweep.lease",
-            format!(
-                "{} is shorter than 3 × sweep.heartbeat ({}) = {}: leases are renewed with each \
-                 heartbeat, and a shorter lease lapses between renewals, so this worker's next \
-                 claim would take its own sessions again",
-                human(sweep.lease),
-                human(sweep.heartbeat),
-                human(beats)
-            ),
-        ));
-    }
-    let worst = worst_case_attempt(sweep, iyzico);
-    if sweep.lease < worst {
-        return Err(ConfigError::invalid(
-            "sweep.lease",
-            format!(
-                "{} is shorter than the longest attempt, {} = (iyzico.retries {} + 1) × \
-                 iyzico.timeout {} + {} × {} (the longest wait before a retry: \
-                 iyzico.retry_max_delay {} or a Retry-After of up to {}) + sweep.heartbeat {}; \
-                 raise sweep.lease or lower those",
-                human(sweep.lease),
-                human(worst),
-                iyzico.retries,
-                human(iyzico.timeout),
-                iyzico.retries,
-                human(longest_retry_wait(iyzico)),
-                human(iyzico.retry_max_delay),
-                human(crate::iyzico::client::MAX_RETRY_AFTER),
-                human(sweep.heartbeat),
-            ),
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -946,7 +1013,7 @@ impl RawConfig {
         let source = self.source.validate()?;
         let sweep = self.sweep.validate()?;
         let iyzico = self.iyzico.validate()?;
-        validate_lease(&sweep, &iyzico)?;
+        sweep.check_lease(&iyzico)?;
         Ok(Config {
             database,
             source,
@@ -994,7 +1061,7 @@ impl RawDatabase {
         let parsed = match backend {
             Backend::Sqlite => url.parse::<sqlx::sqlite::SqliteConnectOptions>().map(drop),
             Backend::Postgres => url.parse::<sqlx::postgres::PgConnectOptions>().map(drop),
-            Backend::MySql => crate::store::mysql_url(url)
+            Backend::MySql => mysql_url(url)
                 .parse::<sqlx::mysql::MySqlConnectOptions>()
                 .map(drop),
         };
@@ -1007,7 +1074,7 @@ impl RawDatabase {
             max_connections: nz(positive(
                 "database.max_connections",
                 self.max_connections,
-                8,
+                DEFAULT_MAX_CONNECTIONS,
                 "connections",
             )?),
         })
@@ -1058,101 +1125,37 @@ impl RawSource {
                 Duration::ZERO,
                 MAX_DURATION,
             )?,
-            mark_passive: self.mark_passive.unwrap_or(true),
+            mark_passive: self.mark_passive.unwrap_or(DEFAULT_MARK_PASSIVE),
         })
     }
 }
 
 impl RawSweep {
     fn validate(self) -> Result<SweepConfig, ConfigError> {
-        let schedule = match (self.interval, self.schedule) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "sweep.schedule",
-                    "set either sweep.interval or sweep.schedule, not both",
-                ));
-            }
-            (Some(i), None) => {
-                Schedule::Interval(duration("sweep.interval", Some(i), i, MAX_DURATION)?)
-            }
-            (None, Some(cron)) => {
-                validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
-                Schedule::Cron(cron)
-            }
-            (None, None) => Schedule::Interval(Duration::from_secs(60)),
-        };
-        let retry_base = duration(
-            "sweep.retry_base",
-            self.retry_base,
-            Duration::from_secs(30),
-            MAX_DURATION,
-        )?;
-        let retry_max = duration(
-            "sweep.retry_max",
-            self.retry_max,
-            Duration::from_secs(3600),
-            MAX_DURATION,
-        )?;
-        if retry_max < retry_base {
-            return Err(ConfigError::invalid(
-                "sweep.retry_max",
-                "must be at least sweep.retry_base",
-            ));
-        }
-        let heartbeat = duration(
-            "sweep.heartbeat",
-            self.heartbeat,
-            DEFAULT_HEARTBEAT,
-            MAX_HEARTBEAT,
-        )?;
-        if heartbeat < MIN_HEARTBEAT {
-            return Err(ConfigError::invalid(
-                "sweep.heartbeat",
-                format!(
-                    "{} is too short: at least {}, so that the beat between fencing (2 beats \
-                     without a good heartbeat) and staleness (3 beats) covers a database round \
-                     trip and the cancellation of calls in flight",
-                    humantime::format_duration(heartbeat),
-                    humantime::format_duration(MIN_HEARTBEAT)
-                ),
-            ));
-        }
-        let shutdown_grace = self.shutdown_grace.unwrap_or(Duration::from_secs(25));
-        if shutdown_grace > MAX_SHUTDOWN_GRACE {
-            return Err(ConfigError::invalid(
-                "sweep.shutdown_grace",
-                format!(
-                    "{} is too long: at most {}",
-                    humantime::format_duration(shutdown_grace),
-                    humantime::format_duration(MAX_SHUTDOWN_GRACE)
-                ),
-            ));
-        }
+        let schedule = sweep_schedule(self.interval, self.schedule)?;
+        let (retry_base, retry_max) = sweep_retry_window(self.retry_base, self.retry_max)?;
+        let heartbeat = sweep_heartbeat(self.heartbeat)?;
+        let shutdown_grace = sweep_shutdown_grace(self.shutdown_grace)?;
         Ok(SweepConfig {
             schedule,
             batch_size: nz(positive(
                 "sweep.batch_size",
                 self.batch_size,
-                500,
+                DEFAULT_BATCH_SIZE,
                 "sessions",
             )?),
             concurrency: NonZeroUsize::new(positive(
                 "sweep.concurrency",
                 self.concurrency,
-                16,
+                DEFAULT_CONCURRENCY,
                 "calls in flight",
             )? as usize)
             .expect("checked positive"),
-            lease: duration(
-                "sweep.lease",
-                self.lease,
-                Duration::from_secs(300),
-                MAX_DURATION,
-            )?,
+            lease: duration("sweep.lease", self.lease, DEFAULT_LEASE, MAX_DURATION)?,
             max_attempts: nz(positive(
                 "sweep.max_attempts",
                 self.max_attempts,
-                10,
+                DEFAULT_MAX_ATTEMPTS,
                 "attempts",
             )?),
             retry_base,
@@ -1161,6 +1164,80 @@ impl RawSweep {
             heartbeat,
         })
     }
+}
+
+/// `sweep.interval` or `sweep.schedule` (at most one of them; neither: the default interval).
+fn sweep_schedule(
+    interval: Option<Duration>,
+    cron: Option<String>,
+) -> Result<Schedule, ConfigError> {
+    Ok(match (interval, cron) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "sweep.schedule",
+                "set either sweep.interval or sweep.schedule, not both",
+            ));
+        }
+        (Some(i), None) => {
+            Schedule::Interval(duration("sweep.interval", Some(i), i, MAX_DURATION)?)
+        }
+        (None, Some(cron)) => {
+            validate_cron(&cron).map_err(|m| ConfigError::invalid("sweep.schedule", m))?;
+            Schedule::Cron(cron)
+        }
+        (None, None) => Schedule::Interval(DEFAULT_INTERVAL),
+    })
+}
+
+/// `sweep.retry_base` and `sweep.retry_max`, the second at least the first.
+fn sweep_retry_window(
+    base: Option<Duration>,
+    max: Option<Duration>,
+) -> Result<(Duration, Duration), ConfigError> {
+    let base = duration("sweep.retry_base", base, DEFAULT_RETRY_BASE, MAX_DURATION)?;
+    let max = duration("sweep.retry_max", max, DEFAULT_RETRY_MAX, MAX_DURATION)?;
+    if max < base {
+        return Err(ConfigError::invalid(
+            "sweep.retry_max",
+            "must be at least sweep.retry_base",
+        ));
+    }
+    Ok((base, max))
+}
+
+/// `sweep.heartbeat`, from [`MIN_HEARTBEAT`] to [`MAX_HEARTBEAT`].
+fn sweep_heartbeat(value: Option<Duration>) -> Result<Duration, ConfigError> {
+    let heartbeat = duration("sweep.heartbeat", value, DEFAULT_HEARTBEAT, MAX_HEARTBEAT)?;
+    if heartbeat < MIN_HEARTBEAT {
+        return Err(ConfigError::invalid(
+            "sweep.heartbeat",
+            format!(
+                "{} is too short: at least {}, so that the beat between fencing \
+                 ({FENCE_AFTER_BEATS} beats without a good heartbeat) and staleness \
+                 ({STALE_AFTER_BEATS} beats) covers a database round trip and the \
+                 cancellation of calls in flight",
+                humantime::format_duration(heartbeat),
+                humantime::format_duration(MIN_HEARTBEAT)
+            ),
+        ));
+    }
+    Ok(heartbeat)
+}
+
+/// `sweep.shutdown_grace`, at most [`MAX_SHUTDOWN_GRACE`] (zero allowed: no grace).
+fn sweep_shutdown_grace(value: Option<Duration>) -> Result<Duration, ConfigError> {
+    let grace = value.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    if grace > MAX_SHUTDOWN_GRACE {
+        return Err(ConfigError::invalid(
+            "sweep.shutdown_grace",
+            format!(
+                "{} is too long: at most {}",
+                humantime::format_duration(grace),
+                humantime::format_duration(MAX_SHUTDOWN_GRACE)
+            ),
+        ));
+    }
+    Ok(grace)
 }
 
 /// Checks that a cron expression (six fields, with seconds) parses.
@@ -1179,37 +1256,7 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 
 impl RawIyzico {
     fn validate(self) -> Result<IyzicoConfig, ConfigError> {
-        let base_url = reqwest::Url::parse(&self.base_url).map_err(|e| {
-            ConfigError::invalid(
-                "iyzico.base_url",
-                format!("{:?} is not a URL: {e}", self.base_url),
-            )
-        })?;
-        let loopback = match base_url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            None => false,
-        };
-        match base_url.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            _ => {
-                return Err(ConfigError::invalid(
-                    "iyzico.base_url",
-                    format!(
-                        "{:?} must use https:// (plain http is allowed only for a loopback host)",
-                        self.base_url
-                    ),
-                ));
-            }
-        }
-        if base_url.path() != "/" || base_url.query().is_some() {
-            return Err(ConfigError::invalid(
-                "iyzico.base_url",
-                format!("{:?} must be scheme, host and port only", self.base_url),
-            ));
-        }
+        let base_url = api_base_url(&self.base_url)?;
         let api_key = secret_value(
             "iyzico.api_key",
             self.api_key,
@@ -1222,70 +1269,112 @@ impl RawIyzico {
             self.secret_key_file,
             "a secret",
         )?;
-        let locale = match self.locale.as_deref().unwrap_or("tr") {
-            "tr" => Locale::Tr,
-            "en" => Locale::En,
-            other => {
-                return Err(ConfigError::invalid(
-                    "iyzico.locale",
-                    format!("{other:?} must be \"tr\" or \"en\""),
-                ));
-            }
-        };
+        let locale = api_locale(self.locale.as_deref())?;
         let retries = whole(
             "iyzico.retries",
             self.retries,
-            3,
+            DEFAULT_RETRIES,
             "retries",
             (0, MAX_RETRIES),
         )?;
-        let retry_min_delay = duration(
-            "iyzico.retry_min_delay",
-            self.retry_min_delay,
-            DEFAULT_RETRY_MIN_DELAY,
-            MAX_RETRY_DELAY,
-        )?;
-        let retry_max_delay = duration(
-            "iyzico.retry_max_delay",
-            self.retry_max_delay,
-            DEFAULT_RETRY_MAX_DELAY,
-            MAX_RETRY_DELAY,
-        )?;
-        if retry_max_delay < retry_min_delay {
-            return Err(ConfigError::invalid(
-                "iyzico.retry_max_delay",
-                "must be at least iyzico.retry_min_delay",
-            ));
-        }
+        let (retry_min_delay, retry_max_delay) =
+            api_retry_delays(self.retry_min_delay, self.retry_max_delay)?;
         Ok(IyzicoConfig {
             base_url,
             api_key,
             secret_key,
             locale,
-            timeout: duration(
-                "iyzico.timeout",
-                self.timeout,
-                Duration::from_secs(10),
-                MAX_TIMEOUT,
-            )?,
+            timeout: duration("iyzico.timeout", self.timeout, DEFAULT_TIMEOUT, MAX_TIMEOUT)?,
             connect_timeout: duration(
                 "iyzico.connect_timeout",
                 self.connect_timeout,
-                Duration::from_secs(5),
+                DEFAULT_CONNECT_TIMEOUT,
                 MAX_TIMEOUT,
             )?,
             rate_per_second: nz(positive(
                 "iyzico.rate_per_second",
                 self.rate_per_second,
-                10,
+                DEFAULT_RATE_PER_SECOND,
                 "requests per second",
             )?),
-            burst: nz(positive("iyzico.burst", self.burst, 10, "requests")?),
+            burst: nz(positive(
+                "iyzico.burst",
+                self.burst,
+                DEFAULT_BURST,
+                "requests",
+            )?),
             retries,
             retry_min_delay,
             retry_max_delay,
         })
     }
+}
+
+/// `iyzico.base_url`: scheme, host and port only, and `https` unless the host is loopback.
+fn api_base_url(raw: &str) -> Result<reqwest::Url, ConfigError> {
+    let refuse = |message: String| ConfigError::invalid("iyzico.base_url", message);
+    let base_url =
+        reqwest::Url::parse(raw).map_err(|e| refuse(format!("{raw:?} is not a URL: {e}")))?;
+    let loopback = match base_url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    match base_url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(refuse(format!(
+                "{raw:?} must use https:// (plain http is allowed only for a loopback host)"
+            )));
+        }
+    }
+    if base_url.path() != "/" || base_url.query().is_some() {
+        return Err(refuse(format!(
+            "{raw:?} must be scheme, host and port only"
+        )));
+    }
+    Ok(base_url)
+}
+
+/// `iyzico.locale`: `tr` or `en`.
+fn api_locale(value: Option<&str>) -> Result<Locale, ConfigError> {
+    match value {
+        None => Ok(DEFAULT_LOCALE),
+        Some("tr") => Ok(Locale::Tr),
+        Some("en") => Ok(Locale::En),
+        Some(other) => Err(ConfigError::invalid(
+            "iyzico.locale",
+            format!("{other:?} must be \"tr\" or \"en\""),
+        )),
+    }
+}
+
+/// `iyzico.retry_min_delay` and `iyzico.retry_max_delay`, the second at least the first.
+fn api_retry_delays(
+    min: Option<Duration>,
+    max: Option<Duration>,
+) -> Result<(Duration, Duration), ConfigError> {
+    let min = duration(
+        "iyzico.retry_min_delay",
+        min,
+        DEFAULT_RETRY_MIN_DELAY,
+        MAX_RETRY_DELAY,
+    )?;
+    let max = duration(
+        "iyzico.retry_max_delay",
+        max,
+        DEFAULT_RETRY_MAX_DELAY,
+        MAX_RETRY_DELAY,
+    )?;
+    if max < min {
+        return Err(ConfigError::invalid(
+            "iyzico.retry_max_delay",
+            "must be at least iyzico.retry_min_delay",
+        ));
+    }
+    Ok((min, max))
 }
 
 impl RawServer {
@@ -1301,19 +1390,19 @@ impl RawServer {
         };
         Ok(ServerConfig {
             listen,
-            status_page: self.status_page.unwrap_or(true),
+            status_page: self.status_page.unwrap_or(DEFAULT_STATUS_PAGE),
         })
     }
 }
 
 impl RawLog {
     fn validate(self) -> Result<LogConfig, ConfigError> {
-        let level = self.level.unwrap_or_else(|| "info".into());
+        let level = self.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
         tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
             ConfigError::invalid("log.level", format!("{level:?} is not a log filter: {e}"))
         })?;
         Ok(LogConfig {
-            format: self.format.unwrap_or_default(),
+            format: self.format.unwrap_or(DEFAULT_LOG_FORMAT),
             level,
         })
     }

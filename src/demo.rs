@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::Utc;
 
-use crate::cli::{Engine, Format, print_report, report_progress};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_SHUTDOWN_GRACE};
+use crate::engine::{ProgressDisplay, Replica};
 use crate::iyzico::simulator::{Faults, Simulator, SimulatorConfig};
-use crate::shutdown::{Shutdown, listen_for_signals};
-use crate::store;
-use crate::sweep::Progress;
+use crate::output::say;
+use crate::output::{Format, print_report};
+use crate::shutdown::{ForcedExit, Shutdown, listen_for_signals};
+use crate::store::{self, Store};
 use crate::telemetry::Metrics;
 
 const API_KEY: &str = "demo-api-key";
@@ -58,43 +59,83 @@ fn samples(n: u32) -> (Vec<Sample>, HashSet<String>, HashSet<String>) {
     (rows, rejected, already)
 }
 
-/// Runs the demo.
-pub async fn run(sessions: u32) -> anyhow::Result<()> {
+/// Why the demo ended without its report.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A second signal forced an immediate stop; carries the exit code (130 or 143).
+    #[error("stopped by a second signal")]
+    Forced(ForcedExit),
+    /// A step failed (the chain says which), or the first signal came before the sweep.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Runs the demo. The signals are the commands': the first one before the sweep ends the demo
+/// at once (nothing was sent), during the sweep it drains it and the report follows, a second
+/// one stops at once. The temporary directory is removed in every case.
+pub async fn run(sessions: u32) -> Result<(), DemoError> {
+    let shutdown = Shutdown::new();
+    // The demo's config sets no `shutdown_grace`: the default is its grace.
+    let forced = listen_for_signals(shutdown.clone(), DEFAULT_SHUTDOWN_GRACE)
+        .context("listening for signals")?;
     let dir = std::env::temp_dir().join(format!(
         "session-sweeper-demo-{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = demo_in(&dir, sessions).await;
+    let result = tokio::select! {
+        r = demo_in(&dir, sessions, &shutdown) => r.map_err(DemoError::Failed),
+        code = forced => Err(DemoError::Forced(code)),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn demo_in(dir: &std::path::Path, sessions: u32) -> anyhow::Result<()> {
+async fn demo_in(dir: &std::path::Path, sessions: u32, shutdown: &Shutdown) -> anyhow::Result<()> {
     let (rows, rejected, already) = samples(sessions);
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("valid"),
-        SimulatorConfig {
-            api_key: API_KEY.into(),
-            secret_key: SECRET.into(),
-            latency: Duration::from_millis(15),
-            faults: Faults {
-                unavailable: 0.05,
-                too_many_requests: 0.03,
-                retry_after_secs: 1,
-                malformed: 0.02,
-                // iyzico never redirects; the sweeper does not follow one and retries.
-                redirect: 0.01,
-                ..Faults::default()
-            },
-            always_fail: rejected,
-            already_invalidated: already,
-        },
+        simulator(rejected, already),
     )
     .await
     .context("starting the simulator")?;
     let db_path = dir.join("demo.db");
-    let toml = format!(
+    let config = Config::from_toml_str(&demo_config(&db_path, &sim.base_url()), std::iter::empty())
+        .context("the demo config")?;
+    say!("session-sweeper demo");
+    say!("  database:  {} (temporary SQLite)", db_path.display());
+    say!(
+        "  simulator: {} (15 ms latency; 5% 503s, 3% 429s, 2% malformed answers)",
+        sim.base_url()
+    );
+    let store = store::open(&config).await?;
+    let result = seed_and_sweep(&store, &config, &db_path, &rows, &sim, shutdown).await;
+    store.close().await;
+    result
+}
+
+/// The simulator's faults: some of everything the sweeper must survive.
+fn simulator(rejected: HashSet<String>, already: HashSet<String>) -> SimulatorConfig {
+    SimulatorConfig {
+        api_key: API_KEY.into(),
+        secret_key: SECRET.into(),
+        latency: Duration::from_millis(15),
+        faults: Faults {
+            unavailable: 0.05,
+            too_many_requests: 0.03,
+            retry_after_secs: 1,
+            malformed: 0.02,
+            // iyzico never redirects; the sweeper does not follow one and retries.
+            redirect: 0.01,
+            ..Faults::default()
+        },
+        always_fail: rejected,
+        already_invalidated: already,
+    }
+}
+
+fn demo_config(db_path: &std::path::Path, api_url: &str) -> String {
+    format!(
         r#"
 [database]
 url = "sqlite://{db}?mode=rwc"
@@ -112,7 +153,7 @@ batch_size = 100
 concurrency = 16
 retry_base = "1m"
 [iyzico]
-base_url = "{url}"
+base_url = "{api_url}"
 api_key = "{API_KEY}"
 secret_key = "{SECRET}"
 rate_per_second = 200
@@ -123,66 +164,63 @@ retry_max_delay = "1s"
 timeout = "3s"
 "#,
         db = db_path.display(),
-        url = sim.base_url()
-    );
-    let config = Config::from_toml_str(&toml, std::iter::empty()).context("the demo config")?;
+    )
+}
 
-    println!("session-sweeper demo");
-    println!("  database:  {} (temporary SQLite)", db_path.display());
-    println!(
-        "  simulator: {} (15 ms latency; 5% 503s, 3% 429s, 2% malformed answers)",
-        sim.base_url()
-    );
-    let store = store::open(&config).await?;
-    seed(&db_path, &rows).await?;
-    let idle = rows
-        .iter()
-        .filter(|r| r.status == "ACTIVE" && r.idle > Duration::from_secs(1800))
-        .count();
-    println!(
-        "  sessions:  {} in all: {idle} abandoned (idle > 30m), {} still in use, {} finished\n",
-        rows.len(),
-        rows.iter()
-            .filter(|r| r.status == "ACTIVE" && r.idle <= Duration::from_secs(1800))
-            .count(),
-        rows.iter().filter(|r| r.status == "PASSIVE").count()
-    );
-    store.migrate().await?;
-
-    let shutdown = Shutdown::new();
-    let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)?;
-    let engine = Engine::start(store.clone(), &config, Metrics::new())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let progress = Arc::new(Progress::default());
-    let mut reporter = tokio::spawn(report_progress(
-        progress.clone(),
-        std::io::stderr().is_terminal(),
-    ));
-    let result = tokio::select! {
-        r = engine.sweeper.run_once(&shutdown, progress) => r,
-        _ = forced => anyhow::bail!("stopped by a second signal"),
+/// Seeds the sample sessions, sweeps them once, and prints what happened. The first signal
+/// before the sweep ends it at once; during the sweep it drains it.
+async fn seed_and_sweep(
+    store: &Arc<dyn Store>,
+    config: &Config,
+    db_path: &std::path::Path,
+    rows: &[Sample],
+    sim: &Simulator,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let prepare = async {
+        seed(db_path, rows).await?;
+        describe_samples(rows);
+        store.migrate().await?;
+        anyhow::Ok(Replica::start(store.clone(), config, Metrics::new()).await?)
     };
-    if tokio::time::timeout(Duration::from_millis(300), &mut reporter)
-        .await
-        .is_err()
-    {
-        reporter.abort();
-    }
-    engine.membership.leave().await;
-    let summary = result?;
-    println!("\n{}\n", summary.line());
-    println!(
+    let replica = tokio::select! {
+        // A replica that is ready sweeps (and leaves the fleet), never dropped with its
+        // heartbeat running.
+        biased;
+        r = prepare => r?,
+        _ = shutdown.stopping() => {
+            anyhow::bail!("stopped by a signal while preparing the demo; nothing was sent")
+        }
+    };
+    let display = if std::io::stderr().is_terminal() {
+        ProgressDisplay::Bar
+    } else {
+        ProgressDisplay::LogLines
+    };
+    let summary = replica.sweep_once(shutdown, display).await?;
+    say!("\n{}\n", summary.line());
+    say!(
         "The simulator saw {} calls; the retries absorbed its injected faults.\n",
         sim.stats
             .requests
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     print_report(&store.report(5).await?, Format::Table);
-    println!("\nNext: write a session-sweeper.toml for your database (see the README), then");
-    println!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
-    store.close().await;
+    say!("\nNext: write a session-sweeper.toml for your database (see the README), then");
+    say!("`session-sweeper check`, `session-sweeper dry-run`, and `session-sweeper once`.");
     Ok(())
+}
+
+fn describe_samples(rows: &[Sample]) {
+    let abandoned = |r: &&Sample| r.status == "ACTIVE" && r.idle > Duration::from_secs(1800);
+    let in_use = |r: &&Sample| r.status == "ACTIVE" && r.idle <= Duration::from_secs(1800);
+    say!(
+        "  sessions:  {} in all: {} abandoned (idle > 30m), {} still in use, {} finished\n",
+        rows.len(),
+        rows.iter().filter(abandoned).count(),
+        rows.iter().filter(in_use).count(),
+        rows.iter().filter(|r| r.status == "PASSIVE").count()
+    );
 }
 
 async fn seed(db_path: &std::path::Path, rows: &[Sample]) -> anyhow::Result<()> {

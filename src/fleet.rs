@@ -16,8 +16,6 @@ use crate::telemetry::Metrics;
 /// Extra looks at the fleet right after joining, so simultaneous starts share the budget
 /// within a quarter second instead of a whole heartbeat period.
 const FAST_DISCOVERY: [Duration; 2] = [Duration::from_millis(250), Duration::from_millis(500)];
-/// How long `join` waits before its first count of the fleet.
-const FIRST_LOOK: Duration = Duration::from_millis(100);
 
 /// This process's identity: unique per start, so a restarted process never waits on the
 /// leases of its dead predecessor.
@@ -123,6 +121,7 @@ impl Membership {
         store: Arc<dyn Store>,
         worker: WorkerInfo,
         period: Duration,
+        stale_after: Duration,
         lease: Duration,
         view: FleetView,
     ) -> Result<Self, StoreError> {
@@ -134,12 +133,11 @@ impl Membership {
                 store.forget_worker(&w.id).await?;
             }
         }
-        let stale_after = period * 3;
-        beat(&*store, &worker, lease, stale_after, &view).await?;
-        // Give replicas starting together a moment to register, then take our share before
-        // the first request, so a simultaneous start does not spend the budget several times.
-        tokio::time::sleep(FIRST_LOOK).await;
-        let mut live = store.live_workers(stale_after).await?;
+        let mut live = beat(&*store, &worker, lease, stale_after, &view).await?;
+        // Of replicas starting together, the later to register always counts the earlier
+        // (its count follows both registrations) and waits below; the earlier spends the
+        // budget alone until it sees the newcomer at its next look (`FAST_DISCOVERY`), which
+        // comes before the newcomer's first request. So no one waits before a first look.
         if live > 1 {
             // The others learn of us at their next beat; until then they still spend the
             // shares they had. Waiting one period keeps the fleet within its budget.

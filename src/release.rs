@@ -6,26 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::CommandFactory as _;
-
-use crate::cli::{Cli, CliError};
+use crate::build_info::VERSION;
 use crate::config::redact_url;
-
-/// The crate version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The short git commit the binary was built from, or "unknown" (see build.rs).
-pub const COMMIT: &str = env!("SWEEPER_GIT_COMMIT");
-/// The UTC build date, `YYYY-MM-DD` (see build.rs).
-pub const BUILD_DATE: &str = env!("SWEEPER_BUILD_DATE");
-/// What `--version` prints after the binary's name.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("SWEEPER_GIT_COMMIT"),
-    ", built ",
-    env!("SWEEPER_BUILD_DATE"),
-    ")"
-);
+use crate::output::say;
 
 /// The address `healthcheck` asks when there is no config file at all.
 pub const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
@@ -48,19 +31,65 @@ pub struct HealthcheckArgs {
     pub url: Option<String>,
 }
 
-/// Writes the completion script for `shell` to stdout (a closed pipe, as with `| head`, is fine).
-pub fn completions(args: &CompletionsArgs) -> Result<(), CliError> {
+/// Why `completions` or `healthcheck` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// `--url` is not a plain `http://` URL (bad usage: exit 2).
+    #[error("--url {shown}: {why}")]
+    BadUrl {
+        /// The URL, its password redacted.
+        shown: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// There is no address to ask.
+    #[error(transparent)]
+    NoAddress(#[from] HealthAddrError),
+    /// The host does not resolve.
+    #[error("{shown}: resolving {host}: {source}")]
+    Resolve {
+        /// The URL, its password redacted.
+        shown: String,
+        /// The host asked for.
+        host: String,
+        /// The resolver's answer.
+        source: std::io::Error,
+    },
+    /// The endpoint answered, but not 2xx.
+    #[error("{shown}: HTTP {status}")]
+    Unhealthy {
+        /// The URL, its password redacted.
+        shown: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The endpoint did not answer (refused, timed out, not HTTP).
+    #[error("{shown}: {source}")]
+    Unreachable {
+        /// The URL, its password redacted.
+        shown: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The completion script could not be written.
+    #[error("writing the script: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+impl ReleaseError {
+    /// Whether the command line itself was wrong (exit 2) rather than the world (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ReleaseError::BadUrl { .. })
+    }
+}
+
+/// Writes the completion script of `command` for `shell` to stdout (a closed pipe, as with
+/// `| head`, is fine).
+pub fn completions(args: &CompletionsArgs, mut command: clap::Command) -> Result<(), ReleaseError> {
     let mut script = Vec::new();
-    clap_complete::generate(
-        args.shell,
-        &mut Cli::command(),
-        "session-sweeper",
-        &mut script,
-    );
+    clap_complete::generate(args.shell, &mut command, "session-sweeper", &mut script);
     match std::io::stdout().lock().write_all(&script) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Runtime(
-            anyhow::anyhow!("writing the script: {e}"),
-        )),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ReleaseError::Write(e)),
         _ => Ok(()),
     }
 }
@@ -111,24 +140,23 @@ pub enum HealthAddrError {
 
 /// GETs `/healthz` (or `--url`): Ok on a 2xx answer, a runtime failure (exit 1) otherwise. A
 /// password in `--url` is never printed.
-pub fn healthcheck(args: &HealthcheckArgs, config: Option<&Path>) -> Result<(), CliError> {
+pub fn healthcheck(args: &HealthcheckArgs, config: &Path) -> Result<(), ReleaseError> {
     let url = match &args.url {
         Some(u) => u.clone(),
         None => format!(
             "http://{}/healthz",
-            health_addr(config, std::env::var("SWEEPER_SERVER__LISTEN").ok())
-                .map_err(|e| CliError::Runtime(e.into()))?
+            health_addr(config, std::env::var("SWEEPER_SERVER__LISTEN").ok())?
         ),
     };
     let shown = redact_url(&url);
     let (addr, host, path) = parse_http_url(&url, &shown)?;
     match get(addr, &host, &path) {
         Ok(status) if (200..300).contains(&status) => {
-            println!("{shown}: {status}");
+            say!("{shown}: {status}");
             Ok(())
         }
-        Ok(status) => Err(CliError::Runtime(anyhow::anyhow!("{shown}: HTTP {status}"))),
-        Err(e) => Err(CliError::Runtime(anyhow::anyhow!("{shown}: {e}"))),
+        Ok(status) => Err(ReleaseError::Unhealthy { shown, status }),
+        Err(source) => Err(ReleaseError::Unreachable { shown, source }),
     }
 }
 
@@ -137,15 +165,11 @@ pub fn healthcheck(args: &HealthcheckArgs, config: Option<&Path>) -> Result<(), 
 /// is no config file at all is it [`DEFAULT_HEALTH_ADDR`]; a config without `server.listen`
 /// serves no `/healthz`, and that is an error, not a probe of another port. A wildcard listen
 /// address is checked on loopback.
-fn health_addr(
-    config: Option<&Path>,
-    env_listen: Option<String>,
-) -> Result<SocketAddr, HealthAddrError> {
+fn health_addr(path: &Path, env_listen: Option<String>) -> Result<SocketAddr, HealthAddrError> {
     let (listen, origin) = match env_listen {
         Some(l) if l.trim().is_empty() => return Err(HealthAddrError::EmptyFromEnv),
         Some(l) => (l, "SWEEPER_SERVER__LISTEN".to_owned()),
         None => {
-            let path = config.unwrap_or(Path::new(crate::cli::DEFAULT_CONFIG));
             let text = match std::fs::read_to_string(path) {
                 Ok(text) => text,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -197,8 +221,11 @@ fn health_addr(
 
 /// `http://host[:port][/path]` → the address, the Host header, the request target. Messages
 /// show the URL as `shown` (its password redacted).
-fn parse_http_url(raw: &str, shown: &str) -> Result<(SocketAddr, String, String), CliError> {
-    let usage = |why: &str| CliError::Usage(format!("--url {shown}: {why}"));
+fn parse_http_url(raw: &str, shown: &str) -> Result<(SocketAddr, String, String), ReleaseError> {
+    let usage = |why: &str| ReleaseError::BadUrl {
+        shown: shown.to_owned(),
+        why: why.to_owned(),
+    };
     let url = url::Url::parse(raw).map_err(|e| usage(&e.to_string()))?;
     if url.scheme() != "http" {
         return Err(usage(
@@ -209,9 +236,17 @@ fn parse_http_url(raw: &str, shown: &str) -> Result<(SocketAddr, String, String)
     let port = url.port_or_known_default().unwrap_or(80);
     let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
         .to_socket_addrs()
-        .map_err(|e| CliError::Runtime(anyhow::anyhow!("{shown}: resolving {host}: {e}")))?
+        .map_err(|source| ReleaseError::Resolve {
+            shown: shown.to_owned(),
+            host: host.to_owned(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| CliError::Runtime(anyhow::anyhow!("{shown}: {host} has no address")))?;
+        .ok_or_else(|| ReleaseError::Resolve {
+            shown: shown.to_owned(),
+            host: host.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
     let mut target = url.path().to_owned();
     if let Some(q) = url.query() {
         target.push('?');
@@ -283,7 +318,7 @@ mod tests {
         assert_eq!(target, "/readyz?x=1");
         assert!(matches!(
             parse("https://127.0.0.1/healthz"),
-            Err(CliError::Usage(_))
+            Err(ReleaseError::BadUrl { .. })
         ));
         // The user information is never sent on, as a Host header or otherwise.
         let (_, host, _) = parse("http://u:pw@127.0.0.1:9464/healthz").unwrap();
@@ -296,7 +331,7 @@ mod tests {
         let file = dir.path().join("sweeper.toml");
         let at = |listen: &str| {
             std::fs::write(&file, format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
-            health_addr(Some(&file), None).map(|a| a.to_string())
+            health_addr(&file, None).map(|a| a.to_string())
         };
         assert_eq!(at("127.0.0.1:9500").unwrap(), "127.0.0.1:9500");
         assert_eq!(at("0.0.0.0:9501").unwrap(), "127.0.0.1:9501");
@@ -307,17 +342,17 @@ mod tests {
         ));
         assert!(matches!(at(" "), Err(HealthAddrError::NotSet { .. })));
         assert_eq!(
-            health_addr(Some(&file), Some("127.0.0.2:9600".into()))
+            health_addr(&file, Some("127.0.0.2:9600".into()))
                 .unwrap()
                 .to_string(),
             "127.0.0.2:9600"
         );
         assert!(matches!(
-            health_addr(Some(&file), Some(String::new())),
+            health_addr(&file, Some(String::new())),
             Err(HealthAddrError::EmptyFromEnv)
         ));
         std::fs::write(&file, "[database]\nurl = \"sqlite://x.db\"\n").unwrap();
-        let err = health_addr(Some(&file), None).unwrap_err().to_string();
+        let err = health_addr(&file, None).unwrap_err().to_string();
         assert_eq!(
             err,
             format!(
@@ -327,26 +362,16 @@ mod tests {
         );
         std::fs::write(&file, "[server]\nlisten = 9464\n").unwrap();
         assert!(matches!(
-            health_addr(Some(&file), None),
+            health_addr(&file, None),
             Err(HealthAddrError::BadAddress { .. })
         ));
         std::fs::write(&file, "[iyzico]\nsecret_key = \"hunter2\n").unwrap();
-        let err = health_addr(Some(&file), None).unwrap_err().to_string();
+        let err = health_addr(&file, None).unwrap_err().to_string();
         assert!(
             err.contains("not valid TOML") && !err.contains("hunter2"),
             "{err}"
         );
         let absent = dir.path().join("absent.toml");
-        assert_eq!(
-            health_addr(Some(&absent), None).unwrap(),
-            DEFAULT_HEALTH_ADDR
-        );
-    }
-
-    #[test]
-    fn version_carries_the_commit() {
-        assert!(LONG_VERSION.starts_with(VERSION));
-        assert!(LONG_VERSION.contains(COMMIT));
-        assert_eq!(BUILD_DATE.len(), 10);
+        assert_eq!(health_addr(&absent, None).unwrap(), DEFAULT_HEALTH_ADDR);
     }
 }

@@ -30,6 +30,13 @@ impl Changes {
 /// Compares the running config with the new one.
 pub fn diff(old: &Config, new: &Config) -> Changes {
     let mut c = Changes::default();
+    note_applied(old, new, &mut c);
+    note_need_restart(old, new, &mut c);
+    c
+}
+
+/// Notes the keys a reload applies at once that differ, and whether the schedule changed.
+fn note_applied(old: &Config, new: &Config, c: &mut Changes) {
     let mut applied = |key: &str, a: String, b: String| {
         if a != b {
             c.applied.push(format!("{key}: {a} → {b}"));
@@ -81,6 +88,11 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         applied("sweep.schedule", a, b);
         c.schedule = true;
     }
+}
+
+/// Notes the keys that differ but wait for a restart.
+fn note_need_restart(old: &Config, new: &Config, c: &mut Changes) {
+    let (oi, ni, os, ns) = (&old.iyzico, &new.iyzico, &old.sweep, &new.sweep);
     let mut restart = |key: &'static str, differs: bool| {
         if differs {
             c.need_restart.push(key);
@@ -117,7 +129,6 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         "sweep.shutdown_grace",
         os.shutdown_grace != ns.shutdown_grace,
     );
-    c
 }
 
 /// Applies the reloadable part of `new` to the running sweeper, its client and limiter, and
@@ -135,7 +146,7 @@ pub fn apply(new: &Config, sweeper: &Sweeper, log: Option<&LogLevelHandle>) {
     });
     sweeper.update_settings(|s| {
         s.rate_per_second = new.iyzico.rate_per_second.get();
-        s.calls_per_attempt = new.iyzico.retries + 1;
+        s.calls_per_attempt = new.iyzico.calls_per_attempt();
         s.concurrency = new.sweep.concurrency.get();
         s.batch_size = new.sweep.batch_size.get();
         s.max_attempts = new.sweep.max_attempts.get();

@@ -128,7 +128,7 @@ fn ops_router(metrics: Metrics) -> axum::Router {
 
 /// Serves until the shutdown's abort (it stays up while in-flight work drains, so probes and
 /// scrapes keep answering during a graceful stop).
-pub async fn serve(
+pub async fn serve_routes(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shutdown: Shutdown,

@@ -90,8 +90,8 @@ impl Inputs {
                     Backend::MySql => "mysql",
                 },
                 source_table: config.source.table.to_string(),
-                version: crate::release::VERSION,
-                commit: crate::release::COMMIT,
+                version: crate::build_info::VERSION,
+                commit: crate::build_info::COMMIT,
             },
             idle_after: config.source.idle_after,
             stale_after: config.sweep.stale_after(),
@@ -206,6 +206,41 @@ fn build(
         .iter()
         .map(|(o, n)| (o.as_str().to_owned(), json!(n)))
         .collect();
+    json!({
+        "mode": if metrics.is_some() { "run" } else { "serve-status" },
+        "now": now,
+        "ready": metrics.map(|m| m.is_ready()),
+        "outcomes": outcomes,
+        "source_not_marked": r.source_not_marked,
+        "unusable": r.unusable,
+        "leased": r.leased,
+        "backlog": backlog,
+        "last_sweep": metrics.and_then(|m| m.last_sweep()),
+        "last_call_at": data.last_call_at,
+        "chart": {
+            "series": SERIES.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+            "hour": histogram(data, now, 60, 60),
+            "day": histogram(data, now, 96, 15 * 60),
+            "cover_from": data.calls_cover_from,
+        },
+        "fleet": fleet(data, inputs, metrics, me),
+        "failures": {
+            "by_code": data.failures_by_code,
+            "latest": r.recent_failures,
+        },
+        "pending": pending(data),
+        "settings": inputs.settings,
+    })
+}
+
+/// The workers live now and those stale within [`STALE_RECENTLY`], each with its rate share.
+fn fleet(
+    data: &StatusData,
+    inputs: &Inputs,
+    metrics: Option<&Metrics>,
+    me: &(String, u32),
+) -> Value {
+    let now = data.now;
     let age = |t: DateTime<Utc>| (now - t).num_milliseconds().max(0) as f64 / 1000.0;
     let stale_after = chrono::Duration::from_std(inputs.stale_after).unwrap_or_default();
     let recently =
@@ -235,47 +270,29 @@ fn build(
             },
         })
     };
+    json!({
+        "live": live.iter().map(|w| worker(w, true)).collect::<Vec<_>>(),
+        "stale_recently": stale.iter().map(|w| worker(w, false)).collect::<Vec<_>>(),
+        "stale_after_seconds": inputs.stale_after.as_secs_f64(),
+    })
+}
+
+/// Pending sessions: how many, when the next is due, and a histogram by due time.
+fn pending(data: &StatusData) -> Value {
+    let r = &data.report;
     let p = &data.pending_by_due;
     json!({
-        "mode": if metrics.is_some() { "run" } else { "serve-status" },
-        "now": now,
-        "ready": metrics.map(|m| m.is_ready()),
-        "outcomes": outcomes,
-        "source_not_marked": r.source_not_marked,
-        "unusable": r.unusable,
-        "leased": r.leased,
-        "backlog": backlog,
-        "last_sweep": metrics.and_then(|m| m.last_sweep()),
-        "last_call_at": data.last_call_at,
-        "chart": {
-            "series": SERIES.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
-            "hour": histogram(data, now, 60, 60),
-            "day": histogram(data, now, 96, 15 * 60),
-            "cover_from": data.calls_cover_from,
-        },
-        "fleet": {
-            "live": live.iter().map(|w| worker(w, true)).collect::<Vec<_>>(),
-            "stale_recently": stale.iter().map(|w| worker(w, false)).collect::<Vec<_>>(),
-            "stale_after_seconds": inputs.stale_after.as_secs_f64(),
-        },
-        "failures": {
-            "by_code": data.failures_by_code,
-            "latest": r.recent_failures,
-        },
-        "pending": {
-            "count": r.pending.count,
-            "due_now": r.pending.due_now,
-            "next_due": r.pending.next_due,
-            "by_due": [
-                { "label": "due now", "count": p.now },
-                { "label": "< 1 min", "count": p.within_1m },
-                { "label": "1–5 min", "count": p.within_5m },
-                { "label": "5–15 min", "count": p.within_15m },
-                { "label": "15–60 min", "count": p.within_1h },
-                { "label": "later", "count": p.later },
-            ],
-        },
-        "settings": inputs.settings,
+        "count": r.pending.count,
+        "due_now": r.pending.due_now,
+        "next_due": r.pending.next_due,
+        "by_due": [
+            { "label": "due now", "count": p.now },
+            { "label": "< 1 min", "count": p.within_1m },
+            { "label": "1–5 min", "count": p.within_5m },
+            { "label": "5–15 min", "count": p.within_15m },
+            { "label": "15–60 min", "count": p.within_1h },
+            { "label": "later", "count": p.later },
+        ],
     })
 }
 

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use sha2::Digest;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -50,9 +50,13 @@ where
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(&log.level));
+    // A log line that cannot be written is dropped. By default the subscriber reports that on
+    // stderr with `eprintln!`, which panics when stderr is the closed pipe: in a sqlx worker
+    // thread that left a transaction open and the sweep waiting forever.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(sink);
+        .with_writer(sink)
+        .log_internal_errors(false);
     fn handle<S: Send + Sync + 'static>(
         h: tracing_subscriber::reload::Handle<EnvFilter, S>,
     ) -> LogLevelHandle {
@@ -155,111 +159,111 @@ impl Default for Metrics {
     }
 }
 
+/// A metric's name and help text.
+type Described = (&'static str, &'static str);
+
+// Every metric's name and help, in the order `/metrics` lists them.
+const UNUSABLE_ROWS: Described = (
+    "sweeper_source_rows_unusable",
+    "Active source rows never sent, by reason (unreadable_last_activity, bad_source_row)",
+);
+const SOURCE_UNMARKED: Described = (
+    "sweeper_source_unmarked",
+    "Invalidated sessions whose source row could not be marked passive (retried each sweep)",
+);
+const CLOCK_SKEW: Described = (
+    "sweeper_clock_skew_seconds",
+    "The database's clock minus this host's, as the last heartbeat measured it",
+);
+const SESSIONS: Described = ("sweeper_sessions", "Sessions settled, by outcome");
+const API_CALLS: Described = (
+    "sweeper_api_calls",
+    "API calls, by result class and HTTP status",
+);
+const API_LATENCY: Described = ("sweeper_api_latency_seconds", "API call latency");
+const SWEEP_DURATION: Described = ("sweeper_sweep_duration_seconds", "Duration of one sweep");
+const SWEEPS: Described = ("sweeper_sweeps", "Sweeps, by result");
+const LAST_SUCCESS: Described = (
+    "sweeper_last_successful_sweep_timestamp_seconds",
+    "Unix time the last sweep finished without error",
+);
+const BACKLOG: Described = ("sweeper_backlog_sessions", "Sessions eligible right now");
+const RATE_WAIT: Described = (
+    "sweeper_rate_limit_wait_seconds",
+    "Time spent waiting on the rate limiter",
+);
+const SKIPPED_TICKS: Described = (
+    "sweeper_skipped_ticks",
+    "Schedule ticks skipped because a sweep was still running",
+);
+const AUTH_FAILURES: Described = (
+    "sweeper_auth_failures",
+    "API calls refused for bad credentials",
+);
+const REPLICAS: Described = (
+    "sweeper_fleet_replicas",
+    "Live replicas sharing the rate budget",
+);
+const READY: Described = (
+    "sweeper_ready",
+    "1 when the database is reachable and sweeps succeed",
+);
+const BUILD_INFO: Described = (
+    "sweeper_build_info",
+    "Always 1; the labels name the running build",
+);
+
+/// Registers metrics and hands them back, so each is named once where it is created.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<M: Metric + Clone>(&mut self, (name, help): Described, metric: M) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+}
+
+/// `sweeper_build_info`: 1, labelled with this build's version and commit.
+fn build_info() -> Family<BuildInfoLabels, Gauge> {
+    let family = Family::<BuildInfoLabels, Gauge>::default();
+    family
+        .get_or_create(&BuildInfoLabels {
+            version: crate::build_info::VERSION,
+            commit: crate::build_info::COMMIT,
+        })
+        .set(1);
+    family
+}
+
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let sessions = Family::<OutcomeLabel, Counter>::default();
-        let api_calls = Family::<ApiCallLabels, Counter>::default();
-        let api_latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        let sweep_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
-        let sweeps = Family::<ResultLabel, Counter>::default();
-        let last_success = Gauge::<f64, AtomicU64>::default();
-        let backlog = Gauge::default();
-        let rate_wait = Counter::<f64, AtomicU64>::default();
-        let skipped_ticks = Counter::default();
-        let auth_failures = Counter::default();
-        let replicas = Gauge::default();
-        let ready = Gauge::default();
-        let unusable_rows = Family::<ReasonLabel, Gauge>::default();
-        let source_unmarked = Counter::default();
-        let clock_skew = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "sweeper_source_rows_unusable",
-            "Active source rows never sent, by reason (unreadable_last_activity, bad_source_row)",
-            unusable_rows.clone(),
+        let mut r = Registrar(Registry::default());
+        let unusable_rows = r.add(UNUSABLE_ROWS, Family::default());
+        let source_unmarked = r.add(SOURCE_UNMARKED, Counter::default());
+        let clock_skew = r.add(CLOCK_SKEW, Gauge::<f64, AtomicU64>::default());
+        let sessions = r.add(SESSIONS, Family::default());
+        let api_calls = r.add(API_CALLS, Family::default());
+        let api_latency = r.add(
+            API_LATENCY,
+            Histogram::new(exponential_buckets(0.005, 2.0, 14)),
         );
-        registry.register(
-            "sweeper_source_unmarked",
-            "Invalidated sessions whose source row could not be marked passive (retried each sweep)",
-            source_unmarked.clone(),
+        let sweep_duration = r.add(
+            SWEEP_DURATION,
+            Histogram::new(exponential_buckets(0.1, 2.0, 16)),
         );
-        registry.register(
-            "sweeper_clock_skew_seconds",
-            "The database's clock minus this host's, as the last heartbeat measured it",
-            clock_skew.clone(),
-        );
-        registry.register(
-            "sweeper_sessions",
-            "Sessions settled, by outcome",
-            sessions.clone(),
-        );
-        registry.register(
-            "sweeper_api_calls",
-            "API calls, by result class and HTTP status",
-            api_calls.clone(),
-        );
-        registry.register(
-            "sweeper_api_latency_seconds",
-            "API call latency",
-            api_latency.clone(),
-        );
-        registry.register(
-            "sweeper_sweep_duration_seconds",
-            "Duration of one sweep",
-            sweep_duration.clone(),
-        );
-        registry.register("sweeper_sweeps", "Sweeps, by result", sweeps.clone());
-        registry.register(
-            "sweeper_last_successful_sweep_timestamp_seconds",
-            "Unix time the last sweep finished without error",
-            last_success.clone(),
-        );
-        registry.register(
-            "sweeper_backlog_sessions",
-            "Sessions eligible right now",
-            backlog.clone(),
-        );
-        registry.register(
-            "sweeper_rate_limit_wait_seconds",
-            "Time spent waiting on the rate limiter",
-            rate_wait.clone(),
-        );
-        registry.register(
-            "sweeper_skipped_ticks",
-            "Schedule ticks skipped because a sweep was still running",
-            skipped_ticks.clone(),
-        );
-        registry.register(
-            "sweeper_auth_failures",
-            "API calls refused for bad credentials",
-            auth_failures.clone(),
-        );
-        registry.register(
-            "sweeper_fleet_replicas",
-            "Live replicas sharing the rate budget",
-            replicas.clone(),
-        );
-        registry.register(
-            "sweeper_ready",
-            "1 when the database is reachable and sweeps succeed",
-            ready.clone(),
-        );
-        let build_info = Family::<BuildInfoLabels, Gauge>::default();
-        build_info
-            .get_or_create(&BuildInfoLabels {
-                version: crate::release::VERSION,
-                commit: crate::release::COMMIT,
-            })
-            .set(1);
-        registry.register(
-            "sweeper_build_info",
-            "Always 1; the labels name the running build",
-            build_info,
-        );
+        let sweeps = r.add(SWEEPS, Family::default());
+        let last_success = r.add(LAST_SUCCESS, Gauge::<f64, AtomicU64>::default());
+        let backlog = r.add(BACKLOG, Gauge::default());
+        let rate_wait = r.add(RATE_WAIT, Counter::<f64, AtomicU64>::default());
+        let skipped_ticks = r.add(SKIPPED_TICKS, Counter::default());
+        let auth_failures = r.add(AUTH_FAILURES, Counter::default());
+        let replicas = r.add(REPLICAS, Gauge::default());
+        let ready = r.add(READY, Gauge::default());
+        r.add(BUILD_INFO, build_info());
         Self {
             inner: Arc::new(Inner {
-                registry,
+                registry: r.0,
                 sessions,
                 api_calls,
                 api_latency,
@@ -280,12 +284,9 @@ impl Metrics {
         }
     }
 
-    /// Active source rows the sweep cannot use, by reason.
-    pub fn set_unusable(&self, rows: crate::store::UnusableRows) {
-        for (reason, n) in [
-            ("unreadable_last_activity", rows.unreadable_last_activity),
-            ("bad_source_row", rows.bad_source_row),
-        ] {
+    /// Active source rows the sweep cannot use, as `(reason, rows)` pairs.
+    pub fn set_unusable(&self, by_reason: impl IntoIterator<Item = (&'static str, u64)>) {
+        for (reason, n) in by_reason {
             self.inner
                 .unusable_rows
                 .get_or_create(&ReasonLabel { reason })

@@ -5,9 +5,11 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use common::{
-    Kind, SECRET, TestDb, fresh_session, idle_sessions, signal, simulator, spawn_sweeper,
+    Kind, SECRET, TestDb, fresh_session, idle_sessions, sessions_and_simulator, signal, simulator,
+    spawn_sweeper,
 };
 use session_sweeper::config::Config;
 use session_sweeper::iyzico::simulator::SimulatorConfig;
@@ -45,16 +47,7 @@ fn config_file(
 url = "sqlite://{}?mode=rwc"
 max_connections = 4
 
-[source]
-table = "checkout_sessions"
-token_column = "session_token"
-member_column = "member_identifier"
-status_column = "status"
-last_activity_column = "last_activity_at"
-active_value = "ACTIVE"
-passive_value = "PASSIVE"
-idle_after = "30m"
-mark_passive = true
+{source}mark_passive = true
 
 [sweep]
 interval = "1m"
@@ -83,7 +76,8 @@ listen = "127.0.0.1:9464"
 format = "text"
 level = "info"
 "#,
-        db.display()
+        db.display(),
+        source = common::source_toml(),
     );
     let path = dir.join("sweeper.toml");
     std::fs::write(&path, edit(text)).unwrap();
@@ -1182,3 +1176,188 @@ both_backends!(
     the_commands_tell_a_consistent_story,
     one_signal_lets_migrate_finish_and_two_force_it,
 );
+
+/// `serve-status` opens one fresh connection first, as every command that needs the database
+/// does: a server that refuses connections is said at once, not as the pool's "timed out" ten
+/// seconds later.
+#[test]
+fn serve_status_reports_a_refused_database_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = config_file(dir.path(), |t| t);
+    let started = std::time::Instant::now();
+    let out = run(
+        &path,
+        &["serve-status", "--listen", "127.0.0.1:0"],
+        &[(
+            "SWEEPER_DATABASE__URL",
+            "postgres://postgres:hunter2@127.0.0.1:1/none",
+        )],
+    );
+    let took = started.elapsed();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("connecting to the database") && all.contains("Connection refused"),
+        "{all}"
+    );
+    assert!(!all.contains("hunter2"), "{all}");
+    assert_eq!(all.matches("error: ").count(), 1, "{all}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+}
+
+/// `demo` as a newcomer runs it: its own temporary database and simulator, one sweep, the
+/// report, exit 0, and nothing left behind in the temporary directory.
+#[test]
+fn demo_prints_its_report_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+        .args(["demo", "--sessions", "100"])
+        .env("TMPDIR", tmp.path())
+        .env_remove("SWEEPER_CONFIG")
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "session-sweeper demo",
+        "swept ",
+        "OUTCOME",
+        "invalidated",
+        "Next:",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{all}");
+}
+
+/// `demo` started with `args` in its own temporary directory, and its stdout line by line.
+fn spawn_demo(
+    tmp: &Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"))
+        .arg("demo")
+        .args(args)
+        .env("TMPDIR", tmp)
+        .env_remove("SWEEPER_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            lines.push(line);
+        }
+        lines
+    });
+    (child, rx, reader)
+}
+
+/// Waits for a line of `lines` that contains `needle`.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no line with {needle:?}: {e}"));
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+/// Sends `sig` (`"-TERM"`, `"-INT"`) to `child`.
+fn kill(child: &std::process::Child, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Signals during `demo` keep the contract: the first before its sweep stops it at once (exit
+/// 1, saying so), a second during the sweep forces 130/143; either way its temporary directory
+/// is removed. It used to die of a signal that came while it seeded (leaving the directory
+/// behind) and to exit 1 on a forced stop.
+#[test]
+fn demo_obeys_signals_and_leaves_nothing_behind() {
+    // The first signal while the sample sessions are written.
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, lines, reader) = spawn_demo(tmp.path(), &["--sessions", "300000"]);
+    wait_for_line(&lines, "session-sweeper demo");
+    kill(&child, "-TERM");
+    let status = child.wait().unwrap();
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped by a signal"), "{stderr}");
+    assert_eq!(stderr.matches("error: ").count(), 1, "{stderr}");
+    reader.join().unwrap();
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+
+    // Two signals while it sweeps (5,000 sessions at 200/s): forced, 128 + the second one
+    // (both pending at once, the kernel delivers SIGINT first).
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, lines, reader) = spawn_demo(tmp.path(), &["--sessions", "5000"]);
+    wait_for_line(&lines, "sessions:");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    kill(&child, "-TERM");
+    kill(&child, "-INT");
+    let status = child.wait().unwrap();
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert!(
+        matches!(status.code(), Some(130 | 143)),
+        "{status:?}: {stderr}"
+    );
+    reader.join().unwrap();
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+/// A log shipper that goes away (`once 2>&1 | head`) must not stop the sweep half-way: a log
+/// line that cannot be written is dropped, the sweep finishes, every call is recorded, and the
+/// process exits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_output_pipes_neither_hang_nor_lose_a_sweep() {
+    let Some((db, _sim)) = sessions_and_simulator(Kind::Sqlite, 40, Duration::from_millis(5)).await
+    else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-sweeper"));
+    cmd.arg("--config")
+        .arg(db.dir.path().join("sweeper.toml"))
+        .arg("once")
+        // Every statement and request logged: the writes start failing at once.
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // The reader goes away before the first line.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("once hung after its output pipes closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(db.count_state("invalidated").await, 40);
+    let passive = db
+        .scalar("SELECT COUNT(*) FROM checkout_sessions WHERE status = 'PASSIVE'")
+        .await;
+    assert_eq!(passive, 40);
+}

@@ -96,16 +96,7 @@ fn config(url: &str, overrides: &[(&str, &str)]) -> Config {
         r#"
 [database]
 url = "sqlite://unused.db"
-[source]
-table = "t"
-token_column = "a"
-member_column = "b"
-status_column = "c"
-last_activity_column = "d"
-active_value = "ACTIVE"
-passive_value = "PASSIVE"
-idle_after = "30m"
-[iyzico]
+{source}[iyzico]
 base_url = "{url}"
 api_key = "{API_KEY}"
 secret_key = "{SECRET}"
@@ -115,7 +106,8 @@ burst = 100
 retries = 2
 retry_min_delay = "10ms"
 retry_max_delay = "40ms"
-"#
+"#,
+        source = common::source_toml(),
     );
     Config::from_toml_str(
         &toml,

@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Kind, TestDb, sessions_and_simulator, signal, spawn_sweeper, wait_for};
+use session_sweeper::daemon::DaemonError;
 use session_sweeper::fleet::Membership;
 use session_sweeper::iyzico::limiter::SharedLimiter;
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::WorkerInfo;
+use session_sweeper::sweep::SweepError;
 use session_sweeper::telemetry::Metrics;
 
 async fn sigterm_mid_sweep_records_every_call_and_releases_the_rest(kind: Kind) {
@@ -129,16 +131,8 @@ both_backends!(
     after_sigkill_a_restart_settles_everything_at_most_twice,
 );
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn get(url: &str) -> (u16, String) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     let r = reqwest::get(url).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
@@ -150,19 +144,16 @@ async fn metrics_health_and_skipped_ticks() {
     else {
         return;
     };
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let config = db.config(
         &_sim.base_url(),
         &[
-            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
             ("SWEEPER_SWEEP__INTERVAL", "100ms"),
             ("SWEEPER_SWEEP__CONCURRENCY", "2"),
         ],
     );
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base = daemon.base_url.clone();
+    session_sweeper::iyzico::install_tls_provider();
     let start = Instant::now();
     loop {
         if let Ok(r) = reqwest::get(format!("{base}/metrics")).await {
@@ -292,6 +283,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(1),
         beat,
+        beat * 3,
         Duration::from_secs(60),
         session_sweeper::fleet::FleetView {
             limiter: limiter_a.clone(),
@@ -307,6 +299,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         store.clone(),
         worker(2),
         beat,
+        beat * 3,
         Duration::from_secs(60),
         session_sweeper::fleet::FleetView {
             limiter: limiter_b.clone(),
@@ -383,15 +376,19 @@ async fn run_exits_1_when_iyzico_rejects_the_credentials() {
     };
     let config = db.config(&sim.base_url(), &[("SWEEPER_IYZICO__SECRET_KEY", "wrong")]);
     let store = session_sweeper::store::open(&config).await.unwrap();
+    let daemon = session_sweeper::daemon::Daemon::new(store, config, Metrics::new());
     let result = tokio::time::timeout(
         Duration::from_secs(10),
-        session_sweeper::daemon::serve(store, config, Metrics::new(), Shutdown::new()),
+        daemon.run_until_stopped(Shutdown::new()),
     )
     .await
     .expect("the daemon stops on its own");
     let err = result.unwrap_err();
-    assert_eq!(err.exit_code(), 1);
-    assert!(format!("{err:#}").contains("credentials"), "{err:#}");
+    assert!(
+        matches!(err, DaemonError::Sweep(SweepError::Auth { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("credentials"), "{err}");
     assert_eq!(db.count_state("failed").await, 0);
 }
 
@@ -400,26 +397,17 @@ async fn an_unreachable_database_at_start_is_not_ready_and_waits() {
     let Some(db) = TestDb::new(Kind::Sqlite).await else {
         return;
     };
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let config = db.config(
         "http://127.0.0.1:9",
-        &[
-            (
-                "SWEEPER_DATABASE__URL",
-                "postgres://postgres@127.0.0.1:1/nowhere",
-            ),
-            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
-        ],
+        &[(
+            "SWEEPER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:1/nowhere",
+        )],
     );
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let start = Instant::now();
-    while reqwest::get(format!("{base}/healthz")).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let base = daemon.base_url.clone();
+    session_sweeper::iyzico::install_tls_provider();
+    // The listener was bound before the daemon started: nothing to wait for.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
@@ -691,4 +679,108 @@ async fn sighup_never_stops_once() {
         6,
         "the sweep went on to the end"
     );
+}
+
+/// A second signal stops `run` at once (143) even when the database stalls: the binary used to
+/// close its pool politely after a forced stop, and the pool waited forever for the connection
+/// a stalled heartbeat held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_run_at_once_even_with_a_stalled_database() {
+    let Some((db, sim)) =
+        sessions_and_simulator(Kind::Postgres, 40, Duration::from_millis(5_000)).await
+    else {
+        return;
+    };
+    let proxy = common::StallProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut url: url::Url = db.url.parse().unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let mut child = spawn_sweeper(
+        &db,
+        "run",
+        &[
+            ("SWEEPER_DATABASE__URL", url.as_str()),
+            ("SWEEPER_IYZICO__TIMEOUT", "10s"),
+            ("SWEEPER_SWEEP__SHUTDOWN_GRACE", "60s"),
+        ],
+    );
+    wait_for("calls in flight", Duration::from_secs(20), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // The database stops answering; within a beat (1 s) the heartbeat waits on it.
+    proxy.stall();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .expect("a second signal stops run at once, whatever the database does")
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    proxy.resume();
+}
+
+/// A database URL whose port answers in another protocol (here an HTTP server) is a mistake in
+/// the config, not a database that is down: `run` ends with it (exit 1) as it always did,
+/// instead of waiting, not ready, for a database that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_that_reaches_another_protocol_ends_run() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let sim = common::simulator(Default::default()).await;
+    let not_postgres = sim.base_url().replace("http://", "postgres://postgres@") + "/none";
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_DATABASE__URL", not_postgres.as_str())],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let daemon = session_sweeper::daemon::Daemon::new(store, config, Metrics::new());
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        daemon.run_until_stopped(Shutdown::new()),
+    )
+    .await
+    .expect("run ends instead of retrying a server that is not a database");
+    let err = result.unwrap_err();
+    assert!(matches!(err, DaemonError::Start(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("connecting to the database"),
+        "{err}"
+    );
+}
+
+/// The first signal ends `run`'s wait for a database that accepts connections and never answers
+/// at once, not after the attempt's own timeout (10 s), and the routes stop with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_ends_runs_wait_for_a_silent_database_at_once() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_DATABASE__URL", url.as_str())],
+    );
+    let daemon = common::Daemon::start(config).await;
+    let base = daemon.base_url.clone();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 503);
+    assert!(!daemon.task.is_finished(), "still waiting for the database");
+    let stopping = Instant::now();
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(2))
+        .await;
+    assert!(stopping.elapsed() < Duration::from_secs(2));
+    let stopped = Instant::now();
+    while reqwest::get(format!("{base}/healthz")).await.is_ok() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(2),
+            "the routes stop with the daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -87,15 +87,6 @@ fn expected_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// A port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -159,7 +150,7 @@ fn completions_for_bash_zsh_and_fish() {
 
 #[test]
 fn healthcheck_fails_on_a_closed_port() {
-    let url = format!("http://127.0.0.1:{}/healthz", free_port());
+    let url = format!("http://127.0.0.1:{}/healthz", common::free_local_port());
     let o = sweeper(&["healthcheck", "--url", &url]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains(&url));
@@ -239,7 +230,7 @@ fn healthcheck_without_any_config_file_asks_the_default_port() {
 #[test]
 fn healthcheck_never_prints_a_password_from_the_url() {
     let (port, seen) = fake_health_server();
-    let closed = free_port();
+    let closed = common::free_local_port();
     let cases = [
         // (URL, exit code, what the output shows instead of the password)
         (
@@ -303,7 +294,7 @@ async fn healthcheck_passes_against_a_running_daemon() {
     let (db, _sim) = sessions_and_simulator(Kind::Sqlite, 0, Duration::ZERO)
         .await
         .expect("SQLite always runs");
-    let port = free_port();
+    let port = common::free_local_port();
     let config = db.dir.path().join("sweeper.toml");
     let mut toml = std::fs::read_to_string(&config).unwrap();
     toml.push_str(&format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\n"));

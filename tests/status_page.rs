@@ -75,15 +75,6 @@ async fn browse(chromium: &Path, url: &str, screenshot: Option<&Path>) -> String
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 fn token(i: usize) -> String {
     format!("{TOKEN_PREFIX}-{i:02}")
 }
@@ -112,7 +103,7 @@ async fn setup(kind: Kind) -> Option<(TestDb, session_sweeper::iyzico::simulator
 }
 
 async fn http(method: &str, url: &str) -> reqwest::Response {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     reqwest::Client::new()
         .request(method.parse().unwrap(), url)
         .send()
@@ -122,7 +113,7 @@ async fn http(method: &str, url: &str) -> reqwest::Response {
 
 /// Polls `/api/status` until `done` holds for it.
 async fn wait_for_status(base: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    session_sweeper::iyzico::install_tls_provider();
     let start = Instant::now();
     loop {
         if let Ok(r) = reqwest::get(format!("{base}/api/status")).await
@@ -229,13 +220,9 @@ async fn run_serves_the_page(kind: Kind) {
     let Some((db, sim)) = setup(kind).await else {
         return;
     };
-    let listen = free_addr();
-    let config = db.config(
-        &sim.base_url(),
-        &[("SWEEPER_SERVER__LISTEN", listen.as_str())],
-    );
+    let config = db.config(&sim.base_url(), &[]);
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
+    let base = daemon.base_url.clone();
     wait_for_status(&base, "the first sweep and its heartbeat", |v| {
         v["outcomes"]["failed"] == FAILING.len()
             && v["outcomes"]["pending"] == 0
@@ -294,7 +281,7 @@ async fn serve_status_serves_the_page_without_sweeping(kind: Kind) {
         db.config_toml(&sim.base_url()),
     )
     .unwrap();
-    let listen = free_addr();
+    let listen = common::free_local_addr();
     let mut child = common::spawn_sweeper(
         &db,
         "serve-status",
@@ -338,22 +325,11 @@ async fn status_page_off_leaves_only_the_operations_endpoints() {
     let Some((db, sim)) = setup(Kind::Sqlite).await else {
         return;
     };
-    let listen = free_addr();
-    let config = db.config(
-        &sim.base_url(),
-        &[
-            ("SWEEPER_SERVER__LISTEN", listen.as_str()),
-            ("SWEEPER_SERVER__STATUS_PAGE", "false"),
-        ],
-    );
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SERVER__STATUS_PAGE", "false")]);
     let daemon = common::Daemon::start(config).await;
-    let base = format!("http://{listen}");
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let start = Instant::now();
-    while reqwest::get(format!("{base}/healthz")).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let base = daemon.base_url.clone();
+    session_sweeper::iyzico::install_tls_provider();
+    // The listener was bound before the daemon started: nothing to wait for.
     assert_eq!(http("GET", &format!("{base}/")).await.status(), 404);
     assert_eq!(
         http("GET", &format!("{base}/api/status")).await.status(),

@@ -2,6 +2,7 @@
 
 mod common;
 
+use session_sweeper::engine::ProgressDisplay;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -136,18 +137,16 @@ async fn once_max_stops_after_n(kind: Kind) {
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__BATCH_SIZE", "7")]);
     let store = session_sweeper::store::open(&config).await.unwrap();
     store.migrate().await.unwrap();
-    let engine = session_sweeper::cli::Engine::start(store, &config, Default::default())
+    let replica = session_sweeper::engine::Replica::start(store, &config, Default::default())
         .await
         .unwrap();
-    engine
+    replica
         .sweeper
         .update_settings(|s| s.max_sessions = Some(10));
-    let summary = engine
-        .sweeper
-        .run_once(&Default::default(), Default::default())
+    let summary = replica
+        .sweep_once(&Default::default(), ProgressDisplay::LogLines)
         .await
         .unwrap();
-    engine.membership.leave().await;
     assert_eq!(summary.invalidated, 10);
     assert_eq!(db.count_state("invalidated").await, 10);
 }

@@ -14,14 +14,12 @@ use super::limiter::SharedLimiter;
 use super::{
     ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing,
 };
-use crate::config::{IyzicoConfig, Locale};
+use crate::config::{IyzicoConfig, Locale, MAX_RETRY_AFTER};
 use crate::shutdown::{Liveness, Shutdown};
 use crate::telemetry::{Metrics, fingerprint};
 
 /// The most response body we read; anything longer is not the documented JSON.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// Longest `Retry-After` we honour; a larger value is capped so shutdown stays prompt.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The most of iyzico's error text kept (logs, ledger, status page).
 pub const MAX_MESSAGE_CHARS: usize = 500;
 /// Tokens and members shorter than this are not searched for in iyzico's text.

@@ -16,3 +16,11 @@ pub const ALREADY_INVALIDATED_CODE: &str = "260030";
 pub const AUTH_ERROR_CODES: &[&str] = &["1000", "1001", "1007"];
 /// Error codes that mean "try again later": 50000 request limit, 100001 system error.
 pub const RETRYABLE_ERROR_CODES: &[&str] = &["50000", "100001"];
+
+/// Makes rustls's ring provider the process default (idempotent). reqwest is built without a
+/// provider of its own, so one must be chosen before the first client is built, here and in
+/// every test that makes HTTPS-capable clients.
+pub fn install_tls_provider() {
+    // An error only says a provider is already installed: the same one, or the embedder's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -177,8 +177,8 @@ impl Simulator {
         format!("http://{}", self.addr)
     }
 
-    /// Serves until `stop` resolves (used by the `simulate-api` command).
-    pub async fn serve(
+    /// Binds `listen` and serves until `stop` resolves (the `simulate-api` command).
+    pub async fn listen_until(
         listen: SocketAddr,
         config: SimulatorConfig,
         stop: impl Future<Output = ()> + Send + 'static,
@@ -316,14 +316,46 @@ async fn invalidate(
     let stats = &state.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(stats);
+    let request = match verified_request(&state.config, stats, &headers, &body) {
+        Ok(request) => request,
+        Err((status, code, message)) => return failure(status, code, message, "tr", None),
+    };
+    let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
+    let cid = request.conversation_id.as_deref();
+    let arrived = Instant::now();
+    let _timed = Timed(stats, arrived);
+    let _token = TokenInFlight::enter(stats, &request.session_token);
+    count_arrival(stats, &request.session_token);
+    if !state.config.latency.is_zero() {
+        precise_sleep(arrived + state.config.latency).await;
+    }
+    if let Some(fault) = injected_fault(&state.config.faults, &locale, cid).await {
+        return fault;
+    }
+    if state.config.always_fail.contains(&request.session_token) {
+        return invalid_request(&locale, cid);
+    }
+    settle(&state, &request, &locale, cid)
+}
+
+/// Why a request is refused, as iyzico answers it: HTTP status, `errorCode`, `errorMessage`.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+/// The signed, well-formed request, or why it is refused.
+fn verified_request(
+    config: &SimulatorConfig,
+    stats: &Stats,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Request, Refusal> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Err(e) = signing::verify(
         header(header::AUTHORIZATION.as_str()),
         header(signing::RANDOM_KEY_HEADER),
-        &state.config.api_key,
-        &state.config.secret_key,
+        &config.api_key,
+        &config.secret_key,
         INVALIDATE_PATH,
-        &body,
+        body,
     ) {
         stats.bad_signatures.fetch_add(1, Ordering::Relaxed);
         let (code, message) = match e {
@@ -331,33 +363,30 @@ async fn invalidate(
             signing::VerifyError::UnknownApiKey => ("1001", "api bilgileri bulunamadı"),
             signing::VerifyError::BadSignature => ("1000", "Geçersiz imza"),
         };
-        return failure(StatusCode::UNAUTHORIZED, code, message, "tr", None);
+        return Err((StatusCode::UNAUTHORIZED, code, message));
     }
-    let Ok(request) = serde_json::from_slice::<Request>(&body) else {
-        return failure(StatusCode::BAD_REQUEST, "11", "Geçersiz istek", "tr", None);
-    };
-    let locale = request.locale.as_deref().unwrap_or("tr").to_owned();
-    let cid = request.conversation_id.as_deref();
-    let arrived = Instant::now();
-    let _timed = Timed(stats, arrived);
-    let _token = TokenInFlight::enter(stats, &request.session_token);
-    {
-        stats
-            .arrivals
-            .lock()
-            .expect("stats lock")
-            .push(Instant::now());
-        *stats
-            .calls_per_token
-            .lock()
-            .expect("stats lock")
-            .entry(request.session_token.clone())
-            .or_default() += 1;
-    }
-    if !state.config.latency.is_zero() {
-        precise_sleep(arrived + state.config.latency).await;
-    }
-    let faults = &state.config.faults;
+    serde_json::from_slice::<Request>(body)
+        .map_err(|_| (StatusCode::BAD_REQUEST, "11", "Geçersiz istek"))
+}
+
+/// Records a signed call's arrival and counts it for its token.
+fn count_arrival(stats: &Stats, token: &str) {
+    stats
+        .arrivals
+        .lock()
+        .expect("stats lock")
+        .push(Instant::now());
+    *stats
+        .calls_per_token
+        .lock()
+        .expect("stats lock")
+        .entry(token.to_owned())
+        .or_default() += 1;
+}
+
+/// One roll of the dice against every fault share, in [`Faults`]' order: the fault's answer,
+/// or `None` to answer normally.
+async fn injected_fault(faults: &Faults, locale: &str, cid: Option<&str>) -> Option<Response> {
     let mut roll = fastrand::f64();
     let mut hit = |share: f64| {
         let h = roll < share;
@@ -365,63 +394,71 @@ async fn invalidate(
         h
     };
     if hit(faults.unavailable) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "<html><body>503 Service Unavailable</body></html>",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "<html><body>503 Service Unavailable</body></html>",
+            )
+                .into_response(),
+        );
     }
     if hit(faults.too_many_requests) {
         let mut r = failure(
             StatusCode::TOO_MANY_REQUESTS,
             "50000",
             "Too many requests",
-            &locale,
+            locale,
             cid,
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, faults.retry_after_secs.into());
-        return r;
+        return Some(r);
     }
     if hit(faults.slow) {
         // Fault decided before the work: a slow answer never invalidates (the client gave up).
         tokio::time::sleep(faults.slow_delay).await;
-        return failure(
+        return Some(failure(
             StatusCode::GATEWAY_TIMEOUT,
             "100001",
             "Sistem hatası",
-            &locale,
+            locale,
             cid,
-        );
+        ));
     }
     if hit(faults.malformed) {
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{\"status\":\"succ",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                "{\"status\":\"succ",
+            )
+                .into_response(),
+        );
     }
     if hit(faults.redirect) {
         let to = faults.redirect_to.unwrap_or(DEFAULT_REDIRECT_TO);
-        return (
-            StatusCode::TEMPORARY_REDIRECT,
-            [(
-                header::LOCATION,
-                format!("http://{to}{INVALIDATE_PATH}?redirected=1"),
-            )],
-        )
-            .into_response();
-    }
-    if hit(faults.permanent) || state.config.always_fail.contains(&request.session_token) {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "11",
-            "Geçersiz istek",
-            &locale,
-            cid,
+        return Some(
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    header::LOCATION,
+                    format!("http://{to}{INVALIDATE_PATH}?redirected=1"),
+                )],
+            )
+                .into_response(),
         );
     }
+    hit(faults.permanent).then(|| invalid_request(locale, cid))
+}
+
+/// iyzico's permanent failure: `errorCode` 11, invalid request.
+fn invalid_request(locale: &str, cid: Option<&str>) -> Response {
+    failure(StatusCode::BAD_REQUEST, "11", "Geçersiz istek", locale, cid)
+}
+
+/// Invalidates the session: success the first time, `260030` (already invalidated) after.
+fn settle(state: &AppState, request: &Request, locale: &str, cid: Option<&str>) -> Response {
+    let stats = &state.stats;
     let first = state
         .invalidated
         .lock()
@@ -433,7 +470,7 @@ async fn invalidate(
             StatusCode::BAD_REQUEST,
             ALREADY_INVALIDATED_CODE,
             "Session is already invalidated.",
-            &locale,
+            locale,
             cid,
         );
     }

@@ -975,141 +975,18 @@ impl Store for SqlStore {
     }
 
     async fn status(&self, failures: u32) -> Result<super::StatusData> {
-        use super::{
-            FailureGroup, MinuteCount, PendingByDue, STATUS_CALL_ROWS, STATUS_FAILURE_CODES,
-            STATUS_WORKERS, StatusData, WorkerStatus,
-        };
-        const DAY_MS: i64 = 86_400_000;
-        let d = self.dialect;
-        let now = d.now_ms();
         let report = self.report(failures).await?;
-        // The newest rows by primary key, at most STATUS_CALL_ROWS of them, within the day.
-        let calls = query(
-            &self.q(&format!(
-                "SELECT {}, outcome, {} FROM sweeper_attempts \
-                 WHERE id > (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - $1 \
-                 AND finished_at >= {now} - {DAY_MS} GROUP BY 1, 2",
-                d.int("finished_at - (finished_at % 60000)"),
-                d.int("COUNT(*)")
-            )),
-            &[Arg::Int(STATUS_CALL_ROWS)],
-        )
-        .fetch_all(&self.pool)
-        .await
-        .op("counting calls per minute")?;
-        let ends = query(
-            &self.q(&format!(
-                "SELECT {now}, (SELECT finished_at FROM sweeper_attempts ORDER BY id DESC LIMIT 1), \
-                 (SELECT finished_at FROM sweeper_attempts WHERE id <= \
-                   (SELECT COALESCE(MAX(id), 0) FROM sweeper_attempts) - $1 \
-                   AND finished_at >= {now} - {DAY_MS} ORDER BY id DESC LIMIT 1)"
-            )),
-            &[Arg::Int(STATUS_CALL_ROWS)],
-        )
-        .fetch_one(&self.pool)
-        .await
-        .op("reading the newest call")?;
-        let workers = query(
-            &self.q(&format!(
-                "SELECT w.worker_id, w.hostname, {}, w.version, w.started_at, w.heartbeat_at, \
-                 (SELECT {} FROM sweeper_sessions l WHERE l.lease_owner = w.worker_id) \
-                 FROM sweeper_workers w ORDER BY w.heartbeat_at DESC LIMIT $1",
-                d.int("w.pid"),
-                d.int("COUNT(*)")
-            )),
-            &[Arg::Int(STATUS_WORKERS)],
-        )
-        .fetch_all(&self.pool)
-        .await
-        .op("listing workers")?;
-        let groups = query(
-            &self.q(&format!(
-                "SELECT last_error_code, {}, {}, MAX(settled_at) \
-                 FROM sweeper_sessions WHERE state = 'failed' GROUP BY last_error_code \
-                 ORDER BY COUNT(*) DESC, last_error_code LIMIT $1",
-                d.text("MAX(last_error_message)"),
-                d.int("COUNT(*)")
-            )),
-            &[Arg::Int(STATUS_FAILURE_CODES)],
-        )
-        .fetch_all(&self.pool)
-        .await
-        .op("grouping failures")?;
-        let bucket = |lo: Option<i64>, hi: Option<i64>| {
-            let cond = match (lo, hi) {
-                (None, Some(hi)) => {
-                    format!("(next_attempt_at IS NULL OR next_attempt_at <= {now} + {hi})")
-                }
-                (Some(lo), Some(hi)) => {
-                    format!("next_attempt_at > {now} + {lo} AND next_attempt_at <= {now} + {hi}")
-                }
-                (Some(lo), None) => format!("next_attempt_at > {now} + {lo}"),
-                (None, None) => "TRUE".into(),
-            };
-            d.int(&format!(
-                "COALESCE(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END), 0)"
-            ))
-        };
-        let (m1, m5, m15, h1) = (60_000, 300_000, 900_000, 3_600_000);
-        let due = sqlx::query(&format!(
-            "SELECT {}, {}, {}, {}, {}, {} FROM sweeper_sessions WHERE state = 'pending'",
-            bucket(None, Some(0)),
-            bucket(Some(0), Some(m1)),
-            bucket(Some(m1), Some(m5)),
-            bucket(Some(m5), Some(m15)),
-            bucket(Some(m15), Some(h1)),
-            bucket(Some(h1), None),
-        ))
-        .fetch_one(&self.pool)
-        .await
-        .op("grouping pending sessions by due time")?;
-        let n = |r: &AnyRow, i: usize| int(r, i) as u64;
-        Ok(StatusData {
+        let calls = self.calls_per_minute().await?;
+        let ends = self.call_ends().await?;
+        Ok(super::StatusData {
             report,
-            now: from_ms(int(&ends, 0)),
-            calls: calls
-                .iter()
-                .filter_map(|r| {
-                    Some(MinuteCount {
-                        minute: from_ms(opt_int(r, 0)?),
-                        class: text(r, 1)?,
-                        count: n(r, 2),
-                    })
-                })
-                .collect(),
-            calls_cover_from: opt_int(&ends, 2).map(from_ms),
-            last_call_at: opt_int(&ends, 1).map(from_ms),
-            workers: workers
-                .iter()
-                .filter_map(|r| {
-                    Some(WorkerStatus {
-                        id: text(r, 0)?,
-                        hostname: text(r, 1)?,
-                        pid: opt_int(r, 2)? as u32,
-                        version: text(r, 3)?,
-                        started_at: from_ms(opt_int(r, 4)?),
-                        heartbeat_at: from_ms(opt_int(r, 5)?),
-                        leased: n(r, 6),
-                    })
-                })
-                .collect(),
-            failures_by_code: groups
-                .iter()
-                .map(|r| FailureGroup {
-                    error_code: text(r, 0),
-                    error_message: text(r, 1),
-                    count: n(r, 2),
-                    last_failed_at: opt_int(r, 3).map(from_ms),
-                })
-                .collect(),
-            pending_by_due: PendingByDue {
-                now: n(&due, 0),
-                within_1m: n(&due, 1),
-                within_5m: n(&due, 2),
-                within_15m: n(&due, 3),
-                within_1h: n(&due, 4),
-                later: n(&due, 5),
-            },
+            now: ends.now,
+            calls,
+            calls_cover_from: ends.cover_from,
+            last_call_at: ends.last_call_at,
+            workers: self.worker_statuses().await?,
+            failures_by_code: self.failure_groups().await?,
+            pending_by_due: self.pending_by_due().await?,
         })
     }
 
@@ -1135,6 +1012,9 @@ impl Store for SqlStore {
         self.pool.close().await;
     }
 }
+
+/// The status page's bounded queries, beside [`Store::status`].
+mod status_queries;
 
 /// What a backend's catalog says about the source table, for `check`.
 pub(crate) struct Catalog {

@@ -23,12 +23,14 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
+// `core` reads the URL normalisation as `super::mysql_url`; config owns it, as it parses the
+// URL at start-up too.
+use crate::config::mysql_url;
 use crate::config::{Backend, Config, SourceConfig};
 use crate::iyzico::CallRecord;
 
 /// Ledger states. `Pending` is the only non-terminal one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// iyzico said success.
     Invalidated,
@@ -173,7 +175,7 @@ pub struct RequeueFilter {
 }
 
 /// A pending session in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PendingSummary {
     /// Sessions pending.
     pub count: u64,
@@ -199,7 +201,7 @@ pub struct FailureRow {
 }
 
 /// What `report` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Report {
     /// Counts per outcome, every outcome present.
     pub counts: Vec<(Outcome, u64)>,
@@ -224,6 +226,21 @@ pub struct UnusableRows {
     pub bad_source_row: u64,
 }
 
+/// The counts as `(reason, rows)` pairs, the reasons named as the
+/// `sweeper_source_rows_unusable` metric labels them.
+impl IntoIterator for UnusableRows {
+    type Item = (&'static str, u64);
+    type IntoIter = std::array::IntoIter<(&'static str, u64), 2>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [
+            ("unreadable_last_activity", self.unreadable_last_activity),
+            (BAD_SOURCE_ROW, self.bad_source_row),
+        ]
+        .into_iter()
+    }
+}
+
 /// How many attempt-log rows the status page's chart reads at most (newest first, by primary
 /// key): the bound on its cost however busy the last day was.
 pub const STATUS_CALL_ROWS: i64 = 100_000;
@@ -233,7 +250,7 @@ pub const STATUS_WORKERS: i64 = 100;
 pub const STATUS_FAILURE_CODES: i64 = 20;
 
 /// Attempt-log calls that finished in one minute with one result class.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MinuteCount {
     /// The start of the minute.
     pub minute: DateTime<Utc>,
@@ -244,7 +261,7 @@ pub struct MinuteCount {
 }
 
 /// A row of `sweeper_workers`, with the leases it holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct WorkerStatus {
     /// Its id (`host:pid:nonce`).
     pub id: String,
@@ -276,7 +293,7 @@ pub struct FailureGroup {
 }
 
 /// Pending sessions by when their next attempt is due.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PendingByDue {
     /// Due now (or overdue).
     pub now: u64,
@@ -293,7 +310,7 @@ pub struct PendingByDue {
 }
 
 /// What the status page reads from the database: the report plus a few bounded queries.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct StatusData {
     /// The same numbers as `report`.
     pub report: Report,
@@ -498,14 +515,6 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(
         SqlStore::connect(url, dialect, db.max_connections.get(), source.clone()).await?,
     ))
-}
-
-/// A `mariadb://` URL as the MySQL driver reads it (the same protocol).
-pub fn mysql_url(url: &str) -> String {
-    match url.strip_prefix("mariadb://") {
-        Some(rest) => format!("mysql://{rest}"),
-        None => url.to_owned(),
-    }
 }
 
 /// One embedded migration.

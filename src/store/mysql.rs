@@ -6,7 +6,7 @@
 use sqlx::Row as _;
 
 use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
-use super::dialect::Stmt;
+use super::dialect::{Dialect, Stmt};
 use super::{
     ClaimParams, Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks,
     naive_zone,
@@ -36,24 +36,8 @@ pub(crate) async fn run_claim(
     args: &[Arg],
     p: &ClaimParams<'_>,
 ) -> Result<Vec<Lease>> {
-    let d = store.dialect;
     let mut tx = store.pool.begin().await.op("starting a claim")?;
-    let rows = query(candidates, args)
-        .fetch_all(&mut *tx)
-        .await
-        .op("claiming sessions")?;
-    // Duplicate tokens in the source collapse to one claim.
-    let mut seen = std::collections::HashSet::new();
-    let picked: Vec<(String, String)> = rows
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r.try_get::<String, _>(0).ok()?,
-                r.try_get::<String, _>(1).ok()?,
-            ))
-        })
-        .filter(|(t, _)| seen.insert(t.clone()))
-        .collect();
+    let picked = lock_candidates(&mut tx, candidates, args).await?;
     if picked.is_empty() {
         tx.commit().await.op("committing a claim")?;
         return Ok(Vec::new());
@@ -63,6 +47,57 @@ pub(crate) async fn run_claim(
             .try_into()
             .expect("8 bytes"),
     ) & i64::MAX;
+    let (upsert, binds) = lease_upsert(store.dialect, p, &picked, claim_id);
+    query(&upsert, &binds)
+        .execute(&mut *tx)
+        .await
+        .op("claiming sessions")?;
+    let taken = query(
+        &store.dialect.render(
+            "SELECT CAST(session_token AS CHAR), CAST(member_identifier AS CHAR), CAST(attempts AS SIGNED) \
+             FROM sweeper_sessions WHERE claim_id = $1 AND lease_owner = $2",
+        ),
+        &[Arg::Int(claim_id), Arg::Text(p.worker.to_owned())],
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .op("reading claimed sessions")?;
+    tx.commit().await.op("committing a claim")?;
+    Ok(taken.iter().filter_map(lease_from_row).collect())
+}
+
+/// Locks the candidate rows; their tokens and members, duplicate tokens collapsed to one.
+async fn lock_candidates(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    candidates: &Stmt,
+    args: &[Arg],
+) -> Result<Vec<(String, String)>> {
+    let rows = query(candidates, args)
+        .fetch_all(&mut **tx)
+        .await
+        .op("claiming sessions")?;
+    // Duplicate tokens in the source collapse to one claim.
+    let mut seen = std::collections::HashSet::new();
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.try_get::<String, _>(0).ok()?,
+                r.try_get::<String, _>(1).ok()?,
+            ))
+        })
+        .filter(|(t, _)| seen.insert(t.clone()))
+        .collect())
+}
+
+/// The upsert that leases `picked` under `claim_id` where no live lease or settlement got
+/// there first, and its arguments.
+fn lease_upsert(
+    d: Dialect,
+    p: &ClaimParams<'_>,
+    picked: &[(String, String)],
+    claim_id: i64,
+) -> (Stmt, Vec<Arg>) {
     let now = d.now_ms();
     let mut binds = vec![
         Arg::Text(p.worker.to_owned()),
@@ -71,7 +106,7 @@ pub(crate) async fn run_claim(
         Arg::Int(i64::try_from(p.stale_after.as_millis()).unwrap_or(i64::MAX)),
     ];
     let mut values = Vec::new();
-    for (token, member) in &picked {
+    for (token, member) in picked {
         binds.push(Arg::Text(token.clone()));
         binds.push(Arg::Text(member.clone()));
         let (t, m) = (binds.len() - 1, binds.len());
@@ -94,22 +129,7 @@ pub(crate) async fn run_claim(
          state = IF({ours}, 'pending', sweeper_sessions.state)",
         values.join(", ")
     ));
-    query(&upsert, &binds)
-        .execute(&mut *tx)
-        .await
-        .op("claiming sessions")?;
-    let taken = query(
-        &d.render(
-            "SELECT CAST(session_token AS CHAR), CAST(member_identifier AS CHAR), CAST(attempts AS SIGNED) \
-             FROM sweeper_sessions WHERE claim_id = $1 AND lease_owner = $2",
-        ),
-        &[Arg::Int(claim_id), Arg::Text(p.worker.to_owned())],
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .op("reading claimed sessions")?;
-    tx.commit().await.op("committing a claim")?;
-    Ok(taken.iter().filter_map(lease_from_row).collect())
+    (upsert, binds)
 }
 
 /// The table's schema: the one named in `source.table`, else the connection's database.
@@ -280,96 +300,39 @@ fn version_verdict(version: &str) -> Finding {
 /// The source's columns, indexes and kind, and whether this user may write its status.
 pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     let src = &store.source;
-    let q = |t: &str| store.dialect.render(t);
-    let at = || [schema_arg(store), Arg::Text(src.table.name().into())];
-    let columns = strings(
+    let columns = catalog_strings(
         store,
-        &q(
-            "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
-            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
-        ),
-        &at(),
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
         "reading the source table's columns",
     )
     .await?;
-    let indexes = strings(
+    let indexes = catalog_strings(
         store,
-        &q("SELECT CAST(GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX) AS CHAR) FROM information_schema.STATISTICS \
-            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 GROUP BY INDEX_NAME"),
-        &at(),
+        "SELECT CAST(GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX) AS CHAR) FROM information_schema.STATISTICS \
+         WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 GROUP BY INDEX_NAME",
         "listing the source table's indexes",
     )
     .await?
     .into_iter()
     .map(|cols| cols.split(',').map(str::to_owned).collect())
     .collect();
-    let is_view = strings(
+    let is_view = catalog_strings(
         store,
-        &q(
-            "SELECT CAST(TABLE_TYPE AS CHAR) FROM information_schema.TABLES \
-            WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
-        ),
-        &at(),
+        "SELECT CAST(TABLE_TYPE AS CHAR) FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2",
         "reading the source table's kind",
     )
     .await?
     .iter()
     .any(|t| t == "VIEW");
     let mut status = Vec::new();
-    let triggers = strings(
-        store,
-        &q(
-            "SELECT CAST(COUNT(*) AS CHAR) FROM information_schema.TRIGGERS \
-            WHERE EVENT_OBJECT_SCHEMA = COALESCE($1, DATABASE()) AND EVENT_OBJECT_TABLE = $2 \
-            AND ACTION_TIMING = 'BEFORE' AND EVENT_MANIPULATION = 'UPDATE'",
-        ),
-        &at(),
-        "listing the source table's triggers",
-    )
-    .await?
-    .pop()
-    .and_then(|n| n.parse::<i64>().ok())
-    .unwrap_or(0);
+    let triggers = before_update_triggers(store).await?;
     if src.mark_passive && triggers > 0 {
         status.push(super::trigger_warning(src));
     }
     if src.mark_passive {
-        // UPDATE granted globally, on the database, on the table, or on the column.
-        let grantee = "CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')";
-        let may = strings(
-            store,
-            &q(&format!(
-                "SELECT CAST(COUNT(*) AS CHAR) FROM ( \
-                 SELECT 1 AS x FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
-                 UNION ALL SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
-                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) \
-                 UNION ALL SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
-                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 \
-                 UNION ALL SELECT 1 FROM information_schema.COLUMN_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
-                   AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 AND COLUMN_NAME = $3) g"
-            )),
-            &[schema_arg(store), Arg::Text(src.table.name().into()), Arg::Text(src.status_column.name().into())],
-            "checking the status column's privileges",
-        )
-        .await?
-        .pop()
-        .and_then(|n| n.parse::<i64>().ok())
-        .unwrap_or(0);
-        status.push(if may > 0 {
-            Finding::Ok(format!(
-                "{} can be set to the passive value",
-                src.status_column
-            ))
-        } else {
-            Finding::Error(format!(
-                "source.status_column: this user has no UPDATE privilege on {} in {}; grant \
-                 UPDATE ({}) ON {} or set source.mark_passive = false",
-                src.status_column,
-                src.table,
-                store.col(&src.status_column),
-                store.col(&src.table)
-            ))
-        });
+        status.push(status_privilege_finding(store).await?);
     }
     Ok(Catalog {
         columns,
@@ -377,6 +340,71 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
         is_view,
         status,
         index_dialect: IndexDialect::MySql,
+    })
+}
+
+/// A catalog query about the source table (`$1` its schema, `$2` its name), as strings.
+async fn catalog_strings(store: &SqlStore, sql: &str, op: &'static str) -> Result<Vec<String>> {
+    let table = [
+        schema_arg(store),
+        Arg::Text(store.source.table.name().into()),
+    ];
+    strings(store, &store.dialect.render(sql), &table, op).await
+}
+
+/// How many `BEFORE UPDATE` triggers the source table has.
+async fn before_update_triggers(store: &SqlStore) -> Result<i64> {
+    Ok(catalog_strings(
+        store,
+        "SELECT CAST(COUNT(*) AS CHAR) FROM information_schema.TRIGGERS \
+         WHERE EVENT_OBJECT_SCHEMA = COALESCE($1, DATABASE()) AND EVENT_OBJECT_TABLE = $2 \
+         AND ACTION_TIMING = 'BEFORE' AND EVENT_MANIPULATION = 'UPDATE'",
+        "listing the source table's triggers",
+    )
+    .await?
+    .pop()
+    .and_then(|n| n.parse::<i64>().ok())
+    .unwrap_or(0))
+}
+
+/// Whether this user may set the status column: `UPDATE` granted globally, on the database,
+/// on the table, or on the column.
+async fn status_privilege_finding(store: &SqlStore) -> Result<Finding> {
+    let src = &store.source;
+    let grantee = "CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')";
+    let may = strings(
+        store,
+        &store.dialect.render(&format!(
+            "SELECT CAST(COUNT(*) AS CHAR) FROM ( \
+             SELECT 1 AS x FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+             UNION ALL SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+               AND TABLE_SCHEMA = COALESCE($1, DATABASE()) \
+             UNION ALL SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+               AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 \
+             UNION ALL SELECT 1 FROM information_schema.COLUMN_PRIVILEGES WHERE GRANTEE = {grantee} AND PRIVILEGE_TYPE = 'UPDATE' \
+               AND TABLE_SCHEMA = COALESCE($1, DATABASE()) AND TABLE_NAME = $2 AND COLUMN_NAME = $3) g"
+        )),
+        &[schema_arg(store), Arg::Text(src.table.name().into()), Arg::Text(src.status_column.name().into())],
+        "checking the status column's privileges",
+    )
+    .await?
+    .pop()
+    .and_then(|n| n.parse::<i64>().ok())
+    .unwrap_or(0);
+    Ok(if may > 0 {
+        Finding::Ok(format!(
+            "{} can be set to the passive value",
+            src.status_column
+        ))
+    } else {
+        Finding::Error(format!(
+            "source.status_column: this user has no UPDATE privilege on {} in {}; grant \
+             UPDATE ({}) ON {} or set source.mark_passive = false",
+            src.status_column,
+            src.table,
+            store.col(&src.status_column),
+            store.col(&src.table)
+        ))
     })
 }
 

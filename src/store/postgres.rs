@@ -201,55 +201,7 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
     .into_iter()
     .map(|cols| cols.split(',').map(str::to_owned).collect())
     .collect();
-    let facts = query(
-        &q("SELECT CAST(CASE WHEN has_column_privilege(to_regclass($1), $2, 'UPDATE') THEN 1 ELSE 0 END AS int8), \
-            c.relkind::text, CAST(pg_relation_is_updatable(to_regclass($1), false) AS int8), \
-            CAST(CASE WHEN COALESCE(pg_column_is_updatable(to_regclass($1), \
-              (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2), false), false) \
-              THEN 1 ELSE 0 END AS int8), \
-            (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal \
-              AND (tgtype & 2) <> 0 AND (tgtype & 16) <> 0) \
-            FROM pg_class c WHERE c.oid = to_regclass($1)"),
-        &[table(), Arg::Text(src.status_column.name().into())],
-    )
-    .fetch_optional(&store.pool)
-    .await
-    .op("checking the status column's privileges")?;
-    let (mut is_view, mut status) = (false, Vec::new());
-    if let Some(row) = facts {
-        let may_update = row.try_get::<i64, _>(0).unwrap_or(0) == 1;
-        let kind: String = row.try_get(1).unwrap_or_default();
-        let updatable = row.try_get::<i64, _>(2).unwrap_or(0);
-        let column_updatable = row.try_get::<i64, _>(3).unwrap_or(0) == 1;
-        let triggers = row.try_get::<i64, _>(4).unwrap_or(0);
-        is_view = matches!(kind.as_str(), "v" | "m");
-        if src.mark_passive && triggers > 0 {
-            status.push(super::trigger_warning(src));
-        }
-        // Bit 2 (4) of pg_relation_is_updatable: UPDATE.
-        if src.mark_passive && (!may_update || updatable & 4 == 0 || !column_updatable) {
-            status.push(Finding::Error(format!(
-                "source.status_column: {} in {} cannot be updated by this role ({}); grant \
-                 UPDATE ({}) ON {} or set source.mark_passive = false",
-                src.status_column,
-                src.table,
-                if !may_update {
-                    "no UPDATE privilege"
-                } else if updatable & 4 == 0 {
-                    "the relation is not updatable"
-                } else {
-                    "the column is computed by a view"
-                },
-                store.col(&src.status_column),
-                store.col(&src.table),
-            )));
-        } else if src.mark_passive {
-            status.push(Finding::Ok(format!(
-                "{} can be set to the passive value",
-                src.status_column
-            )));
-        }
-    }
+    let (is_view, status) = relation_facts(store).await?;
     Ok(Catalog {
         columns,
         indexes,
@@ -257,6 +209,64 @@ pub(crate) async fn catalog(store: &SqlStore) -> Result<Catalog> {
         status,
         index_dialect: IndexDialect::Postgres,
     })
+}
+
+/// Whether the source is a view, and the findings on setting its status column: this role's
+/// privilege, whether the relation and the column are updatable, and `BEFORE UPDATE` triggers.
+/// Nothing when the table does not exist (the column findings say so).
+async fn relation_facts(store: &SqlStore) -> Result<(bool, Vec<Finding>)> {
+    let src = &store.source;
+    let facts = query(
+        &store.dialect.render("SELECT CAST(CASE WHEN has_column_privilege(to_regclass($1), $2, 'UPDATE') THEN 1 ELSE 0 END AS int8), \
+            c.relkind::text, CAST(pg_relation_is_updatable(to_regclass($1), false) AS int8), \
+            CAST(CASE WHEN COALESCE(pg_column_is_updatable(to_regclass($1), \
+              (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2), false), false) \
+              THEN 1 ELSE 0 END AS int8), \
+            (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal \
+              AND (tgtype & 2) <> 0 AND (tgtype & 16) <> 0) \
+            FROM pg_class c WHERE c.oid = to_regclass($1)"),
+        &[Arg::Text(store.col(&src.table)), Arg::Text(src.status_column.name().into())],
+    )
+    .fetch_optional(&store.pool)
+    .await
+    .op("checking the status column's privileges")?;
+    let Some(row) = facts else {
+        return Ok((false, Vec::new()));
+    };
+    let may_update = row.try_get::<i64, _>(0).unwrap_or(0) == 1;
+    let kind: String = row.try_get(1).unwrap_or_default();
+    let updatable = row.try_get::<i64, _>(2).unwrap_or(0);
+    let column_updatable = row.try_get::<i64, _>(3).unwrap_or(0) == 1;
+    let triggers = row.try_get::<i64, _>(4).unwrap_or(0);
+    let is_view = matches!(kind.as_str(), "v" | "m");
+    let mut status = Vec::new();
+    if src.mark_passive && triggers > 0 {
+        status.push(super::trigger_warning(src));
+    }
+    // Bit 2 (4) of pg_relation_is_updatable: UPDATE.
+    if src.mark_passive && (!may_update || updatable & 4 == 0 || !column_updatable) {
+        status.push(Finding::Error(format!(
+            "source.status_column: {} in {} cannot be updated by this role ({}); grant \
+             UPDATE ({}) ON {} or set source.mark_passive = false",
+            src.status_column,
+            src.table,
+            if !may_update {
+                "no UPDATE privilege"
+            } else if updatable & 4 == 0 {
+                "the relation is not updatable"
+            } else {
+                "the column is computed by a view"
+            },
+            store.col(&src.status_column),
+            store.col(&src.table),
+        )));
+    } else if src.mark_passive {
+        status.push(Finding::Ok(format!(
+            "{} can be set to the passive value",
+            src.status_column
+        )));
+    }
+    Ok((is_view, status))
 }
 
 /// Applies the pending migrations in one transaction under an advisory lock.

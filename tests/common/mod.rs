@@ -1,14 +1,15 @@
-//! Shared by every integration test: a fresh database (a SQLite file, or a new PostgreSQL
-//! database on the server named by `TEST_POSTGRES_URL`), the simulator on port 0, a config
-//! pointing at both, and quiet tracing (set `TEST_LOG=1` to see it).
+//! Shared by every integration test: a fresh database (a SQLite file, or a new PostgreSQL or
+//! MySQL database on the server named by `TEST_POSTGRES_URL` or `TEST_MYSQL_URL`, dropped with
+//! the test), the simulator on port 0, a config pointing at both, and quiet tracing (set
+//! `TEST_LOG=1` to see it).
 #![allow(dead_code)]
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use session_sweeper::cli::Engine;
 use session_sweeper::config::Config;
+use session_sweeper::engine::Replica;
 use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
 use session_sweeper::shutdown::Shutdown;
 use session_sweeper::store::{self, Store};
@@ -100,6 +101,9 @@ pub struct TestDb {
     pub pool: Pool,
     /// Keeps the SQLite file's directory alive.
     pub dir: tempfile::TempDir,
+    /// The server database behind `url` (PostgreSQL, MySQL), dropped with this; last, so that
+    /// `pool` is dropped before it.
+    server_database: Option<ServerDatabase>,
 }
 
 /// One source row to seed.
@@ -137,22 +141,114 @@ pub fn fresh_session(token: &str) -> Seed {
     }
 }
 
-/// Creates a database with a random name on the server `admin_url` names (PostgreSQL or
-/// MySQL) and returns its URL.
-async fn fresh_database(admin_url: &str) -> String {
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(admin_url)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
-    let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let mut url: url::Url = admin_url.parse().unwrap();
-    url.set_path(&name);
-    url.to_string()
+/// How long dropping a test database may take before it is left behind with a warning.
+const DROP_DATABASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A database created on a test server for one test. Dropping it drops the database, its
+/// connections cut first (a test may leave a pool, a daemon or a child process connected), so
+/// that databases never pile up on the server; also when the test panics.
+struct ServerDatabase {
+    kind: Kind,
+    admin_url: String,
+    name: String,
+}
+
+impl ServerDatabase {
+    /// Creates a database with a random name on the server `admin_url` names (`kind`:
+    /// PostgreSQL or MySQL); returns it and its URL.
+    async fn create(kind: Kind, admin_url: &str) -> (Self, String) {
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
+        let name = format!("sweeper_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let mut url: url::Url = admin_url.parse().unwrap();
+        url.set_path(&name);
+        let database = Self {
+            kind,
+            admin_url: admin_url.to_owned(),
+            name,
+        };
+        (database, url.to_string())
+    }
+
+    /// Cuts every connection to the database and drops it.
+    async fn drop_now(kind: Kind, admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+        use sqlx::Connection as _;
+        match kind {
+            Kind::Postgres => {
+                let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await
+            }
+            Kind::MySql => {
+                let mut admin = sqlx::MySqlConnection::connect(admin_url).await?;
+                // A connection left inside a transaction holds metadata locks the drop would
+                // wait for: end them all first, and never wait long for a straggler.
+                sqlx::query("SET SESSION lock_wait_timeout = 10")
+                    .execute(&mut admin)
+                    .await?;
+                let connected: Vec<i64> = sqlx::query_scalar(
+                    "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                     WHERE DB = ? AND ID <> CONNECTION_ID()",
+                )
+                .bind(name)
+                .fetch_all(&mut admin)
+                .await?;
+                for id in connected {
+                    // Gone already, if it ended meanwhile.
+                    let _ = sqlx::query(&format!("KILL CONNECTION {id}"))
+                        .execute(&mut admin)
+                        .await;
+                }
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await
+            }
+            Kind::Sqlite => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerDatabase {
+    fn drop(&mut self) {
+        let (kind, admin_url, name) = (self.kind, self.admin_url.clone(), self.name.clone());
+        // A thread with its own runtime: a Drop cannot await on the test's runtime, which may
+        // be single-threaded (blocked right here) or unwinding from a panic.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                tokio::time::timeout(
+                    DROP_DATABASE_TIMEOUT,
+                    Self::drop_now(kind, &admin_url, &name),
+                )
+                .await
+                .map_err(|_| format!("timed out after {DROP_DATABASE_TIMEOUT:?}"))?
+                .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        // Never panic here: a panic while a failed test unwinds would abort the whole binary.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: test database {} not dropped: {e}", self.name),
+            Err(_) => eprintln!(
+                "warning: test database {} not dropped: the drop panicked",
+                self.name
+            ),
+        }
+    }
 }
 
 impl TestDb {
@@ -177,10 +273,11 @@ impl TestDb {
                     url,
                     pool: Pool::Sqlite(pool),
                     dir,
+                    server_database: None,
                 }
             }
             Kind::Postgres => {
-                let url = fresh_database(&pg_admin_url()?).await;
+                let (database, url) = ServerDatabase::create(kind, &pg_admin_url()?).await;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
                     .connect(&url)
@@ -191,10 +288,11 @@ impl TestDb {
                     url,
                     pool: Pool::Pg(pool),
                     dir,
+                    server_database: Some(database),
                 }
             }
             Kind::MySql => {
-                let url = fresh_database(&mysql_admin_url()?).await;
+                let (database, url) = ServerDatabase::create(kind, &mysql_admin_url()?).await;
                 let pool = sqlx::mysql::MySqlPoolOptions::new()
                     .max_connections(4)
                     .after_connect(|conn, _| {
@@ -211,6 +309,7 @@ impl TestDb {
                     url,
                     pool: Pool::MySql(pool),
                     dir,
+                    server_database: Some(database),
                 }
             }
         };
@@ -483,16 +582,7 @@ impl TestDb {
 url = "{url}"
 max_connections = 8
 
-[source]
-table = "checkout_sessions"
-token_column = "session_token"
-member_column = "member_identifier"
-status_column = "status"
-last_activity_column = "last_activity_at"
-active_value = "ACTIVE"
-passive_value = "PASSIVE"
-idle_after = "30m"
-
+{source}
 [sweep]
 interval = "1h"
 batch_size = 50
@@ -516,9 +606,25 @@ retries = 2
 retry_min_delay = "10ms"
 retry_max_delay = "50ms"
 "#,
-            url = self.url
+            url = self.url,
+            source = source_toml(),
         )
     }
+}
+
+/// The `[source]` block of every test config, ending in a newline: the `checkout_sessions`
+/// table [`TestDb::new`] creates, idle after 30 minutes.
+pub fn source_toml() -> &'static str {
+    r#"[source]
+table = "checkout_sessions"
+token_column = "session_token"
+member_column = "member_identifier"
+status_column = "status"
+last_activity_column = "last_activity_at"
+active_value = "ACTIVE"
+passive_value = "PASSIVE"
+idle_after = "30m"
+"#
 }
 
 /// Starts the simulator on port 0 with the test credentials.
@@ -556,31 +662,34 @@ pub async fn sessions_and_simulator(
     Some((db, sim))
 }
 
-/// The daemon (`run`) in-process: its metrics, its shutdown handle and its task.
+/// The daemon (`run`) in-process: its metrics, its shutdown handle, its task, and the address
+/// of its HTTP routes (a listener the test bound to port 0).
 pub struct Daemon {
     /// The metrics it records into.
     pub metrics: Metrics,
     /// Stops it without a signal.
     pub shutdown: Shutdown,
     /// Ends with the daemon's result.
-    pub task: tokio::task::JoinHandle<Result<(), session_sweeper::cli::CliError>>,
+    pub task: tokio::task::JoinHandle<Result<(), session_sweeper::daemon::DaemonError>>,
+    /// `http://127.0.0.1:PORT`, where `/metrics`, `/healthz`, `/readyz` and the page answer.
+    pub base_url: String,
 }
 
 impl Daemon {
     /// Starts `run`'s loop on `config`'s database (migrated beforehand by the test's setup).
     pub async fn start(config: Config) -> Self {
         let store = store::open(&config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
         let (metrics, shutdown) = (Metrics::new(), Shutdown::new());
-        let task = tokio::spawn(session_sweeper::daemon::serve(
-            store,
-            config,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        let daemon =
+            session_sweeper::daemon::Daemon::new(store, config, metrics.clone()).serving(listener);
+        let task = tokio::spawn(daemon.run_until_stopped(shutdown.clone()));
         Self {
             metrics,
             shutdown,
             task,
+            base_url,
         }
     }
 
@@ -608,15 +717,14 @@ pub async fn sweep_once_with(
 ) -> Result<SweepSummary, SweepError> {
     let store = store::open(config).await.unwrap();
     store.migrate().await.unwrap();
-    let engine = Engine::start(store.clone(), config, metrics)
+    let replica = Replica::start(store.clone(), config, metrics)
         .await
-        .map_err(|e| panic!("{e}"))
-        .unwrap();
-    let result = engine
+        .unwrap_or_else(|e| panic!("{e}"));
+    let result = replica
         .sweeper
         .run_once(shutdown, Arc::new(Progress::default()))
         .await;
-    engine.membership.leave().await;
+    replica.membership.leave().await;
     store.close().await;
     result
 }
@@ -797,4 +905,19 @@ impl TestDb {
         self.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
             .await;
     }
+}
+
+/// A local port nothing listens on right now, for a *child process* to bind (in-process
+/// servers take a listener bound to port 0 instead, which cannot race).
+pub fn free_local_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `127.0.0.1:PORT` with a [`free_local_port`].
+pub fn free_local_addr() -> String {
+    format!("127.0.0.1:{}", free_local_port())
 }
