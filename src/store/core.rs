@@ -178,6 +178,25 @@ pub(crate) struct Statements {
     sample_oldest: Stmt,
 }
 
+/// The SQL fragments the statements over the source are built from (quoted names, the clock,
+/// the idle cutoff, the conditions of eligibility), rendered once.
+struct Parts {
+    table: String,
+    tok: String,
+    member_text: String,
+    status: String,
+    last: String,
+    now: &'static str,
+    stale: String,
+    cutoff: &'static str,
+    usable: String,
+    fits: String,
+    token_text: String,
+    same: String,
+    eligible_where: String,
+    activity_value: String,
+}
+
 /// The store: one pool, one dialect, the source's config.
 pub struct SqlStore {
     pub(crate) pool: AnyPool,
@@ -360,52 +379,24 @@ impl SqlStore {
         }
     }
 
-    fn statements(&self, shape: Shape) -> Statements {
+    /// The fragments every statement over the source is built from.
+    fn parts(&self, shape: &Shape) -> Parts {
         let d = self.dialect;
-        let table = self.col(&self.source.table);
         let tok = self.col(&self.source.token_column);
-        let mem = self.col(&self.source.member_column);
-        let status = self.col(&self.source.status_column);
         let last = self.col(&self.source.last_activity_column);
         let now = d.now_ms();
         let stale = format!("{now} - $3");
         let cutoff = self.cutoff_expr(shape.activity);
         let usable = self.usable(shape.activity);
-        let fits = self.time_fits(shape.activity);
         let token_text = d.text(&format!("s.{tok}"));
-        let member_text = d.text(&format!("s.{mem}"));
-        let same = shape
-            .same_token
-            .replace("{tok}", &tok)
-            .replace("{}", "l.session_token");
-        // The session behind `l` is still idle: some active row with its token is idle, and
-        // none is live (a duplicate token touched a moment ago makes the whole session live;
-        // a row whose time cannot be read counts as live: ambiguous data is never sent).
-        let still_idle = |active: &str, cutoff: &str| {
-            format!(
-                "(EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
-                   AND s.{last} < {cutoff} AND {fits}) \
-                 AND NOT EXISTS (SELECT 1 FROM {table} s WHERE {same} AND s.{status} = {active} \
-                   AND NOT COALESCE(s.{last} < {cutoff} AND {fits}, {false})))",
-                false = if d == Dialect::Postgres { "FALSE" } else { "0" }
-            )
-        };
         // $1 active value, $2 idle cutoff, $3 staleness (ms); claims add $4 limit, $5 worker,
         // $6 lease (ms).
         let eligible_where = format!(
             "s.{status} = $1 AND s.{last} < {cutoff} AND {usable} AND NOT EXISTS \
              (SELECT 1 FROM sweeper_sessions l WHERE l.session_token = {token_text} AND {})",
-            ledger_blocks(now, &stale)
+            ledger_blocks(now, &stale),
+            status = self.col(&self.source.status_column),
         );
-        let candidates = format!(
-            "SELECT {token_text} AS token, {member_text} AS member FROM {table} s \
-             WHERE {eligible_where} ORDER BY s.{last} LIMIT $4"
-        );
-        let claim = match d {
-            Dialect::Postgres => super::postgres::claim(&candidates, now, &stale),
-            Dialect::Sqlite => super::sqlite::claim(&candidates, now),
-            Dialect::MySql => super::mysql::candidates(&candidates),
-        };
         let activity_value = match d {
             Dialect::Sqlite => format!("s.{last}"),
             Dialect::Postgres => d.int(&format!("extract(epoch FROM s.{last}) * 1000")),
@@ -414,54 +405,129 @@ impl SqlStore {
                 _ => d.int(&format!("UNIX_TIMESTAMP(s.{last}) * 1000")),
             },
         };
-        let sample = |order: &str| {
-            let kind = match d {
-                Dialect::Sqlite => format!("typeof(s.{last})"),
-                _ => "'typed'".into(),
-            };
-            self.q(&format!(
-                "SELECT {activity_value}, {kind} FROM {table} s WHERE s.{status} = $1 \
-                 AND s.{last} IS NOT NULL ORDER BY s.{last} {order} LIMIT 1"
-            ))
+        Parts {
+            table: self.col(&self.source.table),
+            member_text: d.text(&format!("s.{}", self.col(&self.source.member_column))),
+            status: self.col(&self.source.status_column),
+            same: shape
+                .same_token
+                .replace("{tok}", &tok)
+                .replace("{}", "l.session_token"),
+            fits: self.time_fits(shape.activity),
+            tok,
+            last,
+            now,
+            stale,
+            cutoff,
+            usable,
+            token_text,
+            eligible_where,
+            activity_value,
+        }
+    }
+
+    /// The session behind ledger row `l` is still idle: it has an active row, and every active
+    /// row with its token is idle (a duplicate token touched a moment ago makes the whole
+    /// session live; a row whose time cannot be read counts as live: ambiguous data is never
+    /// sent). One pass over its rows; the minimum of no rows is NULL, which is not 1.
+    fn still_idle(&self, p: &Parts, active: &str, cutoff: &str) -> String {
+        let (table, same, status, last, fits) = (&p.table, &p.same, &p.status, &p.last, &p.fits);
+        let no = if self.dialect == Dialect::Postgres {
+            "FALSE"
+        } else {
+            "0"
         };
+        format!(
+            "(COALESCE((SELECT MIN(CASE WHEN COALESCE(s.{last} < {cutoff} AND {fits}, {no}) \
+             THEN 1 ELSE 0 END) FROM {table} s WHERE {same} AND s.{status} = {active}), 0) = 1)"
+        )
+    }
+
+    /// The claim statement: each backend locks and writes its leases its own way.
+    fn claim_sql(&self, p: &Parts) -> String {
+        let candidates = format!(
+            "SELECT {} AS token, {} AS member FROM {} s WHERE {} ORDER BY s.{} LIMIT $4",
+            p.token_text, p.member_text, p.table, p.eligible_where, p.last
+        );
+        match self.dialect {
+            Dialect::Postgres => super::postgres::claim(&candidates, p.now, &p.stale),
+            Dialect::Sqlite => super::sqlite::claim(&candidates, p.now),
+            Dialect::MySql => super::mysql::candidates(&candidates),
+        }
+    }
+
+    /// Due pending sessions that came back to life: settled `skipped`.
+    fn skip_revived_sql(&self, p: &Parts) -> String {
+        format!(
+            "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
+             lease_expires_at = NULL, updated_at = {now}, settled_at = {now} \
+             WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= {now}) \
+             AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} AND EXISTS \
+               (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})) \
+             AND NOT {}",
+            self.still_idle(p, "$1", p.cutoff),
+            now = p.now,
+            stale = p.stale,
+        )
+    }
+
+    /// The newest or oldest active last-activity value (`order`: `DESC` or `ASC`).
+    fn sample(&self, p: &Parts, order: &str) -> Stmt {
+        let kind = match self.dialect {
+            Dialect::Sqlite => format!("typeof(s.{})", p.last),
+            _ => "'typed'".into(),
+        };
+        self.q(&format!(
+            "SELECT {}, {kind} FROM {} s WHERE s.{} = $1 AND s.{} IS NOT NULL ORDER BY s.{} {order} LIMIT 1",
+            p.activity_value, p.table, p.status, p.last, p.last
+        ))
+    }
+
+    fn statements(&self, shape: Shape) -> Statements {
+        let d = self.dialect;
+        let p = self.parts(&shape);
+        let cutoff_3 = p.cutoff.replace("$2", "$3");
         let hot = HotStatements::render(
             self,
             &HotShape {
-                still_idle: &still_idle("$2", &cutoff.replace("$2", "$3")),
+                still_idle: &self.still_idle(&p, "$2", &cutoff_3),
                 token_from_text: &shape.token_from_text,
-                cutoff: &cutoff.replace("$2", "$3"),
-                fits: &fits,
+                cutoff: &cutoff_3,
+                fits: &p.fits,
             },
         );
         Statements {
             hot,
-            claim: self.q(&claim),
+            claim: self.q(&self.claim_sql(&p)),
             eligible: self.q(&format!(
-                "SELECT {token_text}, {member_text}, {activity_value} FROM {table} s \
-                 WHERE {eligible_where} ORDER BY s.{last} LIMIT $4"
+                "SELECT {}, {}, {} FROM {} s WHERE {} ORDER BY s.{} LIMIT $4",
+                p.token_text, p.member_text, p.activity_value, p.table, p.eligible_where, p.last
             )),
             count: self.q(&format!(
-                "SELECT {} FROM {table} s WHERE {eligible_where}",
-                d.int(&format!("COUNT(DISTINCT {})", d.exact(&format!("s.{tok}"))))
-            )),
-            skip_revived: self.q(&format!(
-                "UPDATE sweeper_sessions AS l SET state = 'skipped', lease_owner = NULL, \
-                 lease_expires_at = NULL, updated_at = {now}, settled_at = {now} \
-                 WHERE l.state = 'pending' AND (l.next_attempt_at IS NULL OR l.next_attempt_at <= {now}) \
-                 AND NOT (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} AND EXISTS \
-                   (SELECT 1 FROM sweeper_workers w WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})) \
-                 AND NOT {}",
-                still_idle("$1", cutoff)
-            )),
-            unusable: self.q(&format!(
-                "SELECT {}, {} FROM {table} s WHERE s.{status} = $1",
-                d.int(&format!("COALESCE(SUM(CASE WHEN {fits} THEN 0 ELSE 1 END), 0)")),
+                "SELECT {} FROM {} s WHERE {}",
                 d.int(&format!(
-                    "COALESCE(SUM(CASE WHEN {fits} AND NOT ({usable}) THEN 1 ELSE 0 END), 0)"
+                    "COUNT(DISTINCT {})",
+                    d.exact(&format!("s.{}", p.tok))
                 )),
+                p.table,
+                p.eligible_where
             )),
-            sample_newest: sample("DESC"),
-            sample_oldest: sample("ASC"),
+            skip_revived: self.q(&self.skip_revived_sql(&p)),
+            unusable: self.q(&format!(
+                "SELECT {}, {} FROM {} s WHERE s.{} = $1",
+                d.int(&format!(
+                    "COALESCE(SUM(CASE WHEN {} THEN 0 ELSE 1 END), 0)",
+                    p.fits
+                )),
+                d.int(&format!(
+                    "COALESCE(SUM(CASE WHEN {} AND NOT ({}) THEN 1 ELSE 0 END), 0)",
+                    p.fits, p.usable
+                )),
+                p.table,
+                p.status
+            )),
+            sample_newest: self.sample(&p, "DESC"),
+            sample_oldest: self.sample(&p, "ASC"),
             shape,
         }
     }
