@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::DbClock;
 use crate::config::{Config, SweepConfig};
+use crate::iyzico::limiter::FleetState;
 use crate::iyzico::{ApiError, CallRecord, Client, InvalidateError, Invalidation};
 use crate::shutdown::Shutdown;
 use crate::store::{ClaimParams, Decision, Lease, Outcome, Recheck, Settlement, Store, StoreError};
@@ -261,6 +262,8 @@ pub enum SweepError {
 pub struct Sweeper {
     store: Arc<dyn Store>,
     client: Arc<Client>,
+    /// The fleet as the client sees it (how many replicas share the rate).
+    fleet: FleetState,
     /// Read once per sweep; a config reload replaces it between sweeps.
     settings: std::sync::RwLock<SweepSettings>,
     worker: String,
@@ -285,6 +288,7 @@ impl Sweeper {
     ) -> Self {
         Self {
             store,
+            fleet: client.fleet().clone(),
             client,
             settings: std::sync::RwLock::new(settings),
             worker,
@@ -484,6 +488,7 @@ impl Sweeper {
         let run = Run {
             store: self.store.clone(),
             client: self.client.clone(),
+            fleet: self.fleet.clone(),
             worker: self.worker.clone(),
             clock: self.clock.clone(),
             settings,
@@ -513,6 +518,7 @@ struct Dispatched {
 struct Run {
     store: Arc<dyn Store>,
     client: Arc<Client>,
+    fleet: FleetState,
     worker: String,
     clock: DbClock,
     settings: SweepSettings,
@@ -585,7 +591,7 @@ impl Run {
         running: &mut FuturesUnordered<impl Future<Output = Ended>>,
         out: &mut Dispatched,
     ) -> Result<Vec<Lease>, StoreError> {
-        let share = self.settings.claim_size(self.client.limiter().replicas());
+        let share = self.settings.claim_size(self.fleet.replicas());
         let limit = match self.settings.max_sessions {
             Some(max) if claimed >= max => return Ok(Vec::new()),
             Some(max) => (max - claimed).min(u64::from(share)) as u32,

@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::limiter::SharedLimiter;
+use super::limiter::{FleetState, SharedLimiter};
 use super::{
     ALREADY_INVALIDATED_CODE, AUTH_ERROR_CODES, INVALIDATE_PATH, RETRYABLE_ERROR_CODES, signing,
 };
@@ -82,7 +82,6 @@ impl ApiError {
         }
     }
 
-    /// The human-readable message.
     /// The same error with the session's token and member taken out of iyzico's text (an echo
     /// of the request must not carry them into logs, the ledger or the status page) and the
     /// text cut to [`MAX_MESSAGE_CHARS`].
@@ -125,6 +124,7 @@ impl ApiError {
         }
     }
 
+    /// The human-readable message.
     pub fn message(&self) -> &str {
         match self {
             ApiError::AlreadyInvalidated { message }
@@ -212,16 +212,7 @@ pub fn classify(
     sent_conversation_id: &str,
 ) -> Result<(), ApiError> {
     if matches!(http_status, 401 | 403) {
-        let parsed = parse_body(body).ok();
-        return Err(ApiError::Auth {
-            code: parsed
-                .as_ref()
-                .and_then(|p| p.error_code.as_ref().map(code_string))
-                .unwrap_or_else(|| format!("HTTP {http_status}")),
-            message: parsed
-                .and_then(|p| p.error_message)
-                .unwrap_or_else(|| "credentials refused".into()),
-        });
+        return Err(refused(http_status, body));
     }
     let retryable = |reason: String, code: Option<String>| ApiError::Retryable {
         reason,
@@ -260,7 +251,39 @@ pub fn classify(
             code,
         ));
     }
-    match parsed.status.as_str() {
+    by_status(http_status, &parsed.status, code, message, retry_after)
+}
+
+/// HTTP 401 or 403: our credentials were refused, whatever the body says (its code and
+/// message are kept when it has them).
+fn refused(http_status: u16, body: &[u8]) -> ApiError {
+    let parsed = parse_body(body).ok();
+    ApiError::Auth {
+        code: parsed
+            .as_ref()
+            .and_then(|p| p.error_code.as_ref().map(code_string))
+            .unwrap_or_else(|| format!("HTTP {http_status}")),
+        message: parsed
+            .and_then(|p| p.error_message)
+            .unwrap_or_else(|| "credentials refused".into()),
+    }
+}
+
+/// The verdict of an answer that is ours and is not an auth or transient failure, by its
+/// `status` and, for a failure, its `errorCode`.
+fn by_status(
+    http_status: u16,
+    status: &str,
+    code: Option<String>,
+    message: String,
+    retry_after: Option<Duration>,
+) -> Result<(), ApiError> {
+    let retryable = |reason: String, code: Option<String>| ApiError::Retryable {
+        reason,
+        code,
+        retry_after,
+    };
+    match status {
         "success" if (200..300).contains(&http_status) => Ok(()),
         "success" => Err(retryable(
             format!("HTTP {http_status} with status success"),
@@ -348,13 +371,12 @@ pub struct Client {
     api_key: SecretString,
     secret_key: SecretString,
     locale: Locale,
-    limiter: Arc<SharedLimiter>,
+    fleet: FleetState,
     in_flight: Arc<Semaphore>,
     /// The permits `in_flight` should hold (a reload may change it while calls run).
     concurrency: std::sync::Mutex<usize>,
     retry: std::sync::RwLock<RetryPolicy>,
     metrics: Metrics,
-    liveness: Liveness,
 }
 
 /// Immediate retries of a transient failure within one attempt (reloadable).
@@ -373,6 +395,10 @@ pub struct RetryPolicy {
 #[error("cannot build the HTTP client: {0}")]
 pub struct BuildError(#[from] reqwest::Error);
 
+/// A call that was started but got no answer: its class and message for the attempt log, and
+/// what it means for the attempt.
+type Unanswered = (&'static str, &'static str, InvalidateError);
+
 impl Client {
     /// Builds the client: one pooled keep-alive HTTP client, rustls, timeouts from config.
     pub fn new(
@@ -381,8 +407,7 @@ impl Client {
         limiter: Arc<SharedLimiter>,
         metrics: Metrics,
     ) -> Result<Self, BuildError> {
-        // One TLS stack for the whole process (rustls with ring); installing twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        super::install_tls_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("session-sweeper/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
@@ -404,7 +429,7 @@ impl Client {
             api_key: config.api_key.clone(),
             secret_key: config.secret_key.clone(),
             locale: config.locale,
-            limiter,
+            fleet: FleetState::new(limiter, Liveness::always()),
             in_flight: Arc::new(Semaphore::new(concurrency)),
             concurrency: std::sync::Mutex::new(concurrency),
             retry: std::sync::RwLock::new(RetryPolicy {
@@ -413,13 +438,12 @@ impl Client {
                 max_delay: config.retry_max_delay,
             }),
             metrics,
-            liveness: Liveness::always(),
         })
     }
 
     /// Makes every call first check that this worker's heartbeat is fresh (self-fencing).
     pub fn with_liveness(mut self, liveness: Liveness) -> Self {
-        self.liveness = liveness;
+        self.fleet = FleetState::new(self.fleet.limiter().clone(), liveness);
         self
     }
 
@@ -445,9 +469,14 @@ impl Client {
         *current = concurrency;
     }
 
-    /// The shared rate limiter (the daemon re-sizes it as replicas come and go).
+    /// The shared rate limiter (a reload re-sizes the budget; the heartbeat re-shares it).
     pub fn limiter(&self) -> &Arc<SharedLimiter> {
-        &self.limiter
+        self.fleet.limiter()
+    }
+
+    /// What the client knows of the fleet: its share of the rate and its liveness.
+    pub fn fleet(&self) -> &FleetState {
+        &self.fleet
     }
 
     /// One attempt to invalidate a session: a call plus up to `retries` immediate retries of a
@@ -480,124 +509,198 @@ impl Client {
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
+        let session = (session_token, member_identifier);
         let mut calls = Vec::new();
+        let mut backoff = self.backoff();
+        loop {
+            let call = self.checked_call(session, shutdown, &mut before_call, &mut calls);
+            let result = match call.await {
+                Ok(answer) => answer,
+                Err(stopped) => {
+                    return Invalidation {
+                        calls,
+                        result: Err(stopped),
+                    };
+                }
+            };
+            let retry_after = match &result {
+                Err(ApiError::Retryable { retry_after, .. }) => *retry_after,
+                _ => {
+                    return Invalidation {
+                        calls,
+                        result: result.map_err(InvalidateError::Api),
+                    };
+                }
+            };
+            // No retry left, or a stop during the backoff: the last answer stands (the sweep
+            // decides what a cut-short attempt means).
+            let again = match backoff.next() {
+                Some(delay) => {
+                    let delay = delay.max(retry_after.unwrap_or_default());
+                    self.wait_before_retry(delay, shutdown).await
+                }
+                None => false,
+            };
+            if !again {
+                return Invalidation {
+                    calls,
+                    result: result.map_err(InvalidateError::Api),
+                };
+            }
+        }
+    }
+
+    /// The jittered backoff between the calls of one attempt, from the current policy.
+    fn backoff(&self) -> backon::ExponentialBackoff {
         let retry = *self.retry.read().expect("retry policy lock");
-        let mut backoff = backon::ExponentialBuilder::default()
+        backon::ExponentialBuilder::default()
             .with_min_delay(retry.min_delay)
             .with_max_delay(retry.max_delay)
             .with_factor(2.0)
             .with_jitter()
             .with_max_times(retry.retries as usize)
-            .build();
-        loop {
-            let waited = tokio::select! {
-                biased;
-                _ = shutdown.stopping() => return Invalidation { calls, result: Err(InvalidateError::Interrupted) },
-                w = self.limiter.acquire() => w,
-            };
-            self.metrics.rate_limit_waited(waited);
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.stopping() => return Invalidation { calls, result: Err(InvalidateError::Interrupted) },
-                p = self.in_flight.acquire() => p.expect("the semaphore is never closed"),
-            };
-            if !self.liveness.is_fresh() {
-                tracing::warn!("heartbeat is stale: not calling the API, giving the session back");
-                return Invalidation {
-                    calls,
-                    result: Err(InvalidateError::Fenced),
-                };
+            .build()
+    }
+
+    /// Sleeps `delay` before a retry; `false` if a stop came first.
+    async fn wait_before_retry(&self, delay: Duration, shutdown: &Shutdown) -> bool {
+        tokio::select! {
+            biased;
+            _ = shutdown.stopping() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Waits for the rate limiter, then for a concurrency slot (never holding a slot while it
+    /// waits for the rate); `None` once a stop comes.
+    async fn take_turn(&self, shutdown: &Shutdown) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let waited = tokio::select! {
+            biased;
+            _ = shutdown.stopping() => return None,
+            w = self.fleet.limiter().acquire() => w,
+        };
+        self.metrics.rate_limit_waited(waited);
+        tokio::select! {
+            biased;
+            _ = shutdown.stopping() => None,
+            p = self.in_flight.acquire() => Some(p.expect("the semaphore is never closed")),
+        }
+    }
+
+    /// One call of an attempt: its turn (rate and slot), the fencing check and `before_call`,
+    /// then the request, whose record goes to `calls`. `Ok`: iyzico's classified answer;
+    /// `Err`: why there is none (a stop, the fence, the check, the abort).
+    async fn checked_call<F, Fut>(
+        &self,
+        (session_token, member_identifier): (&str, &str),
+        shutdown: &Shutdown,
+        before_call: &mut F,
+        calls: &mut Vec<CallRecord>,
+    ) -> Result<Result<(), ApiError>, InvalidateError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let permit = self
+            .take_turn(shutdown)
+            .await
+            .ok_or(InvalidateError::Interrupted)?;
+        if !self.fleet.liveness().is_fresh() {
+            tracing::warn!("heartbeat is stale: not calling the API, giving the session back");
+            return Err(InvalidateError::Fenced);
+        }
+        if !before_call().await {
+            return Err(InvalidateError::Withheld);
+        }
+        let started_at = Utc::now();
+        let started = Instant::now();
+        let conversation_id = uuid::Uuid::new_v4().to_string();
+        let outcome = self
+            .send(&conversation_id, session_token, member_identifier, shutdown)
+            .await;
+        drop(permit);
+        let latency = started.elapsed();
+        match outcome {
+            Ok((http_status, answer)) => {
+                let answer = answer.map_err(|e| e.scrubbed(session_token, member_identifier));
+                calls.push(self.answered(
+                    session_token,
+                    conversation_id,
+                    http_status,
+                    &answer,
+                    (started_at, latency),
+                ));
+                Ok(answer)
             }
-            if !before_call().await {
-                return Invalidation {
-                    calls,
-                    result: Err(InvalidateError::Withheld),
-                };
-            }
-            let started_at = Utc::now();
-            let started = Instant::now();
-            let conversation_id = uuid::Uuid::new_v4().to_string();
-            // A call must end before peers may think this worker dead: at the fencing deadline
-            // it is cancelled, whatever its timeout, and its outcome is unknown.
-            let outcome = tokio::select! {
-                r = self.call_once(&conversation_id, session_token, member_identifier) => Ok(r),
-                _ = shutdown.aborted() => Err(("interrupted", "call abandoned at the end of the shutdown grace period", InvalidateError::Interrupted)),
-                _ = self.liveness.fenced() => Err(("unknown", "call cancelled at the fencing deadline (heartbeat stale); outcome unknown, retried later", InvalidateError::Fenced)),
-            };
-            drop(permit);
-            let latency = started.elapsed();
-            let (http_status, result) = match outcome {
-                Ok((status, r)) => (
-                    status,
-                    r.map_err(|e| e.scrubbed(session_token, member_identifier)),
-                ),
-                Err((class, message, error)) => {
-                    if matches!(error, InvalidateError::Fenced) {
-                        tracing::warn!("heartbeat went stale during a call: cancelled it");
-                    }
-                    calls.push(CallRecord {
-                        conversation_id,
-                        http_status: None,
-                        class,
-                        error_code: None,
-                        error_message: Some(message.into()),
-                        started_at,
-                        latency,
-                    });
-                    return Invalidation {
-                        calls,
-                        result: Err(error),
-                    };
+            Err((class, message, error)) => {
+                if matches!(error, InvalidateError::Fenced) {
+                    tracing::warn!("heartbeat went stale during a call: cancelled it");
                 }
-            };
-            let class = match &result {
-                Ok(()) => "invalidated",
-                Err(e) => e.class(),
-            };
-            self.metrics.api_call(class, http_status, latency);
-            // Field values are only computed when the line is emitted: no hashing on the hot path.
-            match &result {
-                Ok(()) => {
-                    tracing::debug!(session = %fingerprint(session_token), ?http_status, ?latency, "invalidated")
-                }
-                Err(e) => tracing::debug!(
-                    session = %fingerprint(session_token), ?http_status, ?latency, class, error = %e, "call failed"
-                ),
+                calls.push(CallRecord {
+                    conversation_id,
+                    http_status: None,
+                    class,
+                    error_code: None,
+                    error_message: Some(message.into()),
+                    started_at,
+                    latency,
+                });
+                Err(error)
             }
-            calls.push(CallRecord {
-                conversation_id,
-                http_status,
-                class,
-                error_code: result
-                    .as_ref()
-                    .err()
-                    .and_then(|e| e.code().map(str::to_owned)),
-                error_message: result.as_ref().err().map(|e| e.message().to_owned()),
-                started_at,
-                latency,
-            });
-            let retry_after = match result {
-                Err(ApiError::Retryable { retry_after, .. }) => retry_after,
-                other => {
-                    return Invalidation {
-                        calls,
-                        result: other.map_err(InvalidateError::Api),
-                    };
-                }
-            };
-            let Some(delay) = backoff.next() else {
-                return Invalidation {
-                    calls,
-                    result: result.map_err(InvalidateError::Api),
-                };
-            };
-            let delay = delay.max(retry_after.unwrap_or_default());
-            tokio::select! {
-                biased;
-                // The last answer stands; the sweep decides what a cut-short attempt means.
-                _ = shutdown.stopping() => return Invalidation { calls, result: result.map_err(InvalidateError::Api) },
-                _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// The request, unless the shutdown's abort or the fencing deadline comes first: a call
+    /// must end before peers may think this worker dead, so at the fencing deadline it is
+    /// cancelled, whatever its timeout, and its outcome is unknown.
+    async fn send(
+        &self,
+        conversation_id: &str,
+        session_token: &str,
+        member_identifier: &str,
+        shutdown: &Shutdown,
+    ) -> Result<(Option<u16>, Result<(), ApiError>), Unanswered> {
+        tokio::select! {
+            r = self.call_once(conversation_id, session_token, member_identifier) => Ok(r),
+            _ = shutdown.aborted() => Err(("interrupted", "call abandoned at the end of the shutdown grace period", InvalidateError::Interrupted)),
+            _ = self.fleet.liveness().fenced() => Err(("unknown", "call cancelled at the fencing deadline (heartbeat stale); outcome unknown, retried later", InvalidateError::Fenced)),
+        }
+    }
+
+    /// The attempt log's record of an answered call, counted in the metrics.
+    fn answered(
+        &self,
+        session_token: &str,
+        conversation_id: String,
+        http_status: Option<u16>,
+        answer: &Result<(), ApiError>,
+        (started_at, latency): (DateTime<Utc>, Duration),
+    ) -> CallRecord {
+        let class = match answer {
+            Ok(()) => "invalidated",
+            Err(e) => e.class(),
+        };
+        self.metrics.api_call(class, http_status, latency);
+        // Field values are only computed when the line is emitted: no hashing on the hot path.
+        match answer {
+            Ok(()) => {
+                tracing::debug!(session = %fingerprint(session_token), ?http_status, ?latency, "invalidated")
             }
+            Err(e) => tracing::debug!(
+                session = %fingerprint(session_token), ?http_status, ?latency, class, error = %e, "call failed"
+            ),
+        }
+        CallRecord {
+            conversation_id,
+            http_status,
+            class,
+            error_code: answer
+                .as_ref()
+                .err()
+                .and_then(|e| e.code().map(str::to_owned)),
+            error_message: answer.as_ref().err().map(|e| e.message().to_owned()),
+            started_at,
+            latency,
         }
     }
 
@@ -608,32 +711,10 @@ impl Client {
         session_token: &str,
         member_identifier: &str,
     ) -> (Option<u16>, Result<(), ApiError>) {
-        let body = serde_json::to_vec(&RequestBody {
-            locale: self.locale.as_str(),
-            conversation_id,
-            session_token,
-            member_identifier,
-        })
-        .expect("serializing strings cannot fail");
-        let random_key = signing::random_key();
-        let authorization = signing::authorization(
-            self.api_key.expose_secret(),
-            self.secret_key.expose_secret(),
-            &random_key,
-            self.endpoint.path(),
-            &body,
-        );
-        let response = self
-            .http
-            .post(self.endpoint.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .header(signing::RANDOM_KEY_HEADER, &random_key)
-            .body(body)
-            .send()
-            .await;
-        let mut response = match response {
+        let response = match self
+            .post(conversation_id, session_token, member_identifier)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return (None, Err(transport_error(&e))),
         };
@@ -654,33 +735,70 @@ impl Client {
                 )),
             );
         }
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                        return (
-                            Some(status),
-                            Err(ApiError::Retryable {
-                                reason: format!(
-                                    "response body larger than {MAX_RESPONSE_BYTES} bytes"
-                                ),
-                                code: None,
-                                retry_after,
-                            }),
-                        );
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return (Some(status), Err(transport_error(&e))),
-            }
-        }
-        (
-            Some(status),
-            classify(status, retry_after, &body, conversation_id),
-        )
+        let answer = match read_body(response, retry_after).await {
+            Ok(body) => classify(status, retry_after, &body, conversation_id),
+            Err(e) => Err(e),
+        };
+        (Some(status), answer)
     }
+
+    /// Sends the signed request. The constant headers are built without parsing.
+    async fn post(
+        &self,
+        conversation_id: &str,
+        session_token: &str,
+        member_identifier: &str,
+    ) -> reqwest::Result<reqwest::Response> {
+        use reqwest::header::{self, HeaderName, HeaderValue};
+        let body = serde_json::to_vec(&RequestBody {
+            locale: self.locale.as_str(),
+            conversation_id,
+            session_token,
+            member_identifier,
+        })
+        .expect("serializing strings cannot fail");
+        let random_key = signing::random_key();
+        let authorization = signing::authorization(
+            self.api_key.expose_secret(),
+            self.secret_key.expose_secret(),
+            &random_key,
+            self.endpoint.path(),
+            &body,
+        );
+        const JSON: HeaderValue = HeaderValue::from_static("application/json");
+        self.http
+            .post(self.endpoint.clone())
+            .header(header::CONTENT_TYPE, JSON)
+            .header(header::ACCEPT, JSON)
+            .header(header::AUTHORIZATION, authorization)
+            .header(
+                HeaderName::from_static(signing::RANDOM_KEY_HEADER),
+                random_key,
+            )
+            .body(body)
+            .send()
+            .await
+    }
+}
+
+/// Reads a response body of at most [`MAX_RESPONSE_BYTES`]; anything longer is not iyzico's
+/// answer (retryable).
+async fn read_body(
+    mut response: reqwest::Response,
+    retry_after: Option<Duration>,
+) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ApiError::Retryable {
+                reason: format!("response body larger than {MAX_RESPONSE_BYTES} bytes"),
+                code: None,
+                retry_after,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn transport_error(e: &reqwest::Error) -> ApiError {

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota};
 
+use crate::shutdown::Liveness;
+
 /// A rate limiter shared by every task, whose share of the fleet budget can change.
 pub struct SharedLimiter {
     budget: RwLock<(NonZeroU32, NonZeroU32)>,
@@ -52,6 +54,7 @@ impl SharedLimiter {
         *self.current.write().expect("limiter lock") = (replicas, Arc::new(limiter));
     }
 
+    /// How many replicas the budget is shared among now.
     pub fn replicas(&self) -> u32 {
         self.current.read().expect("limiter lock").0
     }
@@ -73,6 +76,37 @@ impl SharedLimiter {
                 return start.elapsed();
             }
         }
+    }
+}
+
+/// What this replica knows of its fleet, as the client and the sweep read it: its share of the
+/// rate budget (and so how many replicas share it) and whether its heartbeat is fresh. The
+/// heartbeat (`fleet`) keeps both up to date. Cheap to clone.
+#[derive(Clone)]
+pub struct FleetState {
+    limiter: Arc<SharedLimiter>,
+    liveness: Liveness,
+}
+
+impl FleetState {
+    /// The state read through `limiter` (the rate share) and `liveness` (self-fencing).
+    pub fn new(limiter: Arc<SharedLimiter>, liveness: Liveness) -> Self {
+        Self { limiter, liveness }
+    }
+
+    /// How many live replicas share the rate budget, as the last heartbeat counted them.
+    pub fn replicas(&self) -> u32 {
+        self.limiter.replicas()
+    }
+
+    /// This replica's share of the rate budget.
+    pub fn limiter(&self) -> &Arc<SharedLimiter> {
+        &self.limiter
+    }
+
+    /// Whether this replica may still call the API.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 }
 
