@@ -271,8 +271,8 @@ pub struct Sweeper {
     clock: DbClock,
 }
 
-/// Shared by the tasks of one sweep.
-struct SweepState {
+/// The first failure of each kind that ends a sweep, shared by its tasks.
+struct FirstFailures {
     auth_failure: Mutex<Option<ApiError>>,
     store_failure: Mutex<Option<StoreError>>,
 }
@@ -406,7 +406,7 @@ impl Sweeper {
             .eligible_at_start
             .store(eligible, Ordering::Relaxed);
         tracing::info!(eligible, worker = %self.worker, "sweep started");
-        let state = Arc::new(SweepState {
+        let state = Arc::new(FirstFailures {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
@@ -460,9 +460,11 @@ impl Sweeper {
         &self,
         settings: SweepSettings,
         sweep: &Shutdown,
-        state: &Arc<SweepState>,
+        state: &Arc<FirstFailures>,
         progress: &Arc<Progress>,
     ) -> (Run, JoinHandle<SweepSummary>, JoinHandle<()>) {
+        // Room for the batch being written and the next one filling: attempts never wait on
+        // the recorder unless it falls a whole batch behind.
         let (settle, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
         let recorder = tokio::spawn(
             Recorder {
@@ -523,7 +525,7 @@ struct Run {
     clock: DbClock,
     settings: SweepSettings,
     sweep: Shutdown,
-    state: Arc<SweepState>,
+    state: Arc<FirstFailures>,
     progress: Arc<Progress>,
     recheck: Rechecker,
     settle: mpsc::Sender<Settlement>,
@@ -845,7 +847,7 @@ struct Recorder {
     store: Arc<dyn Store>,
     worker: String,
     metrics: Metrics,
-    state: Arc<SweepState>,
+    state: Arc<FirstFailures>,
     sweep: Shutdown,
     progress: Arc<Progress>,
     mark_passive: bool,
