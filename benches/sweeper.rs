@@ -52,10 +52,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::{Kind, Pool, TestDb};
-use secrecy::ExposeSecret as _;
 use session_sweeper::config::Config;
+use session_sweeper::iyzico::client;
 use session_sweeper::iyzico::simulator::{Simulator, SimulatorConfig};
-use session_sweeper::iyzico::{INVALIDATE_PATH, client, signing};
 use session_sweeper::store::{self, ClaimParams};
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-sweeper");
@@ -385,48 +384,20 @@ fn sweep_secs(stdout: &str) -> f64 {
         .expect("summary line")
 }
 
-/// The request body the real client sends, field for field (`client::RequestBody` is private).
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestBody<'a> {
-    locale: &'static str,
-    conversation_id: &'a str,
-    session_token: &'a str,
-    member_identifier: &'a str,
-}
-
-/// The ideal client: the real client's HTTP stack and request, and nothing else.
+/// The ideal client: the real client's HTTP stack and request ([`client::Transport`]), and
+/// nothing else.
 struct IdealClient {
-    http: reqwest::Client,
-    endpoint: reqwest::Url,
-    api_key: String,
-    secret_key: String,
-    locale: &'static str,
+    transport: client::Transport,
     /// The next session to send.
     next: AtomicU64,
 }
 
 impl IdealClient {
-    /// Built as `Client::new` builds its HTTP client, from the same config.
+    /// Built as `Client::new` builds its transport, from the same config.
     fn new(config: &Config) -> Self {
-        let api = &config.iyzico;
-        session_sweeper::iyzico::install_tls_provider();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("session-sweeper/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(api.connect_timeout)
-            .timeout(api.timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(config.sweep.concurrency.get())
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
         Self {
-            http,
-            endpoint: api.base_url.join(INVALIDATE_PATH).unwrap(),
-            api_key: api.api_key.expose_secret().to_owned(),
-            secret_key: api.secret_key.expose_secret().to_owned(),
-            locale: api.locale.as_str(),
+            transport: client::Transport::new(&config.iyzico, config.sweep.concurrency.get())
+                .unwrap(),
             next: AtomicU64::new(0),
         }
     }
@@ -444,33 +415,12 @@ impl IdealClient {
         }
     }
 
-    /// One signed call, as `Client::call_once` makes it, classified by the client's own rules.
+    /// One signed call, as the client makes it, classified by the client's own rules.
     async fn invalidate(&self, token: &str, member: &str) -> Result<(), String> {
         let conversation_id = uuid::Uuid::new_v4().to_string();
-        let body = serde_json::to_vec(&RequestBody {
-            locale: self.locale,
-            conversation_id: &conversation_id,
-            session_token: token,
-            member_identifier: member,
-        })
-        .map_err(|e| e.to_string())?;
-        let random_key = signing::random_key();
-        let authorization = signing::authorization(
-            &self.api_key,
-            &self.secret_key,
-            &random_key,
-            self.endpoint.path(),
-            &body,
-        );
         let response = self
-            .http
-            .post(self.endpoint.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .header(signing::RANDOM_KEY_HEADER, &random_key)
-            .body(body)
-            .send()
+            .transport
+            .post(&conversation_id, token, member)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();

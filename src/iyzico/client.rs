@@ -364,13 +364,87 @@ fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     Some(wait.to_std().unwrap_or_default().min(MAX_RETRY_AFTER))
 }
 
-/// The iyzico client. One per process; cheap to share through an `Arc`.
-pub struct Client {
+/// How one invalidate request is built, signed and sent: the HTTP side of [`Client`] alone.
+/// The benchmark's ideal client sends through it too, so both measure the same stack.
+pub struct Transport {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     api_key: SecretString,
     secret_key: SecretString,
     locale: Locale,
+}
+
+impl Transport {
+    /// One pooled keep-alive HTTP client (rustls, timeouts from config) for the endpoint.
+    pub fn new(config: &IyzicoConfig, concurrency: usize) -> Result<Self, BuildError> {
+        super::install_tls_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("session-sweeper/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(concurrency)
+            .tcp_nodelay(true)
+            // iyzico never redirects. Following one would re-post the token and member to a host
+            // iyzico never sees, and record its answer as iyzico's: a 3xx is a failure instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let endpoint = config
+            .base_url
+            .join(INVALIDATE_PATH)
+            .expect("a validated base URL joins with a fixed path");
+        Ok(Self {
+            http,
+            endpoint,
+            api_key: config.api_key.clone(),
+            secret_key: config.secret_key.clone(),
+            locale: config.locale,
+        })
+    }
+
+    /// Sends the signed request for one session. The constant headers are built without
+    /// parsing.
+    pub async fn post(
+        &self,
+        conversation_id: &str,
+        session_token: &str,
+        member_identifier: &str,
+    ) -> reqwest::Result<reqwest::Response> {
+        use reqwest::header::{self, HeaderName, HeaderValue};
+        let body = serde_json::to_vec(&RequestBody {
+            locale: self.locale.as_str(),
+            conversation_id,
+            session_token,
+            member_identifier,
+        })
+        .expect("serializing strings cannot fail");
+        let random_key = signing::random_key();
+        let authorization = signing::authorization(
+            self.api_key.expose_secret(),
+            self.secret_key.expose_secret(),
+            &random_key,
+            self.endpoint.path(),
+            &body,
+        );
+        const JSON: HeaderValue = HeaderValue::from_static("application/json");
+        self.http
+            .post(self.endpoint.clone())
+            .header(header::CONTENT_TYPE, JSON)
+            .header(header::ACCEPT, JSON)
+            .header(header::AUTHORIZATION, authorization)
+            .header(
+                HeaderName::from_static(signing::RANDOM_KEY_HEADER),
+                random_key,
+            )
+            .body(body)
+            .send()
+            .await
+    }
+}
+
+/// The iyzico client. One per process; cheap to share through an `Arc`.
+pub struct Client {
+    transport: Transport,
     fleet: FleetState,
     in_flight: Arc<Semaphore>,
     /// The permits `in_flight` should hold (a reload may change it while calls run).
@@ -407,28 +481,8 @@ impl Client {
         limiter: Arc<SharedLimiter>,
         metrics: Metrics,
     ) -> Result<Self, BuildError> {
-        super::install_tls_provider();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("session-sweeper/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(concurrency)
-            .tcp_nodelay(true)
-            // iyzico never redirects. Following one would re-post the token and member to a host
-            // iyzico never sees, and record its answer as iyzico's: a 3xx is a failure instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        let endpoint = config
-            .base_url
-            .join(INVALIDATE_PATH)
-            .expect("a validated base URL joins with a fixed path");
         Ok(Self {
-            http,
-            endpoint,
-            api_key: config.api_key.clone(),
-            secret_key: config.secret_key.clone(),
-            locale: config.locale,
+            transport: Transport::new(config, concurrency)?,
             fleet: FleetState::new(limiter, Liveness::always()),
             in_flight: Arc::new(Semaphore::new(concurrency)),
             concurrency: std::sync::Mutex::new(concurrency),
@@ -712,6 +766,7 @@ impl Client {
         member_identifier: &str,
     ) -> (Option<u16>, Result<(), ApiError>) {
         let response = match self
+            .transport
             .post(conversation_id, session_token, member_identifier)
             .await
         {
@@ -730,7 +785,7 @@ impl Client {
                 Err(redirect_error(
                     status,
                     location,
-                    &self.endpoint,
+                    &self.transport.endpoint,
                     retry_after,
                 )),
             );
@@ -740,44 +795,6 @@ impl Client {
             Err(e) => Err(e),
         };
         (Some(status), answer)
-    }
-
-    /// Sends the signed request. The constant headers are built without parsing.
-    async fn post(
-        &self,
-        conversation_id: &str,
-        session_token: &str,
-        member_identifier: &str,
-    ) -> reqwest::Result<reqwest::Response> {
-        use reqwest::header::{self, HeaderName, HeaderValue};
-        let body = serde_json::to_vec(&RequestBody {
-            locale: self.locale.as_str(),
-            conversation_id,
-            session_token,
-            member_identifier,
-        })
-        .expect("serializing strings cannot fail");
-        let random_key = signing::random_key();
-        let authorization = signing::authorization(
-            self.api_key.expose_secret(),
-            self.secret_key.expose_secret(),
-            &random_key,
-            self.endpoint.path(),
-            &body,
-        );
-        const JSON: HeaderValue = HeaderValue::from_static("application/json");
-        self.http
-            .post(self.endpoint.clone())
-            .header(header::CONTENT_TYPE, JSON)
-            .header(header::ACCEPT, JSON)
-            .header(header::AUTHORIZATION, authorization)
-            .header(
-                HeaderName::from_static(signing::RANDOM_KEY_HEADER),
-                random_key,
-            )
-            .body(body)
-            .send()
-            .await
     }
 }
 
