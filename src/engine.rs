@@ -43,22 +43,9 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// Whether waiting and trying again may help: the database is down, not misconfigured. A
-    /// server that answers in another protocol (the URL's port is some other service's) is a
-    /// mistake in the config that waiting never fixes, though a sweep would retry it.
+    /// Whether waiting and trying again may help: the database is down, not misconfigured.
     pub fn is_transient(&self) -> bool {
-        match self {
-            StartError::Store(StoreError::Database { source, .. }) => matches!(
-                source,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            ),
-            StartError::Store(_) | StartError::PendingMigrations(_) | StartError::Client(_) => {
-                false
-            }
-        }
+        matches!(self, StartError::Store(e) if e.is_transient())
     }
 }
 

@@ -393,6 +393,8 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether retrying later may help: the database is unreachable or busy, not misconfigured.
+    /// A server that answers in another protocol (the URL's port is some other service's) is a
+    /// mistake in the config that waiting never fixes.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Database { source, .. } => matches!(
@@ -401,7 +403,6 @@ impl StoreError {
                     | sqlx::Error::PoolTimedOut
                     | sqlx::Error::PoolClosed
                     | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
             ),
             StoreError::TimedOut { .. } => true,
             StoreError::Schema(_) => false,
