@@ -162,8 +162,6 @@ pub struct Progress {
     pub claimed: AtomicU64,
     /// Sessions settled or released.
     pub done: AtomicU64,
-    /// Set once the sweep has ended.
-    pub finished: std::sync::atomic::AtomicBool,
 }
 
 /// What one sweep did.
@@ -417,7 +415,6 @@ impl Sweeper {
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
         let rechecker = rechecker.await;
-        progress.finished.store(true, Ordering::Relaxed);
         // Whatever we claimed but never started (stop, auth failure) goes back at once.
         let leftover = bounded(
             &sweep,
