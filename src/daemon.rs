@@ -72,12 +72,12 @@ pub async fn run(
     reload: ReloadSource,
 ) -> Result<(), DaemonError> {
     let shutdown = Shutdown::new();
-    let hangups = listen_for_hangups(reload.path.clone()).map_err(DaemonError::Signals)?;
+    let hangups = listen_for_hangups(reload.path).map_err(DaemonError::Signals)?;
     let forced = listen_for_signals(shutdown.clone(), config.sweep.shutdown_grace)
         .map_err(DaemonError::Signals)?;
-    let mut daemon =
-        Daemon::new(store, config.clone(), Metrics::new()).reloading(hangups, reload.log);
-    if let Some(addr) = config.server.listen {
+    let listen = config.server.listen;
+    let mut daemon = Daemon::new(store, config, Metrics::new()).reloading(hangups, reload.log);
+    if let Some(addr) = listen {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Bind { addr, source })?;
