@@ -336,19 +336,30 @@ impl Sweeper {
         Ok(n)
     }
 
-    /// Before claiming: give back our own leases from an interrupted sweep, finish source
-    /// updates still owed, settle revived pending sessions, and count rows we cannot use.
-    /// Returns how many were skipped as revived.
-    async fn prepare(&self, settings: &SweepSettings) -> Result<u64, StoreError> {
+    /// Before claiming: give back our own leases from an interrupted sweep, then, side by side,
+    /// finish source updates still owed and settle revived pending sessions, count rows we
+    /// cannot use, and count the sessions eligible now. Returns how many were skipped as
+    /// revived and how many are eligible.
+    async fn prepare(&self, settings: &SweepSettings) -> Result<(u64, u64), StoreError> {
+        // Our own leases count as eligible again only once they are given back.
         self.store.release_all(&self.worker).await?;
-        if settings.mark_passive {
-            self.mark_owed(settings).await?;
-        }
-        let skipped = self.store.skip_revived(self.params(settings, 0)).await?;
+        // The writes touch only sessions the counts leave out (settled, or no longer idle), so
+        // the reads need not wait for them: each count is one scan, the longest step before
+        // the first claim.
+        let ((), skipped, unusable, eligible) = tokio::try_join!(
+            async {
+                if settings.mark_passive {
+                    self.mark_owed(settings).await?;
+                }
+                Ok(())
+            },
+            self.store.skip_revived(self.params(settings, 0)),
+            self.store.unusable_rows(),
+            self.backlog(),
+        )?;
         for _ in 0..skipped {
             self.metrics.session_settled(Outcome::Skipped.as_str());
         }
-        let unusable = self.store.unusable_rows().await?;
         self.metrics.set_unusable(unusable);
         if unusable.unreadable_last_activity + unusable.bad_source_row > 0 {
             tracing::warn!(
@@ -357,7 +368,7 @@ impl Sweeper {
                 "active source rows that are never sent (see `session-sweeper check`)"
             );
         }
-        Ok(skipped)
+        Ok((skipped, eligible))
     }
 
     /// Marks the source rows an earlier sweep could not mark passive.
@@ -392,8 +403,8 @@ impl Sweeper {
         let sweep = shutdown.child();
         // Database steps run to their end (a transaction cut short can leave its pooled
         // connection unusable); only after the grace period are they given up.
-        let skipped = bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
-        let eligible = bounded(&sweep, "counting eligible sessions", self.backlog()).await?;
+        let (skipped, eligible) =
+            bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
         if sweep.is_stopping() {
             return Ok(SweepSummary {
                 skipped,
