@@ -300,12 +300,19 @@ fn settle_update(store: &SqlStore, derived: &str) -> String {
         ("lease_expires_at", "NULL".to_owned()),
         ("updated_at", now.to_owned()),
     ];
+    // SQLite without statistics would walk our leases by their index and scan the batch for
+    // each (leases × batch steps); `+` takes that index away, so the batch's rows drive the
+    // update, each found by its key.
+    let ours = match d {
+        Dialect::Sqlite => "+l.lease_owner = $1",
+        _ => "l.lease_owner = $1",
+    };
     d.update_from(
         "sweeper_sessions",
         &sets,
         derived,
         "l.session_token = u.token",
-        "l.lease_owner = $1",
+        ours,
     )
 }
 
@@ -918,6 +925,83 @@ impl SqlStore {
         match self.dialect.begin_write() {
             Some(begin) => conn.begin_with(begin).await.op(op),
             None => conn.begin().await.op(op),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// SQLite plans a statement for the statistics it has, and a fresh file has none: every
+    /// hot statement must still find its rows by key, driven by the batch, whatever the size
+    /// of the ledger or the number of leases we hold.
+    #[tokio::test]
+    async fn sqlite_hot_statements_are_driven_by_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display());
+        let config = Config::from_toml_str(
+            &format!(
+                "[database]\nurl = \"{url}\"\n[source]\ntable = \"checkout_sessions\"\n\
+                 token_column = \"session_token\"\nmember_column = \"member_identifier\"\n\
+                 status_column = \"status\"\nlast_activity_column = \"last_activity_at\"\n\
+                 active_value = \"ACTIVE\"\npassive_value = \"PASSIVE\"\nidle_after = \"30m\"\n\
+                 [iyzico]\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\nsecret_key = \"s\"\n"
+            ),
+            [],
+        )
+        .unwrap();
+        let store = SqlStore::connect(&url, Dialect::Sqlite, 2, config.source.clone())
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, \
+             member_identifier TEXT NOT NULL, status TEXT NOT NULL, last_activity_at TEXT); \
+             CREATE INDEX checkout_sessions_idle ON checkout_sessions (status, last_activity_at)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        super::super::sqlite::migrate(&store).await.unwrap();
+        let json = store.sql().await.unwrap().hot.json.as_ref().unwrap();
+        for stmt in [
+            &json.recheck,
+            &json.attempts,
+            &json.settle,
+            &json.mark_source,
+            &json.mark_note,
+        ] {
+            let explain = Stmt {
+                text: format!("EXPLAIN QUERY PLAN {}", stmt.text),
+                binds: stmt.binds.clone(),
+            };
+            let args = (0..=*stmt.binds.iter().max().unwrap())
+                .map(|_| Arg::NullText)
+                .collect();
+            let plan: Vec<String> = query_owned(&explain, args)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(|r| text(r, 3))
+                .collect();
+            let scans: Vec<&String> = plan
+                .iter()
+                .filter(|l| l.starts_with("SCAN") && !l.contains("VIRTUAL TABLE"))
+                .collect();
+            assert!(
+                scans.is_empty(),
+                "{}\nscans a table instead of finding rows by key: {plan:#?}",
+                stmt.text
+            );
+            if stmt.text.contains("UPDATE sweeper_sessions AS l") {
+                assert!(
+                    plan.iter().position(|l| l.contains("VIRTUAL TABLE"))
+                        < plan.iter().position(|l| l.contains("SEARCH l")),
+                    "the batch must drive the ledger update, not our leases: {plan:#?}"
+                );
+            }
         }
     }
 }
