@@ -336,27 +336,25 @@ impl Sweeper {
         Ok(n)
     }
 
-    /// Before claiming: give back our own leases from an interrupted sweep, then, side by side,
-    /// finish source updates still owed and settle revived pending sessions, count rows we
-    /// cannot use, and count the sessions eligible now. Returns how many were skipped as
-    /// revived and how many are eligible.
+    /// Before claiming: give back our own leases from an interrupted sweep, finish source
+    /// updates still owed, settle revived pending sessions, then, side by side, count rows we
+    /// cannot use and the sessions eligible now. Returns how many were skipped as revived and
+    /// how many are eligible.
     async fn prepare(&self, settings: &SweepSettings) -> Result<(u64, u64), StoreError> {
         // Our own leases count as eligible again only once they are given back.
         self.store.release_all(&self.worker).await?;
-        // The writes touch only sessions the counts leave out (settled, or no longer idle), so
-        // the reads need not wait for them: each count is one scan, the longest step before
-        // the first claim.
-        let ((), skipped, unusable, eligible) = tokio::try_join!(
-            async {
-                if settings.mark_passive {
-                    self.mark_owed(settings).await?;
-                }
-                Ok(())
-            },
-            self.store.skip_revived(self.params(settings, 0)),
-            self.store.unusable_rows(),
-            self.backlog(),
-        )?;
+        // The writes come first, one after the other, and the counts only after them: a source
+        // row still owed its mark is active until marked, and the unusable count reads every
+        // active row, settled or not (a row whose member was blanked after it was invalidated
+        // would be counted and warned about). Nor is a write transaction ever cut short
+        // because a step beside it failed.
+        if settings.mark_passive {
+            self.mark_owed(settings).await?;
+        }
+        let skipped = self.store.skip_revived(self.params(settings, 0)).await?;
+        // The two reads need not wait for each other: each is one scan, the longest step
+        // before the first claim.
+        let (unusable, eligible) = tokio::try_join!(self.store.unusable_rows(), self.backlog())?;
         for _ in 0..skipped {
             self.metrics.session_settled(Outcome::Skipped.as_str());
         }

@@ -364,6 +364,57 @@ async fn a_session_that_comes_back_while_queued_is_skipped_and_never_sent(kind: 
     assert_eq!(db.ledger("s-5").await.unwrap().0, "skipped");
 }
 
+/// A source row still owed its passive mark is marked before the rows the sweep cannot use are
+/// counted: the owed update is finished first, so a settled session whose row has since become
+/// unusable (its member blanked) is neither counted nor warned about as a row never sent.
+async fn rows_marked_before_the_sweep_are_not_counted_unusable(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    // Invalidated by an earlier sweep whose source update failed: the mark is still owed.
+    let owed: Vec<common::Seed> = idle_sessions("owed", 300)
+        .into_iter()
+        .map(|s| common::Seed {
+            member: String::new(),
+            ..s
+        })
+        .collect();
+    db.seed(&owed).await;
+    db.store().await;
+    let ledger: Vec<String> = (0..owed.len())
+        .map(|i| format!("('owed-{i}', 'member-{i}', 'invalidated', 1, 0, 0, 0, 0)"))
+        .collect();
+    db.exec(&format!(
+        "INSERT INTO sweeper_sessions (session_token, member_identifier, state, attempts, \
+         created_at, updated_at, settled_at, source_marked) VALUES {}",
+        ledger.join(", ")
+    ))
+    .await;
+    let metrics = session_sweeper::telemetry::Metrics::new();
+    let summary = common::sweep_once_with(
+        &db.config(&sim.base_url(), &[]),
+        &session_sweeper::shutdown::Shutdown::new(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.processed(), 0, "{summary:?}");
+    assert_eq!(db.status("owed-0").await, "PASSIVE");
+    assert_eq!(db.status("owed-299").await, "PASSIVE");
+    let bad_rows = metrics
+        .render()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("sweeper_source_rows_unusable{reason=\"bad_source_row\"}")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("the gauge is set");
+    assert_eq!(bad_rows, 0, "rows marked passive are not active");
+}
+
 both_backends!(
     processes_sharing_one_database_send_every_session_exactly_once,
     a_session_that_comes_back_while_queued_is_skipped_and_never_sent,
@@ -375,6 +426,7 @@ both_backends!(
     an_auth_failure_stops_the_sweep_and_marks_nothing_failed,
     a_dead_workers_sessions_are_rescued_without_waiting_for_the_lease,
     a_session_revived_while_pending_is_skipped_and_never_sent,
+    rows_marked_before_the_sweep_are_not_counted_unusable,
 );
 
 /// Several `once` processes on one database send every session exactly once: three on
