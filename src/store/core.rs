@@ -768,6 +768,10 @@ impl Store for SqlStore {
         Ok(int(&row, 0) as u64)
     }
 
+    fn max_connections(&self) -> u32 {
+        self.pool.options().get_max_connections()
+    }
+
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {
         let sql = self.sql().await?;
         let args = self.eligible_args(&sql.shape, &p);
