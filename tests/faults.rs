@@ -375,8 +375,9 @@ async fn follow_up_settles_the_rest(scene: &Scene, sig: Sig, env: &[(&str, &str)
     assert_eq!(
         settled,
         n,
-        "everything settles; stdout: {}",
-        text(&out.stdout)
+        "everything settles; stdout: {}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
     );
     assert_eq!(db.count_state("failed").await, 0);
     assert_eq!(db.count_state("pending").await, 0);
