@@ -770,7 +770,54 @@ async fn record_under_a_renewal(
     record.await.unwrap().unwrap()
 }
 
+/// A lease renewal (every heartbeat) that the database picks as the victim of a deadlock with
+/// another transaction is tried again at once: a deadlock says nothing about the database's
+/// health, and a failed beat turns readiness off and, twice over, fences the worker.
+async fn a_renewal_that_loses_a_deadlock_is_tried_again(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    if kind == Kind::Sqlite {
+        return; // one writer at a time: no deadlock to lose
+    }
+    let store = db.store().await;
+    db.seed(&idle_sessions("d", 2)).await;
+    register(&*store, "w").await;
+    assert_eq!(
+        store.claim(params("w", Utc::now(), 2)).await.unwrap().len(),
+        2
+    );
+    db.seed(&idle_sessions("z", 100)).await;
+    sqlx::any::install_default_drivers();
+    let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let lock = |token: &str| {
+        format!(
+            "SELECT session_token FROM sweeper_sessions WHERE session_token = '{token}' FOR UPDATE"
+        )
+    };
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    // Heavier than the renewal, so that MySQL picks the renewal as the victim.
+    sqlx::query("UPDATE checkout_sessions SET status = 'PASSIVE' WHERE session_token LIKE 'z%'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query(&lock("d-1")).execute(&mut other).await.unwrap();
+    // The renewal takes d-0, then waits for d-1 …
+    let renewal = {
+        let store = store.clone();
+        tokio::spawn(async move { store.renew_leases("w", Duration::from_secs(300)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // … while the other transaction asks for d-0: a cycle, and one of the two must go.
+    sqlx::query(&lock("d-0")).execute(&mut other).await.unwrap();
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    assert_eq!(renewal.await.unwrap().unwrap(), 2);
+}
+
 both_backends!(
+    a_renewal_that_loses_a_deadlock_is_tried_again,
     rechecks_many_sessions_in_one_query_each_by_its_own_verdict,
     recording_and_marking_hundreds_at_once,
     a_lease_renewal_committing_under_a_waiting_record_loses_no_settlement,

@@ -15,11 +15,11 @@ use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
 use super::lane::Lane;
 use super::{
-    ClaimParams, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary, Recheck, Report,
-    RequeueFilter, Result, SampleValue, Settlement, Store, StoreError, UnusableRows, WorkerInfo,
-    WorkerRow, column_findings, count_rows, format_findings, index_findings, ledger_blocks,
-    migration_finding, naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text,
-    unusable_findings,
+    ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
+    Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
+    UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows, format_findings,
+    index_findings, ledger_blocks, lost_a_deadlock, migration_finding, naive_cutoff,
+    newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -878,17 +878,21 @@ impl Store for SqlStore {
     }
 
     async fn renew_leases(&self, worker: &str, lease: Duration) -> Result<u64> {
-        let done = query(
-            &self.q(&format!(
-                "UPDATE sweeper_sessions SET lease_expires_at = {} + $1 WHERE lease_owner = $2",
-                self.dialect.now_ms()
-            )),
-            &[Arg::Int(millis(lease)), Arg::Text(worker.to_owned())],
-        )
-        .execute(&self.pool)
-        .await
-        .op("renewing leases")?;
-        Ok(done.rows_affected())
+        let renew = self.q(&format!(
+            "UPDATE sweeper_sessions SET lease_expires_at = {} + $1 WHERE lease_owner = $2",
+            self.dialect.now_ms()
+        ));
+        let args = [Arg::Int(millis(lease)), Arg::Text(worker.to_owned())];
+        let mut tries = 1;
+        loop {
+            // The renewal takes our leases in the index's order while records and claims take
+            // them in theirs: the database may end it to break a deadlock, having done nothing.
+            // A failed renewal fails the heartbeat, so it is tried again at once.
+            match query(&renew, &args).execute(&self.pool).await {
+                Err(e) if lost_a_deadlock(&e) && tries < DEADLOCK_TRIES => tries += 1,
+                done => return Ok(done.op("renewing leases")?.rows_affected()),
+            }
+        }
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<DateTime<Utc>> {

@@ -410,6 +410,16 @@ impl StoreError {
     }
 }
 
+/// How often a single statement that the database ended to break a deadlock is tried.
+pub(crate) const DEADLOCK_TRIES: u32 = 3;
+
+/// Whether the database ended a statement to break a deadlock or a serialization conflict
+/// (SQLSTATE 40001 on MySQL and PostgreSQL, 40P01 on PostgreSQL): its transaction was rolled
+/// back, and running it again is safe.
+pub(crate) fn lost_a_deadlock(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+}
+
 /// Shorthand for a store result.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
