@@ -41,9 +41,6 @@ pub const UNMARKED_PER_SWEEP: u32 = 5_000;
 pub const PIPELINE_DEPTH: usize = 2;
 /// Most sessions one re-check query answers.
 pub const RECHECK_BATCH: usize = 64;
-/// The smallest pool on which the two counts before a sweep's first claim run side by side:
-/// two connections for them, and one left for the heartbeat and one for the claim.
-const COUNTS_SIDE_BY_SIDE_POOL: u32 = 4;
 /// Writes of outcomes begin at most this often: a write that finds few settlements waiting
 /// gathers more until then (a group commit). Each write costs a few round trips whatever its
 /// size, and the database's commits are what bounds how quickly an outcome is safe anyway;
@@ -358,7 +355,7 @@ impl Sweeper {
         // The two reads need not wait for each other: each is one scan, the longest step
         // before the first claim. Only on a pool that still has a connection for the heartbeat
         // while both run.
-        let (unusable, eligible) = if self.store.max_connections() >= COUNTS_SIDE_BY_SIDE_POOL {
+        let (unusable, eligible) = if self.store.has_connections_to_spare() {
             tokio::try_join!(self.store.unusable_rows(), self.backlog())?
         } else {
             (self.store.unusable_rows().await?, self.backlog().await?)

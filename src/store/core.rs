@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
-use super::lane::Lane;
+use super::lane::{Lane, MIN_POOL_FOR_LANES};
 use super::{
     ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
     Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
@@ -768,8 +768,8 @@ impl Store for SqlStore {
         Ok(int(&row, 0) as u64)
     }
 
-    fn max_connections(&self) -> u32 {
-        self.pool.options().get_max_connections()
+    fn has_connections_to_spare(&self) -> bool {
+        self.pool.options().get_max_connections() >= MIN_POOL_FOR_LANES
     }
 
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {

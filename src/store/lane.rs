@@ -15,7 +15,8 @@ use sqlx::{Any, AnyPool};
 
 /// How long a lane keeps its connection after its last use.
 pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
-/// Below this pool size no lane keeps a connection: claims and heartbeats must always find one.
+/// Below this pool size no step holds a second connection (no lane keeps one, no two counts
+/// run side by side): claims and heartbeats must always find one.
 pub(crate) const MIN_POOL_FOR_LANES: u32 = 4;
 
 /// A pooled connection one stream of operations keeps between uses.

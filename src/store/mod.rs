@@ -447,8 +447,9 @@ pub trait Store: Send + Sync {
     async fn eligible(&self, p: ClaimParams<'_>) -> Result<Vec<IdleSession>>;
     /// How many sessions are eligible now.
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64>;
-    /// The most connections the store opens at once (`database.max_connections`).
-    fn max_connections(&self) -> u32;
+    /// Whether the pool is large enough for a step to hold a second connection while claims
+    /// and heartbeats still find one.
+    fn has_connections_to_spare(&self) -> bool;
     /// Claims up to `limit` eligible sessions with a lease owned by `worker`.
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>>;
     /// The database's plan for the claim statement (EXPLAIN; nothing is executed).
