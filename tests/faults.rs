@@ -916,11 +916,7 @@ fn open_fds() -> usize {
 }
 
 fn counter(metrics: &Metrics, line: &str) -> u64 {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0)
+    common::metric(&metrics.render(), line).map_or(0, |v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

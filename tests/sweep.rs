@@ -402,17 +402,12 @@ async fn rows_marked_before_the_sweep_are_not_counted_unusable(kind: Kind) {
     assert_eq!(summary.processed(), 0, "{summary:?}");
     assert_eq!(db.status("owed-0").await, "PASSIVE");
     assert_eq!(db.status("owed-299").await, "PASSIVE");
-    let bad_rows = metrics
-        .render()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("sweeper_source_rows_unusable{reason=\"bad_source_row\"}")?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("the gauge is set");
-    assert_eq!(bad_rows, 0, "rows marked passive are not active");
+    let bad_rows = common::metric(
+        &metrics.render(),
+        "sweeper_source_rows_unusable{reason=\"bad_source_row\"}",
+    )
+    .expect("the gauge is set");
+    assert_eq!(bad_rows, 0.0, "rows marked passive are not active");
 }
 
 both_backends!(

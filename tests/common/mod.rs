@@ -921,3 +921,11 @@ pub fn free_local_port() -> u16 {
 pub fn free_local_addr() -> String {
     format!("127.0.0.1:{}", free_local_port())
 }
+
+/// The value of the metric `name` (with its labels, as rendered) in a Prometheus text
+/// exposition, if it is there.
+pub fn metric(rendered: &str, name: &str) -> Option<f64> {
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
