@@ -20,6 +20,10 @@ use crate::store::{Store, StoreError};
 use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
 use crate::telemetry::Metrics;
 
+/// Connections opened side by side at start: the steps before the first call, the heartbeat,
+/// and the claim, re-check and record of the first batch would otherwise each open their own
+/// in turn.
+const START_CONNECTIONS: u32 = 4;
 /// How often a progress bar redraws.
 const BAR_REDRAW: Duration = Duration::from_millis(100);
 /// How often a progress log line is written when there is no terminal.
@@ -64,27 +68,32 @@ impl Replica {
         config: &Config,
         metrics: Metrics,
     ) -> Result<Self, StartError> {
-        // A fresh connection first: a refused or unreachable server is reported as such at
-        // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
-        store.ping().await?;
-        let pending = store.pending_migrations().await?;
-        if !pending.is_empty() {
-            return Err(StartError::PendingMigrations(pending));
-        }
         let limiter = Arc::new(SharedLimiter::new(
             config.iyzico.rate_per_second,
             config.iyzico.burst,
         ));
+        // Building the HTTP client reads the system's root certificates: milliseconds of CPU
+        // that need not wait for the database, nor it for them.
+        let building = {
+            let (iyzico, concurrency) = (config.iyzico.clone(), config.sweep.concurrency.get());
+            let (limiter, metrics) = (limiter.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || Client::new(&iyzico, concurrency, limiter, metrics))
+        };
+        // A fresh connection first: a refused or unreachable server is reported as such at
+        // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
+        // Meanwhile the pool opens the connections the next steps use, side by side.
+        tokio::try_join!(store.ping(), store.open_connections(START_CONNECTIONS))?;
+        let pending = store.pending_migrations().await?;
+        if !pending.is_empty() {
+            return Err(StartError::PendingMigrations(pending));
+        }
         // Stop sending, and cancel calls in flight, one beat before peers may take our
         // sessions: see `Liveness`.
         let liveness = Liveness::new(config.sweep.fence_after());
-        let client = Client::new(
-            &config.iyzico,
-            config.sweep.concurrency.get(),
-            limiter.clone(),
-            metrics.clone(),
-        )?
-        .with_liveness(liveness.clone());
+        let client = building
+            .await
+            .expect("building the HTTP client does not panic")?
+            .with_liveness(liveness.clone());
         let clock = DbClock::new();
         let view = FleetView {
             limiter,

@@ -145,6 +145,21 @@ impl SweepSettings {
         self.batch_size.min(sendable.max(1.0) as u32)
     }
 
+    /// How many sessions the next claim asks for, with `replicas` sharing the rate and
+    /// `claimed` claimed by this sweep so far; 0 once `max_sessions` are claimed.
+    pub fn next_claim(&self, replicas: u32, claimed: u64) -> u32 {
+        let mut size = self.claim_size(replicas);
+        if claimed == 0 {
+            // The first batch only fills the slots: a smaller claim is a shorter wait before
+            // the first call, and the next, full batch is claimed while these are in flight.
+            size = size.min(u32::try_from(self.concurrency).unwrap_or(u32::MAX));
+        }
+        match self.max_sessions {
+            Some(max) => max.saturating_sub(claimed).min(u64::from(size)) as u32,
+            None => size,
+        }
+    }
+
     /// The delay before sweep-level attempt `attempts + 1`: `retry_base` doubling, capped.
     pub fn retry_delay(&self, attempts: u32) -> Duration {
         doubling(self.retry_base, self.retry_max)
@@ -337,33 +352,55 @@ impl Sweeper {
     }
 
     /// Before claiming: give back our own leases from an interrupted sweep, finish source
-    /// updates still owed, settle revived pending sessions, then, side by side, count rows we
-    /// cannot use and the sessions eligible now. Returns how many were skipped as revived and
-    /// how many are eligible.
-    async fn prepare(&self, settings: &SweepSettings) -> Result<(u64, u64), StoreError> {
+    /// updates still owed, settle revived pending sessions. Returns how many were skipped as
+    /// revived.
+    async fn prepare(&self, settings: &SweepSettings) -> Result<u64, StoreError> {
         // Our own leases count as eligible again only once they are given back.
         self.store.release_all(&self.worker).await?;
-        // The writes come first, one after the other, and the counts only after them: a source
-        // row still owed its mark is active until marked, and the unusable count reads every
-        // active row, settled or not (a row whose member was blanked after it was invalidated
-        // would be counted and warned about). Nor is a write transaction ever cut short
-        // because a step beside it failed.
+        // The writes go one after the other, and all before the counts: a source row still
+        // owed its mark is active until marked, and the unusable count reads every active row,
+        // settled or not (a row whose member was blanked after it was invalidated would be
+        // counted and warned about). Nor is a write transaction ever cut short because a step
+        // beside it failed.
         if settings.mark_passive {
             self.mark_owed(settings).await?;
         }
-        let skipped = self.store.skip_revived(self.params(settings, 0)).await?;
-        // The two reads need not wait for each other: each is one scan, the longest step
-        // before the first claim. Only on a pool that still has a connection for the heartbeat
-        // while both run.
-        let (unusable, eligible) = if self.store.has_connections_to_spare() {
-            tokio::try_join!(self.store.unusable_rows(), self.backlog())?
-        } else {
-            (self.store.unusable_rows().await?, self.backlog().await?)
+        self.store.skip_revived(self.params(settings, 0)).await
+    }
+
+    /// Counts what the sweep has to do and the rows it cannot use, for the progress display,
+    /// the gauges and the log; neither count decides anything. Each is one scan of the source,
+    /// so on a pool with connections to spare they run beside the first claims instead of
+    /// before them: the sweep's count takes in the sessions this worker has claimed already,
+    /// so it reads the same whenever it runs. A count that fails is said and the sweep goes on.
+    async fn count_at_start(
+        &self,
+        settings: &SweepSettings,
+        sweep: &Shutdown,
+        progress: &Progress,
+    ) {
+        let counts = async {
+            tokio::try_join!(
+                self.store.unusable_rows(),
+                self.store.count_to_sweep(self.params(settings, 0))
+            )
         };
-        for _ in 0..skipped {
-            self.metrics.session_settled(Outcome::Skipped.as_str());
-        }
+        let (unusable, to_sweep) = match bounded(sweep, "counting sessions", counts).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the sweep's sessions; sweeping anyway");
+                return;
+            }
+        };
+        progress
+            .eligible_at_start
+            .store(to_sweep, Ordering::Relaxed);
+        self.metrics.set_backlog(to_sweep);
         self.metrics.set_unusable(unusable);
+        tracing::info!(
+            eligible = to_sweep,
+            "sessions to sweep, counted at its start"
+        );
         if unusable.unreadable_last_activity + unusable.bad_source_row > 0 {
             tracing::warn!(
                 unreadable_last_activity = unusable.unreadable_last_activity,
@@ -371,7 +408,6 @@ impl Sweeper {
                 "active source rows that are never sent (see `session-sweeper check`)"
             );
         }
-        Ok((skipped, eligible))
     }
 
     /// Marks the source rows an earlier sweep could not mark passive.
@@ -406,26 +442,36 @@ impl Sweeper {
         let sweep = shutdown.child();
         // Database steps run to their end (a transaction cut short can leave its pooled
         // connection unusable); only after the grace period are they given up.
-        let (skipped, eligible) =
-            bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
+        let skipped = bounded(&sweep, "preparing the sweep", self.prepare(&settings)).await?;
+        for _ in 0..skipped {
+            self.metrics.session_settled(Outcome::Skipped.as_str());
+        }
         if sweep.is_stopping() {
             return Ok(SweepSummary {
                 skipped,
                 ..SweepSummary::default()
             });
         }
-        progress
-            .eligible_at_start
-            .store(eligible, Ordering::Relaxed);
-        tracing::info!(eligible, worker = %self.worker, "sweep started");
+        tracing::info!(worker = %self.worker, "sweep started");
+        let beside = self.store.has_connections_to_spare();
+        if !beside {
+            self.count_at_start(&settings, &sweep, &progress).await;
+        }
         let state = Arc::new(FirstFailures {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        let (run, recorder, rechecker) = self.start_run(settings, &sweep, &state, &progress);
+        let (run, recorder, rechecker) =
+            self.start_run(settings.clone(), &sweep, &state, &progress);
         // The claim loop and its attempts run as one task of the runtime, not on the thread
         // that awaits the sweep: every answer then wakes a task where it arrives.
-        let dispatched = tokio::spawn(run.dispatch()).await;
+        let dispatched = tokio::spawn(run.dispatch());
+        let counted = async {
+            if beside {
+                self.count_at_start(&settings, &sweep, &progress).await;
+            }
+        };
+        let (dispatched, ()) = tokio::join!(dispatched, counted);
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
         let rechecker = rechecker.await;
@@ -604,12 +650,10 @@ impl Run {
         running: &mut FuturesUnordered<impl Future<Output = Ended>>,
         out: &mut Dispatched,
     ) -> Result<Vec<Lease>, StoreError> {
-        let share = self.settings.claim_size(self.fleet.replicas());
-        let limit = match self.settings.max_sessions {
-            Some(max) if claimed >= max => return Ok(Vec::new()),
-            Some(max) => (max - claimed).min(u64::from(share)) as u32,
-            None => share,
-        };
+        let limit = self.settings.next_claim(self.fleet.replicas(), claimed);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let params = ClaimParams {
             worker: &self.worker,
             idle_before: cutoff_before(self.clock.now(), self.settings.idle_after),
@@ -1027,6 +1071,27 @@ mod tests {
         s.rate_per_second = 1;
         s.lease = Duration::from_secs(1);
         assert_eq!(s.claim_size(4), 1, "always at least one");
+    }
+
+    #[test]
+    fn the_first_claim_only_fills_the_slots_and_max_sessions_ends_claiming() {
+        let mut s = settings();
+        s.batch_size = 500;
+        s.rate_per_second = 100_000;
+        s.concurrency = 64;
+        assert_eq!(s.next_claim(1, 0), 64, "the first claim fills the slots");
+        assert_eq!(s.next_claim(1, 64), 500, "then whole batches");
+        s.concurrency = 1000;
+        assert_eq!(s.next_claim(1, 0), 500, "never more than a batch");
+        s.max_sessions = Some(530);
+        assert_eq!(s.next_claim(1, 0), 500);
+        assert_eq!(s.next_claim(1, 500), 30);
+        assert_eq!(
+            s.next_claim(1, 530),
+            0,
+            "nothing once max_sessions are claimed"
+        );
+        assert_eq!(s.next_claim(1, 600), 0);
     }
 
     #[test]

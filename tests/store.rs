@@ -178,6 +178,55 @@ async fn only_active_idle_unsettled_sessions_are_eligible(kind: Kind) {
     );
 }
 
+/// A sweep counts its work beside its first claims: what it counts is the same whether its own
+/// claims came first or not, while another worker's lease still keeps a session out.
+async fn a_sweeps_count_is_the_same_before_and_after_its_own_claims(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let store = db.store().await;
+    let mut rows = idle_sessions("idle", 5);
+    rows.push(fresh_session("fresh"));
+    db.seed(&rows).await;
+    let now = Utc::now();
+    assert_eq!(store.count_to_sweep(params("w", now, 0)).await.unwrap(), 5);
+    register(&*store, "w").await;
+    register(&*store, "other").await;
+    assert_eq!(store.claim(params("w", now, 2)).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .count_to_sweep(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        5,
+        "its own leases still count"
+    );
+    assert_eq!(
+        store
+            .count_eligible(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(store.claim(params("other", now, 1)).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .count_to_sweep(params("w", Utc::now(), 0))
+            .await
+            .unwrap(),
+        4,
+        "another live worker's lease does not"
+    );
+    assert_eq!(
+        store
+            .count_to_sweep(params("other", Utc::now(), 0))
+            .await
+            .unwrap(),
+        3,
+        "nor does ours, counted for the other worker"
+    );
+}
+
 async fn two_workers_never_claim_the_same_session(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -817,6 +866,7 @@ async fn a_renewal_that_loses_a_deadlock_is_tried_again(kind: Kind) {
 }
 
 both_backends!(
+    a_sweeps_count_is_the_same_before_and_after_its_own_claims,
     a_renewal_that_loses_a_deadlock_is_tried_again,
     rechecks_many_sessions_in_one_query_each_by_its_own_verdict,
     recording_and_marking_hundreds_at_once,

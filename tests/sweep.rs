@@ -101,6 +101,33 @@ async fn a_second_sweep_right_after_sends_nothing(kind: Kind) {
     );
 }
 
+/// The sweep counts its sessions beside its first claims, not before them: the count still
+/// says how many there were at the start, and the first call does not wait for it.
+async fn the_backlog_counted_beside_the_claims_is_the_sweeps_start(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    let mut rows = idle_sessions("s", 300);
+    rows.push(fresh_session("live"));
+    db.seed(&rows).await;
+    let metrics = session_sweeper::telemetry::Metrics::new();
+    let summary = common::sweep_once_with(
+        &db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "8")]),
+        &session_sweeper::shutdown::Shutdown::new(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.invalidated, 300, "{summary:?}");
+    let backlog =
+        common::metric(&metrics.render(), "sweeper_backlog_sessions").expect("the gauge is set");
+    assert_eq!(
+        backlog, 300.0,
+        "the sessions there were when the sweep started"
+    );
+}
+
 async fn calls_in_flight_never_exceed_concurrency(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -415,6 +442,7 @@ both_backends!(
     a_session_that_comes_back_while_queued_is_skipped_and_never_sent,
     every_outcome_end_to_end,
     a_second_sweep_right_after_sends_nothing,
+    the_backlog_counted_beside_the_claims_is_the_sweeps_start,
     calls_in_flight_never_exceed_concurrency,
     once_max_stops_after_n,
     retryable_failures_follow_the_retry_schedule_then_fail,

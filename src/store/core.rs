@@ -18,8 +18,8 @@ use super::{
     ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
     Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
     UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows, format_findings,
-    index_findings, ledger_blocks, lost_a_deadlock, migration_finding, naive_cutoff,
-    newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
+    index_findings, ledger_blocks, ledger_blocks_for_others, lost_a_deadlock, migration_finding,
+    naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -170,6 +170,7 @@ pub(crate) struct Statements {
     claim: Stmt,
     eligible: Stmt,
     count: Stmt,
+    count_to_sweep: Stmt,
     /// The re-check, the record and the source update.
     pub(crate) hot: HotStatements,
     skip_revived: Stmt,
@@ -194,7 +195,21 @@ struct Parts {
     token_text: String,
     same: String,
     eligible_where: String,
+    /// `eligible_where`, with the sessions leased by `$5` counted in.
+    eligible_or_ours_where: String,
     activity_value: String,
+}
+
+/// Counts the distinct tokens of the source rows that meet `condition`.
+fn count_sessions(d: Dialect, p: &Parts, condition: &str) -> String {
+    format!(
+        "SELECT {} FROM {} s WHERE {condition}",
+        d.int(&format!(
+            "COUNT(DISTINCT {})",
+            d.exact(&format!("s.{}", p.tok))
+        )),
+        p.table,
+    )
 }
 
 /// The store: one pool, one dialect, the source's config.
@@ -391,12 +406,15 @@ impl SqlStore {
         let token_text = d.text(&format!("s.{tok}"));
         // $1 active value, $2 idle cutoff, $3 staleness (ms); claims add $4 limit, $5 worker,
         // $6 lease (ms).
-        let eligible_where = format!(
-            "s.{status} = $1 AND s.{last} < {cutoff} AND {usable} AND NOT EXISTS \
-             (SELECT 1 FROM sweeper_sessions l WHERE l.session_token = {token_text} AND {})",
-            ledger_blocks(now, &stale),
-            status = self.col(&self.source.status_column),
-        );
+        let eligible = |blocks: String| {
+            format!(
+                "s.{status} = $1 AND s.{last} < {cutoff} AND {usable} AND NOT EXISTS \
+                 (SELECT 1 FROM sweeper_sessions l WHERE l.session_token = {token_text} AND {blocks})",
+                status = self.col(&self.source.status_column),
+            )
+        };
+        let eligible_where = eligible(ledger_blocks(now, &stale));
+        let eligible_or_ours_where = eligible(ledger_blocks_for_others(now, &stale, "$5"));
         let activity_value = match d {
             Dialect::Sqlite => format!("s.{last}"),
             Dialect::Postgres => d.int(&format!("extract(epoch FROM s.{last}) * 1000")),
@@ -422,6 +440,7 @@ impl SqlStore {
             usable,
             token_text,
             eligible_where,
+            eligible_or_ours_where,
             activity_value,
         }
     }
@@ -503,15 +522,8 @@ impl SqlStore {
                 "SELECT {}, {}, {} FROM {} s WHERE {} ORDER BY s.{} LIMIT $4",
                 p.token_text, p.member_text, p.activity_value, p.table, p.eligible_where, p.last
             )),
-            count: self.q(&format!(
-                "SELECT {} FROM {} s WHERE {}",
-                d.int(&format!(
-                    "COUNT(DISTINCT {})",
-                    d.exact(&format!("s.{}", p.tok))
-                )),
-                p.table,
-                p.eligible_where
-            )),
+            count: self.q(&count_sessions(d, &p, &p.eligible_where)),
+            count_to_sweep: self.q(&count_sessions(d, &p, &p.eligible_or_ours_where)),
             skip_revived: self.q(&self.skip_revived_sql(&p)),
             unusable: self.q(&format!(
                 "SELECT {}, {} FROM {} s WHERE s.{} = $1",
@@ -765,6 +777,15 @@ impl Store for SqlStore {
             .fetch_one(&self.pool)
             .await
             .op("counting eligible sessions")?;
+        Ok(int(&row, 0) as u64)
+    }
+
+    async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64> {
+        let sql = self.sql().await?;
+        let row = query(&sql.count_to_sweep, &self.eligible_args(&sql.shape, &p))
+            .fetch_one(&self.pool)
+            .await
+            .op("counting the sweep's sessions")?;
         Ok(int(&row, 0) as u64)
     }
 
@@ -1077,6 +1098,19 @@ impl Store for SqlStore {
             .op("connecting to the database")?;
         conn.ping().await.op("pinging the database")?;
         let _ = conn.close().await;
+        Ok(())
+    }
+
+    async fn open_connections(&self, n: u32) -> Result<()> {
+        let n = n.min(self.pool.options().get_max_connections());
+        let open = futures::future::try_join_all((0..n).map(|_| self.pool.acquire()))
+            .await
+            .op("connecting to the database")?;
+        // Given back before returning, not by the tasks a drop would spawn: the next step
+        // would not find them idle yet and would open one more.
+        for mut conn in open {
+            conn.return_to_pool().await;
+        }
         Ok(())
     }
 

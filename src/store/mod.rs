@@ -447,6 +447,9 @@ pub trait Store: Send + Sync {
     async fn eligible(&self, p: ClaimParams<'_>) -> Result<Vec<IdleSession>>;
     /// How many sessions are eligible now.
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64>;
+    /// How many sessions are eligible now or leased by `p.worker`: a sweep's work at its start,
+    /// counted alike before and after that sweep's own first claims.
+    async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64>;
     /// Whether the pool is large enough for a step to hold a second connection while claims
     /// and heartbeats still find one.
     fn has_connections_to_spare(&self) -> bool;
@@ -509,6 +512,9 @@ pub trait Store: Send + Sync {
     /// Whether the database answers, on a fresh connection: a refused or unreachable server is
     /// reported at once, not after the pool's acquire timeout.
     async fn ping(&self) -> Result<()>;
+    /// Opens up to `n` of the pool's connections at once (never more than it may hold), so that
+    /// the steps that follow find them open instead of each opening one in turn.
+    async fn open_connections(&self, n: u32) -> Result<()>;
     /// Closes the pool, waiting for connections to be returned.
     async fn close(&self);
     /// What the status page shows: [`Store::report`] with `failures` recent failures, plus the
@@ -542,11 +548,21 @@ pub(crate) struct Migration {
 /// settled for good, waiting for its next attempt, or leased by a live worker.
 /// `now` and `stale` are the placeholders of the current time and the staleness cutoff.
 pub(crate) fn ledger_blocks(now: &str, stale: &str) -> String {
+    blocks_unless_leased_by(now, stale, "")
+}
+
+/// [`ledger_blocks`], except that a lease held by `owner` (a placeholder) does not block: the
+/// sessions a sweep of that worker has still to do, whether or not it has claimed them yet.
+pub(crate) fn ledger_blocks_for_others(now: &str, stale: &str, owner: &str) -> String {
+    blocks_unless_leased_by(now, stale, &format!(" AND l.lease_owner <> {owner}"))
+}
+
+fn blocks_unless_leased_by(now: &str, stale: &str, not_owner: &str) -> String {
     // COALESCE: a NULL (no next attempt, no lease) must read as "does not block", also under NOT.
     format!(
         "COALESCE(l.state IN ('invalidated', 'already_invalidated', 'failed') \
           OR (l.state = 'pending' AND l.next_attempt_at > {now}) \
-          OR (l.lease_owner IS NOT NULL AND l.lease_expires_at > {now} \
+          OR (l.lease_owner IS NOT NULL{not_owner} AND l.lease_expires_at > {now} \
               AND EXISTS (SELECT 1 FROM sweeper_workers w \
                           WHERE w.worker_id = l.lease_owner AND w.heartbeat_at > {stale})), FALSE)"
     )
