@@ -1115,8 +1115,17 @@ impl Store for SqlStore {
     }
 
     async fn close(&self) {
-        self.lanes.recheck.clear();
-        self.lanes.record.clear();
+        let mut open: Vec<_> = [
+            self.lanes.recheck.take_kept(),
+            self.lanes.record.take_kept(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        open.extend(std::iter::from_fn(|| self.pool.try_acquire()));
+        // Side by side: each close waits for the server to end its session, and the pool would
+        // close its connections one after the other (a few milliseconds each, at every exit).
+        futures::future::join_all(open.into_iter().map(|conn| conn.close())).await;
         self.pool.close().await;
     }
 }

@@ -88,10 +88,9 @@ impl Lane {
         }
     }
 
-    /// Gives the kept connection back to the pool now (closing the pool waits for it).
-    pub fn clear(&self) {
-        let kept = self.state.lock().expect("lane lock").kept.take();
-        drop(kept);
+    /// Takes the kept connection out of the lane (to be closed with the pool).
+    pub fn take_kept(&self) -> Option<PoolConnection<Any>> {
+        self.state.lock().expect("lane lock").kept.take()
     }
 }
 
