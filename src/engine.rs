@@ -81,8 +81,11 @@ impl Replica {
         };
         // A fresh connection first: a refused or unreachable server is reported as such at
         // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
-        // Meanwhile the pool opens the connections the next steps use, side by side.
-        tokio::try_join!(store.ping(), store.open_connections(START_CONNECTIONS))?;
+        // Meanwhile the pool opens the connections the next steps use, side by side: one fewer
+        // than `max_connections`, for the ping's own connection counts against the same budget
+        // (a role's connection limit, a proxy's pool), and one over it is refused.
+        let beside = START_CONNECTIONS.min(config.database.max_connections.get() - 1);
+        tokio::try_join!(store.ping(), store.open_connections(beside))?;
         let pending = store.pending_migrations().await?;
         if !pending.is_empty() {
             return Err(StartError::PendingMigrations(pending));

@@ -450,6 +450,7 @@ both_backends!(
     a_dead_workers_sessions_are_rescued_without_waiting_for_the_lease,
     a_session_revived_while_pending_is_skipped_and_never_sent,
     rows_marked_before_the_sweep_are_not_counted_unusable,
+    a_role_limited_to_max_connections_starts_every_time,
 );
 
 /// Several `once` processes on one database send every session exactly once: three on
@@ -499,4 +500,91 @@ async fn processes_sharing_one_database_send_every_session_exactly_once(kind: Ki
         "a session was sent twice"
     );
     assert_eq!(db.count_state("invalidated").await, 900);
+}
+
+/// A database role that may hold exactly `max_connections` connections (PostgreSQL's
+/// `CONNECTION LIMIT`, MySQL's `MAX_USER_CONNECTIONS`): the sweeper, configured to that
+/// budget, starts and sweeps every time; its start never holds one connection more than it.
+async fn a_role_limited_to_max_connections_starts_every_time(kind: Kind) {
+    if kind == Kind::Sqlite {
+        return;
+    }
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    db.seed(&idle_sessions("s", 30)).await;
+    db.store().await;
+    let role = format!(
+        "sweeper_lim_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let mut url: url::Url = db.url.parse().unwrap();
+    if kind == Kind::Postgres {
+        db.exec(&format!(
+            "CREATE ROLE {role} LOGIN CONNECTION LIMIT 4; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ))
+        .await;
+    } else {
+        let database = url.path().trim_start_matches('/').to_owned();
+        db.exec(&format!(
+            "CREATE USER '{role}'@'%' WITH MAX_USER_CONNECTIONS 4; \
+             GRANT ALL PRIVILEGES ON `{database}`.* TO '{role}'@'%'"
+        ))
+        .await;
+    }
+    url.set_username(&role).unwrap();
+    let url = url.to_string();
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_DATABASE__URL", url.as_str()),
+            ("SWEEPER_DATABASE__MAX_CONNECTIONS", "4"),
+        ],
+    );
+    let mut failures = Vec::new();
+    let sessions_of_role = if kind == Kind::Postgres {
+        format!("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = '{role}'")
+    } else {
+        format!("SELECT COUNT(*) FROM information_schema.processlist WHERE user = '{role}'")
+    };
+    for _ in 0..8 {
+        // The last round's connections are gone from the server before the next start.
+        let start = std::time::Instant::now();
+        while db.scalar(&sessions_of_role).await > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "connections linger"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let store = session_sweeper::store::open(&config).await.unwrap();
+        match session_sweeper::engine::Replica::start(store.clone(), &config, Default::default())
+            .await
+        {
+            Ok(replica) => {
+                replica
+                    .sweeper
+                    .run_once(
+                        &session_sweeper::shutdown::Shutdown::new(),
+                        Default::default(),
+                    )
+                    .await
+                    .unwrap();
+                replica.membership.leave().await;
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+        store.close().await;
+    }
+    if kind == Kind::Postgres {
+        db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+            .await;
+    } else {
+        db.exec(&format!("DROP USER '{role}'@'%'")).await;
+    }
+    assert!(failures.is_empty(), "starts that failed: {failures:?}");
+    assert_eq!(db.count_state("invalidated").await, 30);
 }
