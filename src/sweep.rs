@@ -341,16 +341,6 @@ impl Sweeper {
         &self.client
     }
 
-    /// Sessions eligible now (for the backlog gauge and progress bars).
-    pub async fn backlog(&self) -> Result<u64, StoreError> {
-        let n = self
-            .store
-            .count_eligible(self.params(&self.settings(), 0))
-            .await?;
-        self.metrics.set_backlog(n);
-        Ok(n)
-    }
-
     /// Before claiming: give back our own leases from an interrupted sweep, finish source
     /// updates still owed, settle revived pending sessions. Returns how many were skipped as
     /// revived.
@@ -370,8 +360,8 @@ impl Sweeper {
 
     /// Counts what the sweep has to do and the rows it cannot use, for the progress display,
     /// the gauges and the log; neither count decides anything. Each is one scan of the source,
-    /// so on a pool with connections to spare they run beside the first claims instead of
-    /// before them: the sweep's count takes in the sessions this worker has claimed already,
+    /// so on a pool large enough they run beside the first claims instead of before them (see
+    /// `run_once`): the sweep's count takes in the sessions this worker has claimed already,
     /// so it reads the same whenever it runs. A count that fails is said and the sweep goes on.
     async fn count_at_start(
         &self,
@@ -379,11 +369,18 @@ impl Sweeper {
         sweep: &Shutdown,
         progress: &Progress,
     ) {
+        let (unusable, to_sweep) = (
+            self.store.unusable_rows(),
+            self.store.count_to_sweep(self.params(settings, 0)),
+        );
+        // Side by side only where a step may hold a second connection: on a smaller pool, two
+        // long scans would leave no connection for the heartbeat.
         let counts = async {
-            tokio::try_join!(
-                self.store.unusable_rows(),
-                self.store.count_to_sweep(self.params(settings, 0))
-            )
+            if self.store.has_connections_to_spare() {
+                tokio::try_join!(unusable, to_sweep)
+            } else {
+                Ok((unusable.await?, to_sweep.await?))
+            }
         };
         let (unusable, to_sweep) = match bounded(sweep, "counting sessions", counts).await {
             Ok(counts) => counts,
@@ -453,7 +450,9 @@ impl Sweeper {
             });
         }
         tracing::info!(worker = %self.worker, "sweep started");
-        let beside = self.store.has_connections_to_spare();
+        // The counts run beside the sweep only where the pool has room for them on top of what
+        // the sweep holds; on a smaller one they come first, as a step of their own.
+        let beside = self.store.can_count_beside_a_sweep();
         if !beside {
             self.count_at_start(&settings, &sweep, &progress).await;
         }

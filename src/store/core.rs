@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
-use super::lane::{Lane, MIN_POOL_FOR_LANES};
+use super::lane::{Lane, MIN_POOL_FOR_LANES, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP};
 use super::{
     ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
     Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
@@ -791,6 +791,10 @@ impl Store for SqlStore {
 
     fn has_connections_to_spare(&self) -> bool {
         self.pool.options().get_max_connections() >= MIN_POOL_FOR_LANES
+    }
+
+    fn can_count_beside_a_sweep(&self) -> bool {
+        self.pool.options().get_max_connections() >= MIN_POOL_TO_COUNT_BESIDE_A_SWEEP
     }
 
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {

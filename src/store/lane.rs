@@ -18,6 +18,9 @@ pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
 /// Below this pool size no step holds a second connection (no lane keeps one, no two counts
 /// run side by side): claims and heartbeats must always find one.
 pub(crate) const MIN_POOL_FOR_LANES: u32 = 4;
+/// From this pool size a sweep's two counts run beside its claims: a running sweep holds up to
+/// [`MIN_POOL_FOR_LANES`] (claim, heartbeat, the two lanes), and each count one more.
+pub(crate) const MIN_POOL_TO_COUNT_BESIDE_A_SWEEP: u32 = MIN_POOL_FOR_LANES + 2;
 
 /// A pooled connection one stream of operations keeps between uses.
 pub(crate) struct Lane {

@@ -453,6 +453,9 @@ pub trait Store: Send + Sync {
     /// Whether the pool is large enough for a step to hold a second connection while claims
     /// and heartbeats still find one.
     fn has_connections_to_spare(&self) -> bool;
+    /// Whether the pool is large enough for two counts to run while a sweep holds what it
+    /// needs (its claim, its heartbeat, its kept connections).
+    fn can_count_beside_a_sweep(&self) -> bool;
     /// Claims up to `limit` eligible sessions with a lease owned by `worker`.
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>>;
     /// The database's plan for the claim statement (EXPLAIN; nothing is executed).
