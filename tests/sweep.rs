@@ -102,7 +102,7 @@ async fn a_second_sweep_right_after_sends_nothing(kind: Kind) {
 }
 
 /// The sweep counts its sessions beside its first claims, not before them: the count still
-/// says how many there were at the start, and the first call does not wait for it.
+/// says how many there were at the start, the sessions it had claimed already included.
 async fn the_backlog_counted_beside_the_claims_is_the_sweeps_start(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
