@@ -172,17 +172,20 @@ impl Membership {
         &self.worker.id
     }
 
-    /// Stops the heartbeat and removes the worker row (one short try: at exit a stalled
-    /// database must not hold the process; the row then goes stale by itself).
+    /// Stops the heartbeat (a beat already under way is let end) and removes the worker row:
+    /// both within one short bound, for at exit a stalled database must not hold the process
+    /// (the row then goes stale by itself).
     pub async fn leave(self) {
         self.stop.abort();
-        let _ = self.task.await;
-        match tokio::time::timeout(
-            crate::sweep::FINAL_STEP_TIMEOUT,
-            self.store.forget_worker(&self.worker.id),
-        )
-        .await
-        {
+        let heartbeat = self.task.abort_handle();
+        // One bound for both: the beat under way, then the removal.
+        let left = tokio::time::timeout(crate::sweep::FINAL_STEP_TIMEOUT, async {
+            let _ = self.task.await;
+            self.store.forget_worker(&self.worker.id).await
+        })
+        .await;
+        heartbeat.abort();
+        match left {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not deregister this worker; it will go stale by itself")
@@ -230,6 +233,12 @@ impl Heartbeat {
                 &self.view,
             );
             tokio::pin!(round);
+            // A beat cut short on leaving would still run in the database (its statements are
+            // sent) and could register this worker again after `leave` removed it: a stop lets
+            // the beat end first (`leave` bounds the wait).
+            let finish = |round| async move {
+                let _ = round.await;
+            };
             let result = tokio::select! {
                 r = &mut round => r,
                 _ = tokio::time::sleep(self.period) => {
@@ -237,10 +246,10 @@ impl Heartbeat {
                     tracing::warn!(period = ?self.period, "heartbeat is taking longer than a period; not ready");
                     tokio::select! {
                         r = &mut round => r,
-                        _ = self.stop.stopping() => return,
+                        _ = self.stop.stopping() => return finish(round).await,
                     }
                 }
-                _ = self.stop.stopping() => return,
+                _ = self.stop.stopping() => return finish(round).await,
             };
             match result {
                 Ok(live) => {

@@ -780,3 +780,59 @@ async fn the_first_signal_ends_runs_wait_for_a_silent_database_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A worker that leaves while a heartbeat is still waiting on the database stays gone: the beat
+/// is let finish before the row is removed, so it cannot put the row back afterwards (another
+/// writer holds SQLite's write lock, so the beat and the removal wait for it together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_mid_heartbeat_stays_gone() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let store = db.store().await;
+    let common::Pool::Sqlite(pool) = &db.pool else {
+        unreachable!("a SQLite database")
+    };
+    let membership = Membership::join(
+        store.clone(),
+        WorkerInfo {
+            id: "host:1:x".into(),
+            hostname: "host".into(),
+            pid: 1,
+        },
+        Duration::from_millis(100),
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+        session_sweeper::fleet::FleetView {
+            limiter: Arc::new(SharedLimiter::new(
+                std::num::NonZeroU32::new(20).unwrap(),
+                std::num::NonZeroU32::new(20).unwrap(),
+            )),
+            metrics: Metrics::new(),
+            liveness: session_sweeper::shutdown::Liveness::always(),
+            clock: session_sweeper::clock::DbClock::new(),
+            skewed: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut writer = pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    // The first beat comes 250 ms after joining, and waits for the lock.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let leaving = tokio::spawn(membership.leave());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut *writer).await.unwrap();
+    drop(writer);
+    leaving.await.unwrap();
+    // Whatever was still running in the database has landed by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM sweeper_workers").await,
+        0,
+        "the worker is gone"
+    );
+}
