@@ -264,6 +264,17 @@ async fn killed_database_connections_do_not_stop_the_daemon() {
         .await;
 }
 
+/// What a membership in these stories sees of the fleet: `limiter`, and nothing that fences it.
+fn fleet_view(limiter: Arc<SharedLimiter>) -> session_sweeper::fleet::FleetView {
+    session_sweeper::fleet::FleetView {
+        limiter,
+        metrics: Metrics::new(),
+        liveness: session_sweeper::shutdown::Liveness::always(),
+        clock: session_sweeper::clock::DbClock::new(),
+        skewed: Default::default(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_split_the_rate_budget_and_take_it_back() {
     let Some(db) = TestDb::new(Kind::Sqlite).await else {
@@ -285,13 +296,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         beat,
         beat * 3,
         Duration::from_secs(60),
-        session_sweeper::fleet::FleetView {
-            limiter: limiter_a.clone(),
-            metrics: Metrics::new(),
-            liveness: session_sweeper::shutdown::Liveness::always(),
-            clock: session_sweeper::clock::DbClock::new(),
-            skewed: Default::default(),
-        },
+        fleet_view(limiter_a.clone()),
     )
     .await
     .unwrap();
@@ -301,13 +306,7 @@ async fn replicas_split_the_rate_budget_and_take_it_back() {
         beat,
         beat * 3,
         Duration::from_secs(60),
-        session_sweeper::fleet::FleetView {
-            limiter: limiter_b.clone(),
-            metrics: Metrics::new(),
-            liveness: session_sweeper::shutdown::Liveness::always(),
-            clock: session_sweeper::clock::DbClock::new(),
-            skewed: Default::default(),
-        },
+        fleet_view(limiter_b.clone()),
     )
     .await
     .unwrap();
@@ -793,6 +792,7 @@ async fn a_worker_that_leaves_mid_heartbeat_stays_gone() {
     let common::Pool::Sqlite(pool) = &db.pool else {
         unreachable!("a SQLite database")
     };
+    let rate = std::num::NonZeroU32::new(20).unwrap();
     let membership = Membership::join(
         store.clone(),
         WorkerInfo {
@@ -803,16 +803,7 @@ async fn a_worker_that_leaves_mid_heartbeat_stays_gone() {
         Duration::from_millis(100),
         Duration::from_secs(3),
         Duration::from_secs(60),
-        session_sweeper::fleet::FleetView {
-            limiter: Arc::new(SharedLimiter::new(
-                std::num::NonZeroU32::new(20).unwrap(),
-                std::num::NonZeroU32::new(20).unwrap(),
-            )),
-            metrics: Metrics::new(),
-            liveness: session_sweeper::shutdown::Liveness::always(),
-            clock: session_sweeper::clock::DbClock::new(),
-            skewed: Default::default(),
-        },
+        fleet_view(Arc::new(SharedLimiter::new(rate, rate))),
     )
     .await
     .unwrap();

@@ -189,39 +189,25 @@ async fn a_sweeps_count_is_the_same_before_and_after_its_own_claims(kind: Kind) 
     rows.push(fresh_session("fresh"));
     db.seed(&rows).await;
     let now = Utc::now();
-    assert_eq!(store.count_to_sweep(params("w", now, 0)).await.unwrap(), 5);
+    let to_sweep = |worker| store.count_to_sweep(params(worker, now, 0));
+    assert_eq!(to_sweep("w").await.unwrap(), 5);
     register(&*store, "w").await;
     register(&*store, "other").await;
     assert_eq!(store.claim(params("w", now, 2)).await.unwrap().len(), 2);
     assert_eq!(
-        store
-            .count_to_sweep(params("w", Utc::now(), 0))
-            .await
-            .unwrap(),
+        to_sweep("w").await.unwrap(),
         5,
         "its own leases still count"
     );
-    assert_eq!(
-        store
-            .count_eligible(params("w", Utc::now(), 0))
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(store.count_eligible(params("w", now, 0)).await.unwrap(), 3);
     assert_eq!(store.claim(params("other", now, 1)).await.unwrap().len(), 1);
     assert_eq!(
-        store
-            .count_to_sweep(params("w", Utc::now(), 0))
-            .await
-            .unwrap(),
+        to_sweep("w").await.unwrap(),
         4,
         "another live worker's lease does not"
     );
     assert_eq!(
-        store
-            .count_to_sweep(params("other", Utc::now(), 0))
-            .await
-            .unwrap(),
+        to_sweep("other").await.unwrap(),
         3,
         "nor does ours, counted for the other worker"
     );

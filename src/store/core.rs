@@ -291,6 +291,21 @@ impl SqlStore {
         })
     }
 
+    /// Runs one of the counts over the eligibility statements' arguments.
+    async fn count_with(
+        &self,
+        count: fn(&Statements) -> &Stmt,
+        p: ClaimParams<'_>,
+        op: &'static str,
+    ) -> Result<u64> {
+        let sql = self.sql().await?;
+        let row = query(count(sql), &self.eligible_args(&sql.shape, &p))
+            .fetch_one(&self.pool)
+            .await
+            .op(op)?;
+        Ok(int(&row, 0) as u64)
+    }
+
     fn q(&self, template: &str) -> Stmt {
         self.dialect.render(template)
     }
@@ -772,21 +787,17 @@ impl Store for SqlStore {
     }
 
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64> {
-        let sql = self.sql().await?;
-        let row = query(&sql.count, &self.eligible_args(&sql.shape, &p))
-            .fetch_one(&self.pool)
+        self.count_with(|sql| &sql.count, p, "counting eligible sessions")
             .await
-            .op("counting eligible sessions")?;
-        Ok(int(&row, 0) as u64)
     }
 
     async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64> {
-        let sql = self.sql().await?;
-        let row = query(&sql.count_to_sweep, &self.eligible_args(&sql.shape, &p))
-            .fetch_one(&self.pool)
-            .await
-            .op("counting the sweep's sessions")?;
-        Ok(int(&row, 0) as u64)
+        self.count_with(
+            |sql| &sql.count_to_sweep,
+            p,
+            "counting the sweep's sessions",
+        )
+        .await
     }
 
     fn has_connections_to_spare(&self) -> bool {

@@ -111,14 +111,19 @@ impl HotStatements {
     }
 }
 
+/// `n` placeholders from `$first` on, as a list.
+fn placeholder_list(n: usize, first: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|k| format!("${k}")).collect();
+    list.join(", ")
+}
+
 /// $1 worker, $2 active value, $3 idle cutoff, $4… tokens.
 fn recheck_sql(d: Dialect, shape: &HotShape<'_>, n: usize) -> String {
-    let list: Vec<String> = (4..4 + n).map(|k| format!("${k}")).collect();
     format!(
         "SELECT l.session_token, {}, {} FROM sweeper_sessions l WHERE l.session_token IN ({})",
         d.flag("l.lease_owner = $1"),
         d.flag(shape.still_idle),
-        list.join(", ")
+        placeholder_list(n, 4)
     )
 }
 
@@ -243,20 +248,18 @@ fn settle_update(store: &SqlStore, derived: &str) -> String {
 
 /// $1 worker, $2… tokens.
 fn held_sql(n: usize) -> String {
-    let list: Vec<String> = (2..2 + n).map(|k| format!("${k}")).collect();
     format!(
         "SELECT session_token FROM sweeper_sessions WHERE lease_owner = $1 \
          AND session_token IN ({}) FOR UPDATE",
-        list.join(", ")
+        placeholder_list(n, 2)
     )
 }
 
 /// Notes in the ledger that `n` sessions' source rows are marked: tokens from `$first` on.
 fn mark_note_sql(n: usize, first: usize) -> String {
-    let list: Vec<String> = (first..first + n).map(|k| format!("${k}")).collect();
     format!(
         "UPDATE sweeper_sessions SET source_marked = 1 WHERE session_token IN ({})",
-        list.join(", ")
+        placeholder_list(n, first)
     )
 }
 
