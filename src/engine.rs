@@ -20,10 +20,9 @@ use crate::store::{Store, StoreError};
 use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
 use crate::telemetry::Metrics;
 
-/// Pool connections opened beside the ping at start: the first step's. More were measured no
-/// faster (4: start-up within noise on 2 cores, where the server's CPU opens them one at a
-/// time anyway), and each is one more to close at exit.
-const START_CONNECTIONS: u32 = 1;
+/// Pool connections opened beside the ping at start: the one the steps up to the first claim
+/// run on, one after the other (see `store::lane`), and the one the first re-check takes.
+const START_CONNECTIONS: u32 = 2;
 /// How often a progress bar redraws.
 const BAR_REDRAW: Duration = Duration::from_millis(100);
 /// How often a progress log line is written when there is no terminal.
@@ -81,8 +80,8 @@ impl Replica {
         };
         // A fresh connection first: a refused or unreachable server is reported as such at
         // once, not as the pool's "timed out" after its acquire timeout (`run` retries it).
-        // Meanwhile the pool opens its first connection, side by side, unless the pool may hold
-        // only one: the ping's own connection counts against the same budget (a role's
+        // Meanwhile the pool opens its first connections, side by side, as far as the pool
+        // leaves room beside the ping's: that one counts against the same budget (a role's
         // connection limit, a proxy's pool), and one over it is refused.
         let beside = START_CONNECTIONS.min(config.database.max_connections.get() - 1);
         tokio::try_join!(store.ping(), store.open_connections(beside))?;

@@ -15,6 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use futures::{Future, FutureExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::clock::DbClock;
 use crate::config::{Config, SweepConfig};
@@ -460,17 +461,16 @@ impl Sweeper {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        let (run, recorder, rechecker) =
-            self.start_run(settings.clone(), &sweep, &state, &progress);
-        // The claim loop and its attempts run as one task of the runtime, not on the thread
-        // that awaits the sweep: every answer then wakes a task where it arrives.
-        let dispatched = tokio::spawn(run.dispatch());
-        let counted = async {
-            if beside {
-                self.count_at_start(&settings, &sweep, &progress).await;
-            }
-        };
-        let (dispatched, ()) = tokio::join!(dispatched, counted);
+        let first_calls_ready = CancellationToken::new();
+        let (run, recorder, rechecker) = self.start_run(
+            settings.clone(),
+            &sweep,
+            &state,
+            &progress,
+            &first_calls_ready,
+        );
+        let counts = beside.then_some((&first_calls_ready, &settings, &*progress));
+        let dispatched = self.dispatch_counting(run, &sweep, counts).await;
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
         let rechecker = rechecker.await;
@@ -510,6 +510,27 @@ impl Sweeper {
         Ok(summary)
     }
 
+    /// Runs the claim loop, and the counts beside it when `counts` says so: once its first
+    /// calls are ready, for the first claim and re-check take the connections there are and the
+    /// counts open their own after them, not in their way.
+    async fn dispatch_counting(
+        &self,
+        run: Run,
+        sweep: &Shutdown,
+        counts: Option<(&CancellationToken, &SweepSettings, &Progress)>,
+    ) -> Result<Dispatched, tokio::task::JoinError> {
+        // The claim loop and its attempts run as one task of the runtime, not on the thread
+        // that awaits the sweep: every answer then wakes a task where it arrives.
+        let dispatched = tokio::spawn(run.dispatch());
+        let counted = async {
+            if let Some((first_calls_ready, settings, progress)) = counts {
+                first_calls_ready.cancelled().await;
+                self.count_at_start(settings, sweep, progress).await;
+            }
+        };
+        tokio::join!(dispatched, counted).0
+    }
+
     /// Starts the recorder and the re-checker of one sweep; returns the claim loop that feeds
     /// them. Both tasks end once the loop (and with it every sender) is gone.
     fn start_run(
@@ -518,6 +539,7 @@ impl Sweeper {
         sweep: &Shutdown,
         state: &Arc<FirstFailures>,
         progress: &Arc<Progress>,
+        first_calls_ready: &CancellationToken,
     ) -> (Run, JoinHandle<SweepSummary>, JoinHandle<()>) {
         // Room for the batch being written and the next one filling: attempts never wait on
         // the recorder unless it falls a whole batch behind.
@@ -542,6 +564,7 @@ impl Sweeper {
             settings.idle_after,
             self.clock.clone(),
             sweep.clone(),
+            first_calls_ready.clone(),
         );
         let run = Run {
             store: self.store.clone(),
@@ -555,6 +578,7 @@ impl Sweeper {
             progress: progress.clone(),
             recheck,
             settle,
+            _ended: first_calls_ready.clone().drop_guard(),
         };
         (run, recorder, rechecker)
     }
@@ -585,6 +609,9 @@ struct Run {
     progress: Arc<Progress>,
     recheck: Rechecker,
     settle: mpsc::Sender<Settlement>,
+    /// Says the first calls are ready when the loop ends without any (nothing to claim, or a
+    /// failed claim).
+    _ended: DropGuard,
 }
 
 /// What an attempt in the claim loop's set yields: `Err` if it panicked.
@@ -848,12 +875,14 @@ struct Rechecker {
 
 impl Rechecker {
     /// Starts the task that runs the queries; it ends once the handle is dropped.
+    /// `first_answered` is cancelled once the first query has answered.
     fn start(
         store: Arc<dyn Store>,
         worker: String,
         idle_after: Duration,
         clock: DbClock,
         shutdown: Shutdown,
+        first_answered: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (requests, mut rx) = mpsc::unbounded_channel::<(String, oneshot::Sender<Verdict>)>();
         let task = tokio::spawn(async move {
@@ -874,6 +903,7 @@ impl Rechecker {
                     // The asker may be gone (aborted); nobody else needs the answer.
                     let _ = reply.send(verdict);
                 }
+                first_answered.cancel();
             }
         });
         (Self { requests }, task)

@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
-use super::lane::{Lane, MIN_POOL_FOR_LANES, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP};
+use super::lane::{Failed, Lane, MIN_POOL_FOR_LANES, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP, on_lane};
 use super::{
     ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
     Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
@@ -222,8 +222,11 @@ pub struct SqlStore {
     pub(crate) lanes: Lanes,
 }
 
-/// The connections the hot path keeps between uses (see `lane`).
+/// The connections kept between uses by streams of back-to-back operations (see `lane`).
 pub(crate) struct Lanes {
+    /// The steps that follow one another: start-up's checks, joining the fleet and the
+    /// heartbeats, preparing a sweep, the claims.
+    pub steps: Lane,
     /// The re-checks before calls.
     pub recheck: Lane,
     /// The records of outcomes and the source updates.
@@ -285,6 +288,7 @@ impl SqlStore {
             source,
             sql: OnceCell::new(),
             lanes: Lanes {
+                steps: Lane::new(max_connections),
                 recheck: Lane::new(max_connections),
                 record: Lane::new(max_connections),
             },
@@ -656,6 +660,15 @@ impl SqlStore {
         Ok(findings)
     }
 
+    /// The database's clock, read on `conn`.
+    async fn clock_on(&self, conn: &mut sqlx::AnyConnection) -> Result<DateTime<Utc>> {
+        let row = sqlx::query(&format!("SELECT {}", self.dialect.now_ms()))
+            .fetch_one(conn)
+            .await
+            .op("reading the database's clock")?;
+        Ok(from_ms(int(&row, 0)))
+    }
+
     /// A write transaction (SQLite takes its write lock at once).
     pub(crate) async fn begin_write(
         &self,
@@ -722,13 +735,17 @@ impl Store for SqlStore {
         let applied: Vec<i64> = if exists.is_empty() {
             Vec::new()
         } else {
-            sqlx::query("SELECT version FROM sweeper_schema_migrations")
-                .fetch_all(&self.pool)
-                .await
-                .op("reading applied migrations")?
-                .iter()
-                .filter_map(|r| opt_int(r, 0))
-                .collect()
+            let op = "reading applied migrations";
+            on_lane!(self, self.lanes.steps, op, |conn| {
+                sqlx::query("SELECT version FROM sweeper_schema_migrations")
+                    .fetch_all(conn)
+                    .await
+                    .op(op)
+                    .map_err(Failed::First)
+            })?
+            .iter()
+            .filter_map(|r| opt_int(r, 0))
+            .collect()
         };
         Ok(super::pending(migrations, &applied))
     }
@@ -811,11 +828,13 @@ impl Store for SqlStore {
     async fn claim(&self, p: ClaimParams<'_>) -> Result<Vec<Lease>> {
         let sql = self.sql().await?;
         let args = self.eligible_args(&sql.shape, &p);
-        match self.dialect {
-            Dialect::Postgres => super::postgres::run_claim(self, &sql.claim, &args).await,
-            Dialect::Sqlite => super::sqlite::run_claim(self, &sql.claim, &args).await,
-            Dialect::MySql => super::mysql::run_claim(self, &sql.claim, &args, &p).await,
-        }
+        on_lane!(self, self.lanes.steps, "claiming sessions", |conn| {
+            match self.dialect {
+                Dialect::Postgres => super::postgres::run_claim(conn, &sql.claim, &args).await,
+                Dialect::Sqlite => super::sqlite::run_claim(self, conn, &sql.claim, &args).await,
+                Dialect::MySql => super::mysql::run_claim(self, conn, &sql.claim, &args, &p).await,
+            }
+        })
     }
 
     async fn explain_claim(&self, p: ClaimParams<'_>) -> Result<String> {
@@ -841,13 +860,26 @@ impl Store for SqlStore {
 
     async fn skip_revived(&self, p: ClaimParams<'_>) -> Result<u64> {
         let sql = self.sql().await?;
-        let mut tx = self.begin_write("starting a skip").await?;
-        let done = query(&sql.skip_revived, &self.eligible_args(&sql.shape, &p))
-            .execute(&mut *tx)
+        let args = self.eligible_args(&sql.shape, &p);
+        on_lane!(self, self.lanes.steps, "starting a skip", |conn| {
+            async {
+                let mut tx = self
+                    .begin_on(conn, "starting a skip")
+                    .await
+                    .map_err(Failed::First)?;
+                let done = query(&sql.skip_revived, &args)
+                    .execute(&mut *tx)
+                    .await
+                    .op("skipping revived sessions")
+                    .map_err(Failed::Later)?;
+                tx.commit()
+                    .await
+                    .op("committing a skip")
+                    .map_err(Failed::Later)?;
+                Ok(done.rows_affected())
+            }
             .await
-            .op("skipping revived sessions")?;
-        tx.commit().await.op("committing a skip")?;
-        Ok(done.rows_affected())
+        })
     }
 
     async fn recheck_many(
@@ -877,13 +909,16 @@ impl Store for SqlStore {
     }
 
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>> {
-        let rows = query(
-            &self.q("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT $1"),
-            &[Arg::Int(i64::from(limit))],
-        )
-        .fetch_all(&self.pool)
-        .await
-        .op("listing sessions whose source row is not marked")?;
+        let stmt =
+            self.q("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT $1");
+        let op = "listing sessions whose source row is not marked";
+        let rows = on_lane!(self, self.lanes.steps, op, |conn| {
+            query(&stmt, &[Arg::Int(i64::from(limit))])
+                .fetch_all(conn)
+                .await
+                .op(op)
+                .map_err(Failed::First)
+        })?;
         Ok(rows.iter().filter_map(|r| text(r, 0)).collect())
     }
 
@@ -903,14 +938,16 @@ impl Store for SqlStore {
     }
 
     async fn release_all(&self, worker: &str) -> Result<u64> {
-        let done = query(
-            &self.q("UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1"),
-            &[Arg::Text(worker.to_owned())],
-        )
-        .execute(&self.pool)
-        .await
-        .op("releasing leases")?;
-        Ok(done.rows_affected())
+        let stmt = self.q("UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1");
+        let args = [Arg::Text(worker.to_owned())];
+        on_lane!(self, self.lanes.steps, "releasing leases", |conn| {
+            query(&stmt, &args)
+                .execute(conn)
+                .await
+                .op("releasing leases")
+                .map(|done| done.rows_affected())
+                .map_err(Failed::First)
+        })
     }
 
     async fn renew_leases(&self, worker: &str, lease: Duration) -> Result<u64> {
@@ -919,71 +956,85 @@ impl Store for SqlStore {
             self.dialect.now_ms()
         ));
         let args = [Arg::Int(millis(lease)), Arg::Text(worker.to_owned())];
-        let mut tries = 1;
-        loop {
-            // The renewal takes our leases in the index's order while records and claims take
-            // them in theirs: the database may end it to break a deadlock, having done nothing.
-            // A failed renewal fails the heartbeat, so it is tried again at once.
-            match query(&renew, &args).execute(&self.pool).await {
-                Err(e) if lost_a_deadlock(&e) && tries < DEADLOCK_TRIES => tries += 1,
-                done => return Ok(done.op("renewing leases")?.rows_affected()),
+        on_lane!(self, self.lanes.steps, "renewing leases", |conn| {
+            let mut tries = 1;
+            loop {
+                // The renewal takes our leases in the index's order while records and claims
+                // take them in theirs: the database may end it to break a deadlock, having done
+                // nothing. A failed renewal fails the heartbeat, so it is tried again at once.
+                match query(&renew, &args).execute(&mut *conn).await {
+                    Err(e) if lost_a_deadlock(&e) && tries < DEADLOCK_TRIES => tries += 1,
+                    done => {
+                        break done
+                            .op("renewing leases")
+                            .map(|done| done.rows_affected())
+                            .map_err(Failed::First);
+                    }
+                }
             }
-        }
+        })
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<DateTime<Utc>> {
-        let now = self.database_time().await?;
-        query(
-            &self.q(&format!(
-                "INSERT INTO sweeper_workers (worker_id, hostname, pid, version, started_at, heartbeat_at) \
-                 VALUES ($1, $2, $3, $4, $5, $5) {}",
-                self.dialect.upsert_heartbeat()
-            )),
-            &[
-                Arg::Text(worker.id.clone()),
-                Arg::Text(worker.hostname.clone()),
-                Arg::Int(i64::from(worker.pid)),
-                Arg::Text(env!("CARGO_PKG_VERSION").into()),
-                Arg::Int(ms(now)),
-            ],
-        )
-        .execute(&self.pool)
-        .await
-        .op("recording a heartbeat")?;
-        Ok(now)
+        let upsert = self.q(&format!(
+            "INSERT INTO sweeper_workers (worker_id, hostname, pid, version, started_at, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) {}",
+            self.dialect.upsert_heartbeat()
+        ));
+        on_lane!(self, self.lanes.steps, "recording a heartbeat", |conn| {
+            async {
+                let now = self.clock_on(&mut *conn).await.map_err(Failed::First)?;
+                let args = [
+                    Arg::Text(worker.id.clone()),
+                    Arg::Text(worker.hostname.clone()),
+                    Arg::Int(i64::from(worker.pid)),
+                    Arg::Text(env!("CARGO_PKG_VERSION").into()),
+                    Arg::Int(ms(now)),
+                ];
+                query(&upsert, &args)
+                    .execute(&mut *conn)
+                    .await
+                    .op("recording a heartbeat")
+                    .map_err(Failed::Later)?;
+                Ok(now)
+            }
+            .await
+        })
     }
 
     async fn database_time(&self) -> Result<DateTime<Utc>> {
-        let row = sqlx::query(&format!("SELECT {}", self.dialect.now_ms()))
-            .fetch_one(&self.pool)
+        let op = "reading the database's clock";
+        on_lane!(self, self.lanes.steps, op, |conn| self
+            .clock_on(conn)
             .await
-            .op("reading the database's clock")?;
-        Ok(from_ms(int(&row, 0)))
+            .map_err(Failed::First))
     }
 
     async fn live_workers(&self, stale_after: Duration) -> Result<u32> {
-        let row = query(
-            &self.q(&format!(
-                "SELECT {} FROM sweeper_workers WHERE heartbeat_at > {} - $1",
-                self.dialect.int("COUNT(*)"),
-                self.dialect.now_ms()
-            )),
-            &[Arg::Int(millis(stale_after))],
-        )
-        .fetch_one(&self.pool)
-        .await
-        .op("counting live workers")?;
+        let stmt = self.q(&format!(
+            "SELECT {} FROM sweeper_workers WHERE heartbeat_at > {} - $1",
+            self.dialect.int("COUNT(*)"),
+            self.dialect.now_ms()
+        ));
+        let row = on_lane!(self, self.lanes.steps, "counting live workers", |conn| {
+            query(&stmt, &[Arg::Int(millis(stale_after))])
+                .fetch_one(conn)
+                .await
+                .op("counting live workers")
+                .map_err(Failed::First)
+        })?;
         Ok(int(&row, 0) as u32)
     }
 
     async fn workers_on_host(&self, hostname: &str) -> Result<Vec<WorkerRow>> {
-        let rows = query(
-            &self.q("SELECT worker_id, pid FROM sweeper_workers WHERE hostname = $1"),
-            &[Arg::Text(hostname.to_owned())],
-        )
-        .fetch_all(&self.pool)
-        .await
-        .op("listing workers")?;
+        let stmt = self.q("SELECT worker_id, pid FROM sweeper_workers WHERE hostname = $1");
+        let rows = on_lane!(self, self.lanes.steps, "listing workers", |conn| {
+            query(&stmt, &[Arg::Text(hostname.to_owned())])
+                .fetch_all(conn)
+                .await
+                .op("listing workers")
+                .map_err(Failed::First)
+        })?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -1131,6 +1182,7 @@ impl Store for SqlStore {
 
     async fn close(&self) {
         let mut open: Vec<_> = [
+            self.lanes.steps.take_kept(),
             self.lanes.recheck.take_kept(),
             self.lanes.record.take_kept(),
         ]
@@ -1169,13 +1221,14 @@ pub(crate) async fn strings(
     args: &[Arg],
     op: &'static str,
 ) -> Result<Vec<String>> {
-    Ok(query(stmt, args)
-        .fetch_all(&store.pool)
-        .await
-        .op(op)?
-        .iter()
-        .filter_map(|r| text(r, 0))
-        .collect())
+    let rows = on_lane!(store, store.lanes.steps, op, |conn| {
+        query(stmt, args)
+            .fetch_all(conn)
+            .await
+            .op(op)
+            .map_err(Failed::First)
+    })?;
+    Ok(rows.iter().filter_map(|r| text(r, 0)).collect())
 }
 
 /// Used by the backends' claims.

@@ -12,8 +12,8 @@ use sqlx::any::AnyRow;
 
 use super::core::{Arg, SqlStore, millis, ms, opt_int, query_owned, text};
 use super::dialect::{Dialect, Stmt};
-use super::lane::Lane;
-use super::{FlatDecision, Op, Recheck, Result, Settlement, StoreError};
+use super::lane::{Failed, on_lane};
+use super::{FlatDecision, Op, Recheck, Result, Settlement};
 
 /// Rows per multi-row statement: a piece of a batch is padded up to the next of these.
 pub(crate) const SIZES: [usize; 5] = [1, 4, 16, 64, 256];
@@ -380,62 +380,6 @@ fn verdicts<'a>(tokens: &'a [&str], rows: &[AnyRow]) -> impl Iterator<Item = Rec
         .map(move |t| found.get(*t).copied().unwrap_or(Recheck::LeaseLost))
 }
 
-/// Where a transaction failed: at its first statement (nothing was written yet, and a kept
-/// connection may simply have broken since its last use) or later.
-enum Failed {
-    First(StoreError),
-    Later(StoreError),
-}
-
-impl Failed {
-    fn error(self) -> StoreError {
-        match self {
-            Failed::First(e) | Failed::Later(e) => e,
-        }
-    }
-}
-
-/// Whether a failed first statement on a kept connection says nothing about the statement (a
-/// connection that broke, not an answer from the database).
-fn connection_failed(e: &StoreError) -> bool {
-    !matches!(
-        e,
-        StoreError::Database {
-            source: sqlx::Error::Database(_),
-            ..
-        }
-    )
-}
-
-/// Runs `$work` (an expression over the connection `$conn`) on `$lane`'s connection; when its
-/// first statement failed on a kept connection, once more on a fresh one, as the pool's ping on
-/// taking it would have. The connection is kept only after a success.
-macro_rules! on_lane {
-    ($store:expr, $lane:expr, $op:expr, |$conn:ident| $work:expr) => {{
-        let mut taken = $lane.take(&$store.pool).await.op($op)?;
-        let result = {
-            let $conn: &mut AnyConnection = &mut taken.conn;
-            $work
-        };
-        let result = match result {
-            Err(Failed::First(e)) if !taken.fresh && connection_failed(&e) => {
-                taken.conn.close_on_drop();
-                taken = Lane::fresh(&$store.pool).await.op($op)?;
-                let $conn: &mut AnyConnection = &mut taken.conn;
-                $work
-            }
-            other => other,
-        };
-        match result {
-            Ok(v) => {
-                $lane.keep(taken.conn);
-                Ok(v)
-            }
-            Err(f) => Err(f.error()),
-        }
-    }};
-}
-
 impl SqlStore {
     /// The re-checks of `tokens` (see `Store::recheck_many`), on the re-check lane.
     pub(crate) async fn recheck_on_lane(
@@ -754,7 +698,7 @@ impl SqlStore {
     }
 
     /// A write transaction on `conn` (SQLite takes its write lock at once).
-    async fn begin_on<'c>(
+    pub(crate) async fn begin_on<'c>(
         &self,
         conn: &'c mut AnyConnection,
         op: &'static str,

@@ -1,7 +1,11 @@
-//! Connections kept by the hot path's streams of back-to-back operations (the re-checks, the
-//! records). sqlx's pool pings a connection when it is taken and again when it is given back:
-//! two round trips per use, more than the statements of a re-check themselves. A lane keeps its
-//! connection between uses instead, and gives it back to the pool once unused for [`LANE_IDLE`].
+//! Connections kept by streams of back-to-back operations: the steps of start-up and of a
+//! sweep up to its claims, the re-checks, the records. sqlx's pool pings a connection when it
+//! is taken and again when it is given back: two round trips per use, more than the statements
+//! of a re-check themselves. And the ping on giving back runs in a task of its own, so a step
+//! that follows at once finds no idle connection and opens one more (milliseconds each, on the
+//! way to the first call). A lane keeps its connection between uses instead, and gives it back
+//! to the pool once unused for [`LANE_IDLE`]. A lane is no lock: whoever finds its connection
+//! taken gets one from the pool.
 //!
 //! A kept connection is not pinged, so it may have broken since its last use. Callers start
 //! over on a fresh (pinged) connection when the first statement on a kept one fails, before
@@ -12,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool};
+
+use super::StoreError;
 
 /// How long a lane keeps its connection after its last use.
 pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
@@ -116,3 +122,64 @@ async fn reap(state: std::sync::Weak<Mutex<State>>) {
         return;
     }
 }
+
+/// Where a lane's work failed: at its first statement (nothing was written yet, and a kept
+/// connection may simply have broken since its last use) or later.
+pub(crate) enum Failed {
+    First(StoreError),
+    Later(StoreError),
+}
+
+impl Failed {
+    /// The error, wherever it came.
+    pub(crate) fn error(self) -> StoreError {
+        match self {
+            Failed::First(e) | Failed::Later(e) => e,
+        }
+    }
+}
+
+/// Whether a failed first statement on a kept connection says nothing about the statement (a
+/// connection that broke, not an answer from the database).
+pub(crate) fn connection_failed(e: &StoreError) -> bool {
+    !matches!(
+        e,
+        StoreError::Database {
+            source: sqlx::Error::Database(_),
+            ..
+        }
+    )
+}
+
+/// Runs `$work` (an expression over the connection `$conn`, yielding `Result<_, Failed>`) on
+/// `$lane`'s connection; when its first statement failed on a kept connection, once more on a
+/// fresh one, as the pool's ping on taking it would have. The connection is kept only after a
+/// success.
+macro_rules! on_lane {
+    ($store:expr, $lane:expr, $op:expr, |$conn:ident| $work:expr) => {{
+        use $crate::store::Op as _;
+        use $crate::store::lane::{Lane, connection_failed};
+        let mut taken = $lane.take(&$store.pool).await.op($op)?;
+        let result = {
+            let $conn: &mut sqlx::AnyConnection = &mut taken.conn;
+            $work
+        };
+        let result = match result {
+            Err($crate::store::lane::Failed::First(e)) if !taken.fresh && connection_failed(&e) => {
+                taken.conn.close_on_drop();
+                taken = Lane::fresh(&$store.pool).await.op($op)?;
+                let $conn: &mut sqlx::AnyConnection = &mut taken.conn;
+                $work
+            }
+            other => other,
+        };
+        match result {
+            Ok(v) => {
+                $lane.keep(taken.conn);
+                Ok(v)
+            }
+            Err(f) => Err(f.error()),
+        }
+    }};
+}
+pub(crate) use on_lane;

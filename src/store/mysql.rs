@@ -4,9 +4,11 @@
 //! its claim id (there is no `RETURNING`). Sessions run with `time_zone = '+00:00'`.
 
 use sqlx::Row as _;
+use sqlx::{AnyConnection, Connection as _};
 
 use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
 use super::dialect::{Dialect, Stmt};
+use super::lane::Failed;
 use super::{
     ClaimParams, Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks,
     naive_zone,
@@ -32,11 +34,29 @@ pub(crate) fn candidates(candidates: &str) -> String {
 /// Locks candidates, writes their leases under a fresh claim id, reads back what it took.
 pub(crate) async fn run_claim(
     store: &SqlStore,
+    conn: &mut AnyConnection,
+    candidates: &Stmt,
+    args: &[Arg],
+    p: &ClaimParams<'_>,
+) -> std::result::Result<Vec<Lease>, Failed> {
+    let tx = conn
+        .begin()
+        .await
+        .op("starting a claim")
+        .map_err(Failed::First)?;
+    claim_in(store, tx, candidates, args, p)
+        .await
+        .map_err(Failed::Later)
+}
+
+/// The claim's statements in `tx`, and its commit.
+async fn claim_in(
+    store: &SqlStore,
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
     candidates: &Stmt,
     args: &[Arg],
     p: &ClaimParams<'_>,
 ) -> Result<Vec<Lease>> {
-    let mut tx = store.pool.begin().await.op("starting a claim")?;
     let picked = lock_candidates(&mut tx, candidates, args).await?;
     if picked.is_empty() {
         tx.commit().await.op("committing a claim")?;

@@ -2,10 +2,12 @@
 //! `ON CONFLICT ... WHERE`, so any number of processes share one database and never hold the
 //! same session at once. Time is the server's `now()`.
 
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
 use super::dialect::Stmt;
+use super::lane::Failed;
 use super::{
     Finding, IndexDialect, Lease, Migration, Op, Result, StoreError, ledger_blocks, naive_zone,
 };
@@ -51,11 +53,16 @@ pub(crate) fn claim(candidates: &str, now: &str, stale: &str) -> String {
 }
 
 /// Runs the claim statement.
-pub(crate) async fn run_claim(store: &SqlStore, claim: &Stmt, args: &[Arg]) -> Result<Vec<Lease>> {
+pub(crate) async fn run_claim(
+    conn: &mut AnyConnection,
+    claim: &Stmt,
+    args: &[Arg],
+) -> std::result::Result<Vec<Lease>, Failed> {
     let rows = query(claim, args)
-        .fetch_all(&store.pool)
+        .fetch_all(conn)
         .await
-        .op("claiming sessions")?;
+        .op("claiming sessions")
+        .map_err(Failed::First)?;
     Ok(rows.iter().filter_map(lease_from_row).collect())
 }
 

@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::core::{Arg, Catalog, Shape, SqlStore, bytes, int_at, query, strings};
 use super::dialect::Stmt;
+use super::lane::Failed;
 use super::{
     BAD_SOURCE_ROW, EARLIEST_PLAUSIBLE_UNIX_SECONDS, Finding, IndexDialect, Lease, Migration, Op,
     Result, SampleValue,
@@ -84,8 +86,28 @@ pub(crate) fn claim(candidates: &str, now: &str) -> String {
 }
 
 /// Runs the claim; settles rows whose token or member is not UTF-8 text as failed.
-pub(crate) async fn run_claim(store: &SqlStore, claim: &Stmt, args: &[Arg]) -> Result<Vec<Lease>> {
-    let mut tx = store.begin_write("starting a claim").await?;
+pub(crate) async fn run_claim(
+    store: &SqlStore,
+    conn: &mut AnyConnection,
+    claim: &Stmt,
+    args: &[Arg],
+) -> std::result::Result<Vec<Lease>, Failed> {
+    let tx = store
+        .begin_on(conn, "starting a claim")
+        .await
+        .map_err(Failed::First)?;
+    claim_in(store, tx, claim, args)
+        .await
+        .map_err(Failed::Later)
+}
+
+/// The claim's statements in `tx`, and its commit.
+async fn claim_in(
+    store: &SqlStore,
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    claim: &Stmt,
+    args: &[Arg],
+) -> Result<Vec<Lease>> {
     let rows = query(claim, args)
         .fetch_all(&mut *tx)
         .await
