@@ -870,6 +870,75 @@ both_backends!(
     eligibility_query_uses_the_index_on_a_million_rows,
 );
 
+/// A step's kept connection that the server ended since its last use (a restart, a failover,
+/// an administrator) fails at its first statement, and the step is taken up on a fresh one:
+/// what the pool's ping on taking a connection did before the steps kept theirs. PostgreSQL
+/// only: its `application_name` tells the sweeper's connections from the test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_kept_connection_the_server_ended_is_taken_up_on_a_fresh_one() {
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    db.seed(&idle_sessions("s", 3)).await;
+    let end_the_sweepers_connections = || async {
+        let ended = db
+            .scalar(
+                "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'session-sweeper'",
+            )
+            .await;
+        assert!(ended >= 1, "the step kept its connection");
+        // The server ends them at once; well within the time a lane keeps a connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    register(&*store, "w").await;
+    end_the_sweepers_connections().await;
+    let claimed = store.claim(params("w", Utc::now(), 1)).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the claim, on a fresh connection");
+    let tokens = [claimed[0].token.as_str()];
+    let idle_before = Utc::now() - Duration::from_secs(1800);
+    let recheck = || store.recheck_many("w", &tokens, idle_before);
+    assert_eq!(recheck().await.unwrap(), [Recheck::Eligible]);
+    end_the_sweepers_connections().await;
+    assert_eq!(
+        recheck().await.unwrap(),
+        [Recheck::Eligible],
+        "the hot path's lanes alike"
+    );
+    register(&*store, "w").await;
+    end_the_sweepers_connections().await;
+    assert!(store.pending_migrations().await.unwrap().is_empty());
+    assert_eq!(store.release_all("w").await.unwrap(), 1);
+}
+
+/// A session the server ended (a restart, a failover) is a passing trouble, which start-up
+/// waits out and tries again, not a broken configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_server_ended_is_a_passing_trouble() {
+    use sqlx::Connection as _;
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let source = sqlx::query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let e = session_sweeper::store::StoreError::Database {
+        op: "testing",
+        source,
+    };
+    assert!(e.is_transient(), "{e}");
+}
+
 /// SQLite stores timestamps in one of four ways; each must select the same sessions.
 #[tokio::test]
 async fn sqlite_timestamp_formats_select_the_same_sessions() {

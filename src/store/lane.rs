@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool};
 
-use super::StoreError;
+use super::{StoreError, the_server_ended_the_session};
 
 /// How long a lane keeps its connection after its last use.
 pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
@@ -139,16 +139,17 @@ impl Failed {
     }
 }
 
-/// Whether a failed first statement on a kept connection says nothing about the statement (a
-/// connection that broke, not an answer from the database).
+/// Whether a failed first statement on a kept connection says nothing about the statement: a
+/// connection that broke, or a session the server ended since its last use (it says so in an
+/// error of its own before it hangs up), not an answer to the statement.
 pub(crate) fn connection_failed(e: &StoreError) -> bool {
-    !matches!(
-        e,
+    match e {
         StoreError::Database {
-            source: sqlx::Error::Database(_),
+            source: source @ sqlx::Error::Database(_),
             ..
-        }
-    )
+        } => the_server_ended_the_session(source),
+        _ => true,
+    }
 }
 
 /// Runs `$work` (an expression over the connection `$conn`, yielding `Result<_, Failed>`) on

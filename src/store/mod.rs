@@ -397,17 +397,33 @@ impl StoreError {
     /// mistake in the config that waiting never fixes.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Database { source, .. } => matches!(
-                source,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            ),
+            StoreError::Database { source, .. } => {
+                matches!(
+                    source,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                ) || the_server_ended_the_session(source)
+            }
             StoreError::TimedOut { .. } => true,
             StoreError::Schema(_) => false,
         }
     }
+}
+
+/// Whether the server ended the session (or would not begin one) rather than answered: SQLSTATE
+/// class 08 (connection exception), PostgreSQL's 57P01 and 57P02 (shut down by an administrator
+/// or after a crash), 57P03 (still starting up) and 57P05 (an idle session ended), MySQL's 70100
+/// (a `KILL`). Whatever the statement was, it did not take effect, and a fresh connection, now
+/// or a little later, may well succeed.
+pub(crate) fn the_server_ended_the_session(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(d) = e else {
+        return false;
+    };
+    d.code().is_some_and(|code| {
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "57P05" | "70100")
+    })
 }
 
 /// How often a single statement that the database ended to break a deadlock is tried.
