@@ -939,6 +939,38 @@ async fn a_session_the_server_ended_is_a_passing_trouble() {
     assert!(e.is_transient(), "{e}");
 }
 
+/// A statement the server cut short at its time limit (MariaDB's `max_statement_time`: a
+/// role's or the server's setting) is an answer, not a session the server ended, though MariaDB
+/// gives it the same SQLSTATE, 70100, as a connection it killed: the session lives on, and the
+/// same statement is cut short again however long start-up waits. A mistake in the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_cut_short_at_the_servers_time_limit_is_no_passing_trouble() {
+    use sqlx::Connection as _;
+    let Some(db) = TestDb::new(Kind::MySql).await else {
+        return;
+    };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    let source = sqlx::query("SET STATEMENT max_statement_time = 0.01 FOR SELECT SLEEP(1)")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        source.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("70100"),
+        "{source}"
+    );
+    sqlx::query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .expect("the session lives on");
+    let e = session_sweeper::store::StoreError::Database {
+        op: "testing",
+        source,
+    };
+    assert!(!e.is_transient(), "{e}");
+}
+
 /// SQLite stores timestamps in one of four ways; each must select the same sessions.
 #[tokio::test]
 async fn sqlite_timestamp_formats_select_the_same_sessions() {

@@ -414,15 +414,23 @@ impl StoreError {
 
 /// Whether the server ended the session (or would not begin one) rather than answered: SQLSTATE
 /// class 08 (connection exception), PostgreSQL's 57P01 and 57P02 (shut down by an administrator
-/// or after a crash), 57P03 (still starting up) and 57P05 (an idle session ended), MySQL's 70100
-/// (a `KILL`). Whatever the statement was, it did not take effect, and a fresh connection, now
-/// or a little later, may well succeed.
+/// or after a crash), 57P03 (still starting up) and 57P05 (an idle session ended), MariaDB's
+/// 1927 (a `KILL CONNECTION`). Whatever the statement was, it did not take effect, and a fresh
+/// connection, now or a little later, may well succeed. MariaDB's other 70100s are answers on a
+/// session that lives on: a statement cut short by `max_statement_time` (1969) or by a `KILL
+/// QUERY` (1317), which waiting does not change.
 pub(crate) fn the_server_ended_the_session(e: &sqlx::Error) -> bool {
+    /// MariaDB's `ER_CONNECTION_KILLED`, SQLSTATE 70100.
+    const CONNECTION_KILLED: u16 = 1927;
     let sqlx::Error::Database(d) = e else {
         return false;
     };
+    if let Some(mysql) = d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return mysql.number() == CONNECTION_KILLED
+            || mysql.code().is_some_and(|code| code.starts_with("08"));
+    }
     d.code().is_some_and(|code| {
-        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "57P05" | "70100")
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "57P05")
     })
 }
 
