@@ -128,6 +128,35 @@ async fn the_backlog_counted_beside_the_claims_is_the_sweeps_start(kind: Kind) {
     );
 }
 
+/// The count beside the claims says how many sessions there were at the start however the
+/// race with the first calls falls: sweep after sweep, none counts without the sessions its
+/// first calls settled before the count ran.
+async fn every_sweeps_backlog_is_its_start(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
+    for round in 0..5 {
+        db.seed(&idle_sessions(&format!("r{round}"), 300)).await;
+        let metrics = session_sweeper::telemetry::Metrics::new();
+        let summary = common::sweep_once_with(
+            &config,
+            &session_sweeper::shutdown::Shutdown::new(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(summary.invalidated, 300, "{summary:?}");
+        let backlog = common::metric(&metrics.render(), "sweeper_backlog_sessions")
+            .expect("the gauge is set");
+        assert_eq!(
+            backlog, 300.0,
+            "round {round}: the sessions there were at its start"
+        );
+    }
+}
+
 async fn calls_in_flight_never_exceed_concurrency(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -443,6 +472,7 @@ both_backends!(
     every_outcome_end_to_end,
     a_second_sweep_right_after_sends_nothing,
     the_backlog_counted_beside_the_claims_is_the_sweeps_start,
+    every_sweeps_backlog_is_its_start,
     calls_in_flight_never_exceed_concurrency,
     once_max_stops_after_n,
     retryable_failures_follow_the_retry_schedule_then_fail,
