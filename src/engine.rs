@@ -21,8 +21,9 @@ use crate::sweep::{Progress, SweepError, SweepSettings, SweepSummary, Sweeper};
 use crate::telemetry::Metrics;
 
 /// Pool connections opened beside the ping at start: the one the steps up to the first claim
-/// run on, one after the other (see `store::lane`), and the one the first re-check takes.
-const START_CONNECTIONS: u32 = 2;
+/// run on, one after the other (see `store::lane`), the one the counts beside the first claim
+/// take, and the one the first re-check takes.
+const START_CONNECTIONS: u32 = 3;
 /// How often a progress bar redraws.
 const BAR_REDRAW: Duration = Duration::from_millis(100);
 /// How often a progress log line is written when there is no terminal.

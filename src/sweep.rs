@@ -40,6 +40,9 @@ pub const UNMARKED_PER_SWEEP: u32 = 5_000;
 /// wire, the next set waits for its rate tokens and slots and has its re-check done, so the
 /// pipe never drains between sessions.
 pub const PIPELINE_DEPTH: usize = 2;
+/// The longest the first record of a sweep waits for the counts beside it to take their
+/// snapshot (one round trip, normally).
+const COUNT_PIN_WAIT: Duration = Duration::from_secs(1);
 /// Most sessions one re-check query answers.
 pub const RECHECK_BATCH: usize = 64;
 /// Writes of outcomes begin at most this often: a write that finds few settlements waiting
@@ -362,29 +365,31 @@ impl Sweeper {
     /// Counts what the sweep has to do and the rows it cannot use, for the progress display,
     /// the gauges and the log; neither count decides anything. Each is one scan of the source,
     /// so on a pool large enough they run beside the first claims instead of before them (see
-    /// `run_once`): the sweep's count takes in the sessions this worker has claimed already,
-    /// so it reads the same whenever it runs. A count that fails is said and the sweep goes on.
+    /// [`Beside`]). Both read one snapshot, taken before the sweep records anything, and the
+    /// sweep's count takes in the sessions this worker has claimed: so it says what there was
+    /// at the start whenever it reads. A count that fails is said and the sweep goes on.
     async fn count_at_start(
         &self,
         settings: &SweepSettings,
         sweep: &Shutdown,
         progress: &Progress,
+        beside: Option<Beside>,
     ) {
-        let (unusable, to_sweep) = (
-            self.store.unusable_rows(),
-            self.store.count_to_sweep(self.params(settings, 0)),
-        );
-        // Side by side only where a step may hold a second connection: on a smaller pool, two
-        // long scans would leave no connection for the heartbeat.
         let counts = async {
-            if self.store.has_connections_to_spare() {
-                tokio::try_join!(unusable, to_sweep)
-            } else {
-                Ok((unusable.await?, to_sweep.await?))
+            let snapshot = self.store.snapshot().await?;
+            if let Some(beside) = beside {
+                let _ = beside.pinned.send(());
+                beside.first_calls_ready.cancelled().await;
             }
+            if sweep.is_stopping() {
+                return Ok(None);
+            }
+            let counts = self.store.counts_in(snapshot, self.params(settings, 0));
+            counts.await.map(Some)
         };
         let (unusable, to_sweep) = match bounded(sweep, "counting sessions", counts).await {
-            Ok(counts) => counts,
+            Ok(Some(counts)) => counts,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count the sweep's sessions; sweeping anyway");
                 return;
@@ -453,23 +458,22 @@ impl Sweeper {
         tracing::info!(worker = %self.worker, "sweep started");
         // The counts run beside the sweep only where the pool has room for them on top of what
         // the sweep holds; on a smaller one they come first, as a step of their own.
-        let beside = self.store.can_count_beside_a_sweep();
-        if !beside {
-            self.count_at_start(&settings, &sweep, &progress).await;
-        }
+        let (beside, waits) = Beside::new();
+        let beside = if self.store.can_count_beside_a_sweep() {
+            Some(beside)
+        } else {
+            self.count_at_start(&settings, &sweep, &progress, None)
+                .await;
+            None
+        };
         let state = Arc::new(FirstFailures {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        let first_calls_ready = CancellationToken::new();
-        let (run, recorder, rechecker) = self.start_run(
-            settings.clone(),
-            &sweep,
-            &state,
-            &progress,
-            &first_calls_ready,
-        );
-        let counts = beside.then_some((&first_calls_ready, &settings, &*progress));
+        let waits = beside.is_some().then_some(waits);
+        let (run, recorder, rechecker) =
+            self.start_run(settings.clone(), &sweep, &state, &progress, waits);
+        let counts = beside.map(|beside| (&settings, &*progress, beside));
         let dispatched = self.dispatch_counting(run, &sweep, counts).await;
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
@@ -510,22 +514,20 @@ impl Sweeper {
         Ok(summary)
     }
 
-    /// Runs the claim loop, and the counts beside it when `counts` says so: once its first
-    /// calls are ready, for the first claim and re-check take the connections there are and the
-    /// counts open their own after them, not in their way.
+    /// Runs the claim loop, and the counts beside it when `counts` says so.
     async fn dispatch_counting(
         &self,
         run: Run,
         sweep: &Shutdown,
-        counts: Option<(&CancellationToken, &SweepSettings, &Progress)>,
+        counts: Option<(&SweepSettings, &Progress, Beside)>,
     ) -> Result<Dispatched, tokio::task::JoinError> {
         // The claim loop and its attempts run as one task of the runtime, not on the thread
         // that awaits the sweep: every answer then wakes a task where it arrives.
         let dispatched = tokio::spawn(run.dispatch());
         let counted = async {
-            if let Some((first_calls_ready, settings, progress)) = counts {
-                first_calls_ready.cancelled().await;
-                self.count_at_start(settings, sweep, progress).await;
+            if let Some((settings, progress, beside)) = counts {
+                self.count_at_start(settings, sweep, progress, Some(beside))
+                    .await;
             }
         };
         tokio::join!(dispatched, counted).0
@@ -539,8 +541,12 @@ impl Sweeper {
         sweep: &Shutdown,
         state: &Arc<FirstFailures>,
         progress: &Arc<Progress>,
-        first_calls_ready: &CancellationToken,
+        waits: Option<BesideWaits>,
     ) -> (Run, JoinHandle<SweepSummary>, JoinHandle<()>) {
+        let (counted_from, first_answered, ended) = match waits {
+            Some(w) => (Some(w.pinned), Some(w.first_answered), Some(w.ended)),
+            None => (None, None, None),
+        };
         // Room for the batch being written and the next one filling: attempts never wait on
         // the recorder unless it falls a whole batch behind.
         let (settle, settle_rx) = mpsc::channel::<Settlement>(RECORD_BATCH * 2);
@@ -555,6 +561,7 @@ impl Sweeper {
                 mark_passive: settings.mark_passive,
                 idle_after: settings.idle_after,
                 clock: self.clock.clone(),
+                counted_from,
             }
             .run(settle_rx),
         );
@@ -564,7 +571,7 @@ impl Sweeper {
             settings.idle_after,
             self.clock.clone(),
             sweep.clone(),
-            first_calls_ready.clone(),
+            first_answered,
         );
         let run = Run {
             store: self.store.clone(),
@@ -578,9 +585,47 @@ impl Sweeper {
             progress: progress.clone(),
             recheck,
             settle,
-            _ended: first_calls_ready.clone().drop_guard(),
+            _ended: ended,
         };
         (run, recorder, rechecker)
+    }
+}
+
+/// How the counts beside a sweep miss nothing of it and keep out of its way: they take their
+/// snapshot at once and the first record waits for it (`pinned`), and they read only once the
+/// first re-check has answered (or the claim loop ended without one), so the first claim and
+/// re-check find the connections opened at start free.
+struct Beside {
+    /// Told once the snapshot is taken.
+    pinned: oneshot::Sender<()>,
+    /// Cancelled once the first re-check answered or the claim loop ended.
+    first_calls_ready: CancellationToken,
+}
+
+/// The sweep's side of [`Beside`].
+struct BesideWaits {
+    /// The recorder's first write waits for this.
+    pinned: oneshot::Receiver<()>,
+    /// The re-checker cancels this after its first query.
+    first_answered: CancellationToken,
+    /// The claim loop holds this: dropped, it cancels the token too.
+    ended: DropGuard,
+}
+
+impl Beside {
+    fn new() -> (Self, BesideWaits) {
+        let (pinned, pinned_rx) = oneshot::channel();
+        let first_calls_ready = CancellationToken::new();
+        let waits = BesideWaits {
+            pinned: pinned_rx,
+            first_answered: first_calls_ready.clone(),
+            ended: first_calls_ready.clone().drop_guard(),
+        };
+        let beside = Self {
+            pinned,
+            first_calls_ready,
+        };
+        (beside, waits)
     }
 }
 
@@ -609,9 +654,8 @@ struct Run {
     progress: Arc<Progress>,
     recheck: Rechecker,
     settle: mpsc::Sender<Settlement>,
-    /// Says the first calls are ready when the loop ends without any (nothing to claim, or a
-    /// failed claim).
-    _ended: DropGuard,
+    /// Lets the counts beside the sweep read when the loop ends before any re-check.
+    _ended: Option<DropGuard>,
 }
 
 /// What an attempt in the claim loop's set yields: `Err` if it panicked.
@@ -882,7 +926,7 @@ impl Rechecker {
         idle_after: Duration,
         clock: DbClock,
         shutdown: Shutdown,
-        first_answered: CancellationToken,
+        first_answered: Option<CancellationToken>,
     ) -> (Self, JoinHandle<()>) {
         let (requests, mut rx) = mpsc::unbounded_channel::<(String, oneshot::Sender<Verdict>)>();
         let task = tokio::spawn(async move {
@@ -903,7 +947,9 @@ impl Rechecker {
                     // The asker may be gone (aborted); nobody else needs the answer.
                     let _ = reply.send(verdict);
                 }
-                first_answered.cancel();
+                if let Some(first) = &first_answered {
+                    first.cancel();
+                }
             }
         });
         (Self { requests }, task)
@@ -937,14 +983,22 @@ struct Recorder {
     mark_passive: bool,
     idle_after: Duration,
     clock: DbClock,
+    /// Told once the counts beside the sweep have their snapshot, which must not miss any
+    /// session this sweep settles: the first write waits for it (at most [`COUNT_PIN_WAIT`]).
+    counted_from: Option<oneshot::Receiver<()>>,
 }
 
 impl Recorder {
-    async fn run(self, mut rx: mpsc::Receiver<Settlement>) -> SweepSummary {
+    async fn run(mut self, mut rx: mpsc::Receiver<Settlement>) -> SweepSummary {
         let mut summary = SweepSummary::default();
         let mut batch = Vec::with_capacity(RECORD_BATCH);
         let mut last_write = None;
         while self.gather(&mut rx, &mut batch, last_write).await > 0 {
+            if let Some(pinned) = self.counted_from.take() {
+                // Told, or the counts gave up (the sender is gone), or it takes too long: the
+                // counts only inform, the records must go on.
+                let _ = tokio::time::timeout(COUNT_PIN_WAIT, pinned).await;
+            }
             last_write = Some(tokio::time::Instant::now());
             let accepted = self.record(&batch).await;
             let accepted: std::collections::HashSet<&str> =

@@ -490,10 +490,10 @@ async fn processes_sharing_one_database_send_every_session_exactly_once(kind: Ki
         return;
     };
     let processes = if kind == Kind::Postgres { 3 } else { 2 };
-    // Slow enough that one process alone needs longer than the heartbeat period (1 s) that a
-    // process finding others already live waits before its first call: 900 ÷ 8 × 15 ms.
+    // Slow enough that the others together need longer than the heartbeat period (1 s) that a
+    // process finding them already live waits before its first call: 900 ÷ (2 × 8) × 30 ms.
     let sim = simulator(SimulatorConfig {
-        latency: Duration::from_millis(15),
+        latency: Duration::from_millis(30),
         ..SimulatorConfig::default()
     })
     .await;

@@ -13,10 +13,10 @@ use tokio::sync::OnceCell;
 
 use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
-use super::lane::{Failed, Lane, MIN_POOL_FOR_LANES, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP, on_lane};
+use super::lane::{Failed, Lane, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP, on_lane};
 use super::{
     ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
-    Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Store, StoreError,
+    Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Snapshot, Store, StoreError,
     UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows, format_findings,
     index_findings, ledger_blocks, ledger_blocks_for_others, lost_a_deadlock, migration_finding,
     naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
@@ -817,8 +817,45 @@ impl Store for SqlStore {
         .await
     }
 
-    fn has_connections_to_spare(&self) -> bool {
-        self.pool.options().get_max_connections() >= MIN_POOL_FOR_LANES
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let op = "taking a snapshot to count in";
+        let mut conn = self.pool.acquire().await.op(op)?;
+        let (before, begin, pin) = self.dialect.snapshot();
+        if let Some(before) = before {
+            sqlx::query(before).execute(&mut *conn).await.op(op)?;
+        }
+        // A transaction of sqlx's own (over the pooled connection it owns): dropped, it is
+        // rolled back, never pooled half-open.
+        let mut tx = sqlx::Transaction::begin(conn, Some(begin.into()))
+            .await
+            .op(op)?;
+        if let Some(pin) = pin {
+            sqlx::query(pin).execute(&mut *tx).await.op(op)?;
+        }
+        Ok(Snapshot { tx })
+    }
+
+    async fn counts_in(
+        &self,
+        snapshot: Snapshot,
+        p: ClaimParams<'_>,
+    ) -> Result<(UnusableRows, u64)> {
+        let sql = self.sql().await?;
+        let op = "counting the sweep's sessions";
+        let Snapshot { mut tx } = snapshot;
+        let unusable = query(
+            &sql.unusable,
+            &[Arg::Text(self.source.active_value.clone())],
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .op(op)?;
+        let to_sweep = query(&sql.count_to_sweep, &self.eligible_args(&sql.shape, &p))
+            .fetch_one(&mut *tx)
+            .await
+            .op(op)?;
+        tx.commit().await.op(op)?;
+        Ok((unusable_from(&unusable), int(&to_sweep, 0) as u64))
     }
 
     fn can_count_beside_a_sweep(&self) -> bool {
@@ -931,10 +968,7 @@ impl Store for SqlStore {
         .fetch_one(&self.pool)
         .await
         .op("counting unusable source rows")?;
-        Ok(UnusableRows {
-            unreadable_last_activity: int(&row, 0) as u64,
-            bad_source_row: int(&row, 1) as u64,
-        })
+        Ok(unusable_from(&row))
     }
 
     async fn release_all(&self, worker: &str) -> Result<u64> {
@@ -1212,6 +1246,14 @@ pub(crate) struct Catalog {
     pub status: Vec<Finding>,
     /// How a suggested `CREATE INDEX` is written.
     pub index_dialect: super::IndexDialect,
+}
+
+/// The unusable-rows statement's answer.
+fn unusable_from(row: &AnyRow) -> UnusableRows {
+    UnusableRows {
+        unreadable_last_activity: int(row, 0) as u64,
+        bad_source_row: int(row, 1) as u64,
+    }
 }
 
 /// Rows of a query as strings (catalog queries), NULLs skipped.

@@ -174,6 +174,32 @@ impl Dialect {
 
     /// How a write transaction starts: SQLite takes the write lock at once, so two processes
     /// never both read and then both write.
+    /// How a read-only transaction that reads one snapshot throughout begins: what runs before
+    /// it (if anything), its `BEGIN`, and the statement after which the snapshot is taken (if the
+    /// `BEGIN` does not take it).
+    pub fn snapshot(self) -> (Option<&'static str>, &'static str, Option<&'static str>) {
+        match self {
+            // A deferred transaction takes its WAL snapshot at its first read of the file.
+            Dialect::Sqlite => (
+                None,
+                "BEGIN",
+                Some("SELECT 1 FROM sweeper_sessions LIMIT 1"),
+            ),
+            // Repeatable read keeps the snapshot of its first statement.
+            Dialect::Postgres => (
+                None,
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                Some("SELECT 1"),
+            ),
+            // Taken at once, under repeatable read only (a server may default to another).
+            Dialect::MySql => (
+                Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+                "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+                None,
+            ),
+        }
+    }
+
     pub fn begin_write(self) -> Option<&'static str> {
         match self {
             Dialect::Sqlite => Some("BEGIN IMMEDIATE"),

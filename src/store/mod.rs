@@ -217,6 +217,12 @@ pub struct Report {
     pub unusable: UnusableRows,
 }
 
+/// A read-only transaction on a connection of its own, seeing the database as it was when
+/// [`Store::snapshot`] began it; rolled back when dropped.
+pub struct Snapshot {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+}
+
 /// Active source rows that are never sent, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct UnusableRows {
@@ -415,8 +421,10 @@ impl StoreError {
 /// Whether the server ended the session (or would not begin one) rather than answered: SQLSTATE
 /// class 08 (connection exception), PostgreSQL's 57P01 and 57P02 (shut down by an administrator
 /// or after a crash), 57P03 (still starting up) and 57P05 (an idle session ended), MariaDB's
-/// 1927 (a `KILL CONNECTION`). Whatever the statement was, it did not take effect, and a fresh
-/// connection, now or a little later, may well succeed. MariaDB's other 70100s are answers on a
+/// 1927 (a `KILL CONNECTION`). A statement it ended is rolled back (one whose commit the
+/// server ended only its answer to is the rare exception: a claim's leases then stay this
+/// worker's until its sweep gives them back), and a fresh connection, now or a little later,
+/// may well succeed. MariaDB's other 70100s are answers on a
 /// session that lives on: a statement cut short by `max_statement_time` (1969) or by a `KILL
 /// QUERY` (1317), which waiting does not change.
 pub(crate) fn the_server_ended_the_session(e: &sqlx::Error) -> bool {
@@ -474,9 +482,16 @@ pub trait Store: Send + Sync {
     /// How many sessions are eligible now or leased by `p.worker`: a sweep's work at its start,
     /// counted alike before and after that sweep's own first claims.
     async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64>;
-    /// Whether the pool is large enough for a step to hold a second connection while claims
-    /// and heartbeats still find one.
-    fn has_connections_to_spare(&self) -> bool;
+    /// A read-only transaction that sees the database as it is now, for [`Store::counts_in`]
+    /// to read later: nothing written after this returns can be in its counts.
+    async fn snapshot(&self) -> Result<Snapshot>;
+    /// A sweep's two counts, read in `snapshot`: the active rows it cannot use, and its
+    /// sessions as [`Store::count_to_sweep`] counts them.
+    async fn counts_in(
+        &self,
+        snapshot: Snapshot,
+        p: ClaimParams<'_>,
+    ) -> Result<(UnusableRows, u64)>;
     /// Whether the pool is large enough for two counts to run while a sweep holds what it
     /// needs (its claim, its heartbeat, its kept connections).
     fn can_count_beside_a_sweep(&self) -> bool;
