@@ -224,8 +224,8 @@ pub struct SqlStore {
 
 /// The connections kept between uses by streams of back-to-back operations (see `lane`).
 pub(crate) struct Lanes {
-    /// The steps that follow one another: start-up's checks, joining the fleet and the
-    /// heartbeats, preparing a sweep, the claims.
+    /// The steps that follow one another: start-up's checks, joining the fleet, the
+    /// heartbeats and leaving it, preparing a sweep, the claims.
     pub steps: Lane,
     /// The re-checks before calls.
     pub recheck: Lane,
@@ -1081,14 +1081,15 @@ impl Store for SqlStore {
     }
 
     async fn forget_worker(&self, worker: &str) -> Result<()> {
-        query(
-            &self.q("DELETE FROM sweeper_workers WHERE worker_id = $1"),
-            &[Arg::Text(worker.to_owned())],
-        )
-        .execute(&self.pool)
-        .await
-        .op("removing a worker")?;
-        Ok(())
+        let stmt = self.q("DELETE FROM sweeper_workers WHERE worker_id = $1");
+        on_lane!(self, self.lanes.steps, "removing a worker", |conn| {
+            query(&stmt, &[Arg::Text(worker.to_owned())])
+                .execute(conn)
+                .await
+                .op("removing a worker")
+                .map(drop)
+                .map_err(Failed::First)
+        })
     }
 
     async fn report(&self, failures: u32) -> Result<Report> {
