@@ -157,6 +157,62 @@ async fn every_sweeps_backlog_is_its_start(kind: Kind) {
     }
 }
 
+/// The count says what was idle when the sweep started, however late it reads: a session
+/// that only turned idle while the first claim waited on a shop's row lock is no part of it.
+async fn a_session_idle_only_after_the_start_is_not_in_its_count(kind: Kind) {
+    // Only PostgreSQL's claim waits on a held ledger key while its preparation does not: a
+    // held SQLite write lock, or MariaDB's row lock, would hold up the preparation too.
+    if kind != Kind::Postgres {
+        return;
+    }
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let common::Pool::Pg(pool) = &db.pool else {
+        unreachable!()
+    };
+    let sim = simulator(SimulatorConfig::default()).await;
+    let mut rows = idle_sessions("s", 100);
+    // The oldest, so the first claim wants it; another transaction holds its ledger key.
+    rows.push(common::Seed {
+        idle: Duration::from_secs(3 * 3600),
+        ..fresh_session("held")
+    });
+    // Idle (30 minutes) 3 s after it was seeded: not at the sweep's start, but before the
+    // first claim gets through.
+    rows.push(common::Seed {
+        idle: Duration::from_secs(30 * 60 - 3),
+        ..fresh_session("late")
+    });
+    db.seed(&rows).await;
+    db.store().await;
+    let config = db.config(&sim.base_url(), &[]);
+    let metrics = session_sweeper::telemetry::Metrics::new();
+    let shutdown = session_sweeper::shutdown::Shutdown::new();
+    let sweep = common::sweep_once_with(&config, &shutdown, metrics.clone());
+    let hold = async {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO sweeper_sessions (session_token, member_identifier, state, attempts, \
+             created_at, updated_at) VALUES ('held', 'm', 'skipped', 1, 0, 0)",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tx.rollback().await.unwrap();
+    };
+    let (summary, ()) = tokio::join!(sweep, hold);
+    let summary = summary.unwrap();
+    assert_eq!(summary.invalidated, 102, "{summary:?}");
+    let backlog =
+        common::metric(&metrics.render(), "sweeper_backlog_sessions").expect("the gauge is set");
+    assert_eq!(
+        backlog, 101.0,
+        "the sessions idle at the start: 'late' was not yet"
+    );
+}
+
 async fn calls_in_flight_never_exceed_concurrency(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
@@ -473,6 +529,7 @@ both_backends!(
     a_second_sweep_right_after_sends_nothing,
     the_backlog_counted_beside_the_claims_is_the_sweeps_start,
     every_sweeps_backlog_is_its_start,
+    a_session_idle_only_after_the_start_is_not_in_its_count,
     calls_in_flight_never_exceed_concurrency,
     once_max_stops_after_n,
     retryable_failures_follow_the_retry_schedule_then_fail,
