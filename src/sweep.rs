@@ -375,6 +375,9 @@ impl Sweeper {
         progress: &Progress,
         beside: Option<Beside>,
     ) {
+        // The idle cutoff of the start, as the snapshot's: one taken when the counts read
+        // would take in sessions that turned idle in between.
+        let params = self.params(settings, 0);
         let counts = async {
             let snapshot = self.store.snapshot().await?;
             if let Some(beside) = beside {
@@ -384,7 +387,7 @@ impl Sweeper {
             if sweep.is_stopping() {
                 return Ok(None);
             }
-            let counts = self.store.counts_in(snapshot, self.params(settings, 0));
+            let counts = self.store.counts_in(snapshot, params);
             counts.await.map(Some)
         };
         let (unusable, to_sweep) = match bounded(sweep, "counting sessions", counts).await {
