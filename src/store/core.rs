@@ -820,12 +820,15 @@ impl Store for SqlStore {
     async fn snapshot(&self) -> Result<Snapshot> {
         let op = "taking a snapshot to count in";
         let mut conn = self.pool.acquire().await.op(op)?;
+        // Closed when done, never given back to the pool: a `BEGIN` cut short by an abort may
+        // still have begun on the server (MySQL's driver does not roll that back), and MySQL's
+        // `SET TRANSACTION` holds for the next transaction if the `BEGIN` never came. Neither
+        // may reach a claim or a re-check on a pooled connection.
+        conn.close_on_drop();
         let (before, begin, pin) = self.dialect.snapshot();
         if let Some(before) = before {
             sqlx::query(before).execute(&mut *conn).await.op(op)?;
         }
-        // A transaction of sqlx's own (over the pooled connection it owns): dropped, it is
-        // rolled back, never pooled half-open.
         let mut tx = sqlx::Transaction::begin(conn, Some(begin.into()))
             .await
             .op(op)?;
