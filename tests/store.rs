@@ -844,7 +844,28 @@ async fn a_renewal_that_loses_a_deadlock_is_tried_again(kind: Kind) {
         let store = store.clone();
         tokio::spawn(async move { store.renew_leases("w", Duration::from_secs(300)).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Waiting for it for sure, whatever the load: the database then finds the cycle from the
+    // renewal's side first (its deadlock timeout runs out first) and ends the renewal.
+    let waiting = match kind {
+        Kind::Postgres => {
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        }
+        // Under way, it can only be waiting: it cannot end without d-1.
+        _ => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND INFO LIKE 'UPDATE sweeper_sessions SET lease_expires_at%'"
+        }
+    };
+    let started = std::time::Instant::now();
+    while db.scalar(waiting).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the renewal never waited for d-1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // … while the other transaction asks for d-0: a cycle, and one of the two must go.
     sqlx::query(&lock("d-0")).execute(&mut other).await.unwrap();
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
