@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::{Kind, Seed, TestDb, fresh_session, idle_sessions};
 use session_sweeper::store::{
-    ClaimParams, Decision, Finding, Outcome, Recheck, RequeueFilter, Settlement, Store, WorkerInfo,
+    ClaimParams, Decision, Finding, Outcome, Recheck, RequeueFilter, Settlement, Store, StoreError,
+    WorkerInfo,
 };
 
 fn params(worker: &str, now: DateTime<Utc>, limit: u32) -> ClaimParams<'_> {
@@ -189,7 +190,13 @@ async fn a_sweeps_count_is_the_same_before_and_after_its_own_claims(kind: Kind) 
     rows.push(fresh_session("fresh"));
     db.seed(&rows).await;
     let now = Utc::now();
-    let to_sweep = |worker| store.count_to_sweep(params(worker, now, 0));
+    let to_sweep = |worker| {
+        let store = &store;
+        async move {
+            let snapshot = store.snapshot().await?;
+            Ok::<_, StoreError>(store.counts_in(snapshot, params(worker, now, 0)).await?.1)
+        }
+    };
     assert_eq!(to_sweep("w").await.unwrap(), 5);
     register(&*store, "w").await;
     register(&*store, "other").await;
@@ -953,7 +960,7 @@ async fn a_session_the_server_ended_is_a_passing_trouble() {
         .execute(&mut conn)
         .await
         .unwrap_err();
-    let e = session_sweeper::store::StoreError::Database {
+    let e = StoreError::Database {
         op: "testing",
         source,
     };
@@ -985,7 +992,7 @@ async fn a_statement_cut_short_at_the_servers_time_limit_is_no_passing_trouble()
         .execute(&mut conn)
         .await
         .expect("the session lives on");
-    let e = session_sweeper::store::StoreError::Database {
+    let e = StoreError::Database {
         op: "testing",
         source,
     };

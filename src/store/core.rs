@@ -295,21 +295,6 @@ impl SqlStore {
         })
     }
 
-    /// Runs one of the counts over the eligibility statements' arguments.
-    async fn count_with(
-        &self,
-        count: fn(&Statements) -> &Stmt,
-        p: ClaimParams<'_>,
-        op: &'static str,
-    ) -> Result<u64> {
-        let sql = self.sql().await?;
-        let row = query(count(sql), &self.eligible_args(&sql.shape, &p))
-            .fetch_one(&self.pool)
-            .await
-            .op(op)?;
-        Ok(int(&row, 0) as u64)
-    }
-
     fn q(&self, template: &str) -> Stmt {
         self.dialect.render(template)
     }
@@ -660,6 +645,39 @@ impl SqlStore {
         Ok(findings)
     }
 
+    /// One statement's rows, on the steps' lane.
+    pub(crate) async fn step_rows(
+        &self,
+        stmt: &Stmt,
+        args: &[Arg],
+        op: &'static str,
+    ) -> Result<Vec<AnyRow>> {
+        on_lane!(self, self.lanes.steps, op, |conn| query(stmt, args)
+            .fetch_all(conn)
+            .await
+            .op(op)
+            .map_err(Failed::First))
+    }
+
+    /// One statement's one row, on the steps' lane.
+    async fn step_row(&self, stmt: &Stmt, args: &[Arg], op: &'static str) -> Result<AnyRow> {
+        on_lane!(self, self.lanes.steps, op, |conn| query(stmt, args)
+            .fetch_one(conn)
+            .await
+            .op(op)
+            .map_err(Failed::First))
+    }
+
+    /// One statement's rows affected, on the steps' lane.
+    async fn step_execute(&self, stmt: &Stmt, args: &[Arg], op: &'static str) -> Result<u64> {
+        on_lane!(self, self.lanes.steps, op, |conn| query(stmt, args)
+            .execute(conn)
+            .await
+            .op(op)
+            .map(|done| done.rows_affected())
+            .map_err(Failed::First))
+    }
+
     /// The database's clock, read on `conn`.
     async fn clock_on(&self, conn: &mut sqlx::AnyConnection) -> Result<DateTime<Utc>> {
         let row = sqlx::query(&format!("SELECT {}", self.dialect.now_ms()))
@@ -735,14 +753,12 @@ impl Store for SqlStore {
         let applied: Vec<i64> = if exists.is_empty() {
             Vec::new()
         } else {
-            let op = "reading applied migrations";
-            on_lane!(self, self.lanes.steps, op, |conn| {
-                sqlx::query("SELECT version FROM sweeper_schema_migrations")
-                    .fetch_all(conn)
-                    .await
-                    .op(op)
-                    .map_err(Failed::First)
-            })?
+            self.step_rows(
+                &self.q("SELECT version FROM sweeper_schema_migrations"),
+                &[],
+                "reading applied migrations",
+            )
+            .await?
             .iter()
             .filter_map(|r| opt_int(r, 0))
             .collect()
@@ -804,17 +820,12 @@ impl Store for SqlStore {
     }
 
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64> {
-        self.count_with(|sql| &sql.count, p, "counting eligible sessions")
+        let sql = self.sql().await?;
+        let row = query(&sql.count, &self.eligible_args(&sql.shape, &p))
+            .fetch_one(&self.pool)
             .await
-    }
-
-    async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64> {
-        self.count_with(
-            |sql| &sql.count_to_sweep,
-            p,
-            "counting the sweep's sessions",
-        )
-        .await
+            .op("counting eligible sessions")?;
+        Ok(int(&row, 0) as u64)
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {
@@ -949,17 +960,13 @@ impl Store for SqlStore {
     }
 
     async fn unmarked(&self, limit: u32) -> Result<Vec<String>> {
-        let stmt =
-            self.q("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT $1");
-        let op = "listing sessions whose source row is not marked";
-        let rows = on_lane!(self, self.lanes.steps, op, |conn| {
-            query(&stmt, &[Arg::Int(i64::from(limit))])
-                .fetch_all(conn)
-                .await
-                .op(op)
-                .map_err(Failed::First)
-        })?;
-        Ok(rows.iter().filter_map(|r| text(r, 0)).collect())
+        strings(
+            self,
+            &self.q("SELECT session_token FROM sweeper_sessions WHERE source_marked = 0 LIMIT $1"),
+            &[Arg::Int(i64::from(limit))],
+            "listing sessions whose source row is not marked",
+        )
+        .await
     }
 
     async fn unusable_rows(&self) -> Result<UnusableRows> {
@@ -975,16 +982,12 @@ impl Store for SqlStore {
     }
 
     async fn release_all(&self, worker: &str) -> Result<u64> {
-        let stmt = self.q("UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1");
-        let args = [Arg::Text(worker.to_owned())];
-        on_lane!(self, self.lanes.steps, "releasing leases", |conn| {
-            query(&stmt, &args)
-                .execute(conn)
-                .await
-                .op("releasing leases")
-                .map(|done| done.rows_affected())
-                .map_err(Failed::First)
-        })
+        self.step_execute(
+            &self.q("UPDATE sweeper_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1"),
+            &[Arg::Text(worker.to_owned())],
+            "releasing leases",
+        )
+        .await
     }
 
     async fn renew_leases(&self, worker: &str, lease: Duration) -> Result<u64> {
@@ -1053,25 +1056,19 @@ impl Store for SqlStore {
             self.dialect.int("COUNT(*)"),
             self.dialect.now_ms()
         ));
-        let row = on_lane!(self, self.lanes.steps, "counting live workers", |conn| {
-            query(&stmt, &[Arg::Int(millis(stale_after))])
-                .fetch_one(conn)
-                .await
-                .op("counting live workers")
-                .map_err(Failed::First)
-        })?;
+        let args = [Arg::Int(millis(stale_after))];
+        let row = self.step_row(&stmt, &args, "counting live workers").await?;
         Ok(int(&row, 0) as u32)
     }
 
     async fn workers_on_host(&self, hostname: &str) -> Result<Vec<WorkerRow>> {
-        let stmt = self.q("SELECT worker_id, pid FROM sweeper_workers WHERE hostname = $1");
-        let rows = on_lane!(self, self.lanes.steps, "listing workers", |conn| {
-            query(&stmt, &[Arg::Text(hostname.to_owned())])
-                .fetch_all(conn)
-                .await
-                .op("listing workers")
-                .map_err(Failed::First)
-        })?;
+        let rows = self
+            .step_rows(
+                &self.q("SELECT worker_id, pid FROM sweeper_workers WHERE hostname = $1"),
+                &[Arg::Text(hostname.to_owned())],
+                "listing workers",
+            )
+            .await?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -1084,15 +1081,13 @@ impl Store for SqlStore {
     }
 
     async fn forget_worker(&self, worker: &str) -> Result<()> {
-        let stmt = self.q("DELETE FROM sweeper_workers WHERE worker_id = $1");
-        on_lane!(self, self.lanes.steps, "removing a worker", |conn| {
-            query(&stmt, &[Arg::Text(worker.to_owned())])
-                .execute(conn)
-                .await
-                .op("removing a worker")
-                .map(drop)
-                .map_err(Failed::First)
-        })
+        self.step_execute(
+            &self.q("DELETE FROM sweeper_workers WHERE worker_id = $1"),
+            &[Arg::Text(worker.to_owned())],
+            "removing a worker",
+        )
+        .await
+        .map(drop)
     }
 
     async fn report(&self, failures: u32) -> Result<Report> {
@@ -1267,13 +1262,7 @@ pub(crate) async fn strings(
     args: &[Arg],
     op: &'static str,
 ) -> Result<Vec<String>> {
-    let rows = on_lane!(store, store.lanes.steps, op, |conn| {
-        query(stmt, args)
-            .fetch_all(conn)
-            .await
-            .op(op)
-            .map_err(Failed::First)
-    })?;
+    let rows = store.step_rows(stmt, args, op).await?;
     Ok(rows.iter().filter_map(|r| text(r, 0)).collect())
 }
 

@@ -479,14 +479,12 @@ pub trait Store: Send + Sync {
     async fn eligible(&self, p: ClaimParams<'_>) -> Result<Vec<IdleSession>>;
     /// How many sessions are eligible now.
     async fn count_eligible(&self, p: ClaimParams<'_>) -> Result<u64>;
-    /// How many sessions are eligible now or leased by `p.worker`: a sweep's work at its start,
-    /// counted alike before and after that sweep's own first claims.
-    async fn count_to_sweep(&self, p: ClaimParams<'_>) -> Result<u64>;
     /// A read-only transaction that sees the database as it is now, for [`Store::counts_in`]
     /// to read later: nothing written after this returns can be in its counts.
     async fn snapshot(&self) -> Result<Snapshot>;
     /// A sweep's two counts, read in `snapshot`: the active rows it cannot use, and its
-    /// sessions as [`Store::count_to_sweep`] counts them.
+    /// sessions (eligible, or leased by `p.worker`: a sweep's work at its start, counted alike
+    /// before and after that sweep's own first claims).
     async fn counts_in(
         &self,
         snapshot: Snapshot,

@@ -3,8 +3,8 @@
 //! upsert that leaves a live lease or a settlement alone, and read back what this claim took by
 //! its claim id (there is no `RETURNING`). Sessions run with `time_zone = '+00:00'`.
 
+use sqlx::AnyConnection;
 use sqlx::Row as _;
-use sqlx::{AnyConnection, Connection as _};
 
 use super::core::{Activity, Arg, Catalog, Shape, SqlStore, lease_from_row, query, strings};
 use super::dialect::{Dialect, Stmt};
@@ -39,10 +39,9 @@ pub(crate) async fn run_claim(
     args: &[Arg],
     p: &ClaimParams<'_>,
 ) -> std::result::Result<Vec<Lease>, Failed> {
-    let tx = conn
-        .begin()
+    let tx = store
+        .begin_on(conn, "starting a claim")
         .await
-        .op("starting a claim")
         .map_err(Failed::First)?;
     claim_in(store, tx, candidates, args, p)
         .await
