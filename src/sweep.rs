@@ -461,23 +461,23 @@ impl Sweeper {
         tracing::info!(worker = %self.worker, "sweep started");
         // The counts run beside the sweep only where the pool has room for them on top of what
         // the sweep holds; on a smaller one they come first, as a step of their own.
-        let (beside, waits) = Beside::new();
-        let beside = if self.store.can_count_beside_a_sweep() {
-            Some(beside)
+        let (beside, waits) = if self.store.can_count_beside_a_sweep() {
+            let (beside, waits) = Beside::new();
+            (Some(beside), Some(waits))
         } else {
             self.count_at_start(&settings, &sweep, &progress, None)
                 .await;
-            None
+            (None, None)
         };
         let state = Arc::new(FirstFailures {
             auth_failure: Mutex::new(None),
             store_failure: Mutex::new(None),
         });
-        let waits = beside.is_some().then_some(waits);
         let (run, recorder, rechecker) =
             self.start_run(settings.clone(), &sweep, &state, &progress, waits);
-        let counts = beside.map(|beside| (&settings, &*progress, beside));
-        let dispatched = self.dispatch_counting(run, &sweep, counts).await;
+        let dispatched = self
+            .dispatch_counting(run, &sweep, &settings, &progress, beside)
+            .await;
         // The recorder flushes its last batch under no cancellation: the last writes must land.
         let recorded = recorder.await;
         let rechecker = rechecker.await;
@@ -517,20 +517,21 @@ impl Sweeper {
         Ok(summary)
     }
 
-    /// Runs the claim loop, and the counts beside it when `counts` says so.
+    /// Runs the claim loop, and the counts beside it when there is `beside`.
     async fn dispatch_counting(
         &self,
         run: Run,
         sweep: &Shutdown,
-        counts: Option<(&SweepSettings, &Progress, Beside)>,
+        settings: &SweepSettings,
+        progress: &Progress,
+        beside: Option<Beside>,
     ) -> Result<Dispatched, tokio::task::JoinError> {
         // The claim loop and its attempts run as one task of the runtime, not on the thread
         // that awaits the sweep: every answer then wakes a task where it arrives.
         let dispatched = tokio::spawn(run.dispatch());
         let counted = async {
-            if let Some((settings, progress, beside)) = counts {
-                self.count_at_start(settings, sweep, progress, Some(beside))
-                    .await;
+            if beside.is_some() {
+                self.count_at_start(settings, sweep, progress, beside).await;
             }
         };
         tokio::join!(dispatched, counted).0
@@ -929,7 +930,7 @@ impl Rechecker {
         idle_after: Duration,
         clock: DbClock,
         shutdown: Shutdown,
-        first_answered: Option<CancellationToken>,
+        mut first_answered: Option<CancellationToken>,
     ) -> (Self, JoinHandle<()>) {
         let (requests, mut rx) = mpsc::unbounded_channel::<(String, oneshot::Sender<Verdict>)>();
         let task = tokio::spawn(async move {
@@ -950,7 +951,7 @@ impl Rechecker {
                     // The asker may be gone (aborted); nobody else needs the answer.
                     let _ = reply.send(verdict);
                 }
-                if let Some(first) = &first_answered {
+                if let Some(first) = first_answered.take() {
                     first.cancel();
                 }
             }
