@@ -11,7 +11,7 @@ use chrono::Utc;
 use common::{Kind, TestDb, fresh_session, idle_sessions, simulator, sweep_once};
 use session_sweeper::iyzico::simulator::{Faults, SimulatorConfig};
 use session_sweeper::store::{ClaimParams, WorkerInfo};
-use session_sweeper::sweep::SweepError;
+use session_sweeper::sweep::{SweepError, SweepSummary};
 
 async fn every_outcome_end_to_end(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
@@ -101,6 +101,23 @@ async fn a_second_sweep_right_after_sends_nothing(kind: Kind) {
     );
 }
 
+/// One sweep with metrics of its own: its summary, and the backlog gauge it set.
+async fn sweep_reading_the_backlog(
+    config: &session_sweeper::config::Config,
+) -> (SweepSummary, f64) {
+    let metrics = session_sweeper::telemetry::Metrics::new();
+    let summary = common::sweep_once_with(
+        config,
+        &session_sweeper::shutdown::Shutdown::new(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let backlog =
+        common::metric(&metrics.render(), "sweeper_backlog_sessions").expect("the gauge is set");
+    (summary, backlog)
+}
+
 /// The sweep counts its sessions beside its first claims, not before them: the count still
 /// says how many there were at the start, the sessions it had claimed already included.
 async fn the_backlog_counted_beside_the_claims_is_the_sweeps_start(kind: Kind) {
@@ -111,17 +128,9 @@ async fn the_backlog_counted_beside_the_claims_is_the_sweeps_start(kind: Kind) {
     let mut rows = idle_sessions("s", 300);
     rows.push(fresh_session("live"));
     db.seed(&rows).await;
-    let metrics = session_sweeper::telemetry::Metrics::new();
-    let summary = common::sweep_once_with(
-        &db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "8")]),
-        &session_sweeper::shutdown::Shutdown::new(),
-        metrics.clone(),
-    )
-    .await
-    .unwrap();
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
+    let (summary, backlog) = sweep_reading_the_backlog(&config).await;
     assert_eq!(summary.invalidated, 300, "{summary:?}");
-    let backlog =
-        common::metric(&metrics.render(), "sweeper_backlog_sessions").expect("the gauge is set");
     assert_eq!(
         backlog, 300.0,
         "the sessions there were when the sweep started"
@@ -139,17 +148,8 @@ async fn every_sweeps_backlog_is_its_start(kind: Kind) {
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "8")]);
     for round in 0..5 {
         db.seed(&idle_sessions(&format!("r{round}"), 300)).await;
-        let metrics = session_sweeper::telemetry::Metrics::new();
-        let summary = common::sweep_once_with(
-            &config,
-            &session_sweeper::shutdown::Shutdown::new(),
-            metrics.clone(),
-        )
-        .await
-        .unwrap();
+        let (summary, backlog) = sweep_reading_the_backlog(&config).await;
         assert_eq!(summary.invalidated, 300, "{summary:?}");
-        let backlog = common::metric(&metrics.render(), "sweeper_backlog_sessions")
-            .expect("the gauge is set");
         assert_eq!(
             backlog, 300.0,
             "round {round}: the sessions there were at its start"
@@ -187,9 +187,6 @@ async fn a_session_idle_only_after_the_start_is_not_in_its_count(kind: Kind) {
     db.seed(&rows).await;
     db.store().await;
     let config = db.config(&sim.base_url(), &[]);
-    let metrics = session_sweeper::telemetry::Metrics::new();
-    let shutdown = session_sweeper::shutdown::Shutdown::new();
-    let sweep = common::sweep_once_with(&config, &shutdown, metrics.clone());
     let hold = async {
         let mut tx = pool.begin().await.unwrap();
         sqlx::query(
@@ -202,11 +199,8 @@ async fn a_session_idle_only_after_the_start_is_not_in_its_count(kind: Kind) {
         tokio::time::sleep(Duration::from_secs(4)).await;
         tx.rollback().await.unwrap();
     };
-    let (summary, ()) = tokio::join!(sweep, hold);
-    let summary = summary.unwrap();
+    let ((summary, backlog), ()) = tokio::join!(sweep_reading_the_backlog(&config), hold);
     assert_eq!(summary.invalidated, 102, "{summary:?}");
-    let backlog =
-        common::metric(&metrics.render(), "sweeper_backlog_sessions").expect("the gauge is set");
     assert_eq!(
         backlog, 101.0,
         "the sessions idle at the start: 'late' was not yet"
