@@ -942,8 +942,8 @@ fn main() {
     }
 }
 
-/// The ideal client on the runtime `main` of the sweeper has (`#[tokio::main]`'s default).
-#[tokio::main]
+/// The ideal client on the runtime the sweeper's `main` has: one thread (see `src/main.rs`).
+#[tokio::main(flavor = "current_thread")]
 async fn ideal_client_main(config: &Path, sessions: u64) {
     ideal_client(config, sessions).await;
 }
