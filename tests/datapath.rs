@@ -439,6 +439,89 @@ async fn check_warns_when_every_active_session_reads_as_idle() {
     );
 }
 
+/// What the dry run lists (the sweep's own eligibility), as tokens.
+async fn listed(db: &TestDb) -> Vec<String> {
+    let store = db.store().await;
+    let params = session_sweeper::store::ClaimParams {
+        worker: "dry-run",
+        idle_before: Utc::now() - Duration::from_secs(1800),
+        stale_after: Duration::from_secs(15),
+        lease: Duration::from_secs(300),
+        limit: 100,
+    };
+    let mut tokens: Vec<String> = store
+        .eligible(params)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.token)
+        .collect();
+    tokens.sort();
+    tokens
+}
+
+#[tokio::test]
+async fn mysql_zero_dates_are_unreadable_never_sent() {
+    // MariaDB's default sql_mode stores them (WordPress writes 0000-00-00 00:00:00 for "never");
+    // none is a time, and each compares as long ago.
+    let Some(db) = TestDb::new(Kind::MySql).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token VARCHAR(64) PRIMARY KEY, member_identifier VARCHAR(64), \
+           status VARCHAR(16), last_activity_at DATETIME NULL); \
+         INSERT INTO checkout_sessions VALUES ('zero-date', 'm', 'ACTIVE', '0000-00-00 00:00:00'), \
+           ('zero-day', 'm', 'ACTIVE', '2026-11-00 00:00:00'), ('zero-month', 'm', 'ACTIVE', '2026-00-10 00:00:00'), \
+           ('fine', 'm', 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR)",
+    )
+    .await;
+    assert_eq!(
+        listed(&db).await,
+        ["fine"],
+        "the dry run lists only the real time"
+    );
+    let sim = simulator(SimulatorConfig::default()).await;
+    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
+    let report = db.store().await.report(5).await.unwrap();
+    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
+    for zero in ["zero-date", "zero-day", "zero-month"] {
+        assert_eq!(db.status(zero).await, "ACTIVE");
+    }
+}
+
+#[tokio::test]
+async fn postgres_infinite_and_ancient_times_are_unreadable_never_sent() {
+    // `-infinity` sorts before every time and `infinity` is a common "never expires"; a date
+    // before 2000 (here one BC) is no shopper's last activity either.
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES ('neg-inf', 'm', 'ACTIVE', '-infinity'), \
+           ('pos-inf', 'm', 'ACTIVE', 'infinity'), ('bc', 'm', 'ACTIVE', '0044-03-15 00:00:00+00 BC'), \
+           ('fine', 'm', 'ACTIVE', now() - interval '2 hours')",
+    )
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(errors(&findings).is_empty(), "{findings:?}");
+    assert_eq!(
+        listed(&db).await,
+        ["fine"],
+        "the dry run lists only the real time"
+    );
+    let sim = simulator(SimulatorConfig::default()).await;
+    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
+    let report = db.store().await.report(5).await.unwrap();
+    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }

@@ -361,28 +361,21 @@ impl SqlStore {
                  AND {tok} <> '' AND {mem} <> ''",
                 super::sqlite::fits(&last, self.source.last_activity_format)
             ),
-            _ => {
-                let floor = match activity {
-                    Activity::UnixSeconds => {
-                        format!(" AND {last} >= {}", super::EARLIEST_PLAUSIBLE_UNIX_SECONDS)
-                    }
-                    Activity::UnixMillis => format!(
-                        " AND {last} >= {}",
-                        super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
-                    ),
-                    _ => String::new(),
-                };
-                format!(
-                    "{last} IS NOT NULL{floor} AND {tok} IS NOT NULL AND {mem} IS NOT NULL \
-                     AND {} <> '' AND {} <> ''",
-                    self.dialect.text(&tok),
-                    self.dialect.text(&mem)
-                )
-            }
+            _ => format!(
+                "{} AND {tok} IS NOT NULL AND {mem} IS NOT NULL AND {} <> '' AND {} <> ''",
+                self.time_fits(activity),
+                self.dialect.text(&tok),
+                self.dialect.text(&mem)
+            ),
         }
     }
 
-    /// Only the time part of [`SqlStore::usable`] (for the re-check and revived sessions).
+    /// Only the time part of [`SqlStore::usable`] (for the re-check and revived sessions): a
+    /// time no earlier than 2000 (as the Unix formats' floor), which rules out what a time
+    /// column can hold that is no shopper's last activity and compares as long ago: PostgreSQL's
+    /// `-infinity` (and `infinity`, which `extract` cannot turn into milliseconds), MySQL's zero
+    /// dates (`0000-00-00`, and a zero month or day such as `2026-11-00`, which its default
+    /// `sql_mode` stores), and dates before the common era.
     fn time_fits(&self, activity: Activity) -> String {
         let last = format!("s.{}", self.col(&self.source.last_activity_column));
         match (self.dialect, activity) {
@@ -394,7 +387,19 @@ impl SqlStore {
                 "{last} >= {}",
                 super::EARLIEST_PLAUSIBLE_UNIX_SECONDS * 1000
             ),
-            _ => format!("{last} IS NOT NULL"),
+            (Dialect::Postgres, Activity::Instant) => format!(
+                "({last} >= CAST('{}+00' AS timestamptz) AND isfinite({last}))",
+                super::EARLIEST_PLAUSIBLE_TIME
+            ),
+            (Dialect::Postgres, _) => format!(
+                "({last} >= CAST('{}' AS timestamp) AND isfinite({last}))",
+                super::EARLIEST_PLAUSIBLE_TIME
+            ),
+            (Dialect::MySql, _) => format!(
+                "({last} >= CAST('{}' AS DATETIME) AND MONTH({last}) <> 0 \
+                 AND DAYOFMONTH({last}) <> 0)",
+                super::EARLIEST_PLAUSIBLE_TIME
+            ),
         }
     }
 
@@ -496,13 +501,18 @@ impl SqlStore {
 
     /// The newest or oldest active last-activity value (`order`: `DESC` or `ASC`).
     fn sample(&self, p: &Parts, order: &str) -> Stmt {
-        let kind = match self.dialect {
-            Dialect::Sqlite => format!("typeof(s.{})", p.last),
-            _ => "'typed'".into(),
+        // SQLite's samples are what `check` judges the format by, so they include what does
+        // not fit; a typed column's are times, and only readable ones can be read as such.
+        let (kind, sample_fits) = match self.dialect {
+            Dialect::Sqlite => (
+                format!("typeof(s.{})", p.last),
+                format!("s.{} IS NOT NULL", p.last),
+            ),
+            _ => ("'typed'".into(), p.fits.clone()),
         };
         self.q(&format!(
-            "SELECT {}, {kind} FROM {} s WHERE s.{} = $1 AND s.{} IS NOT NULL ORDER BY s.{} {order} LIMIT 1",
-            p.activity_value, p.table, p.status, p.last, p.last
+            "SELECT {}, {kind} FROM {} s WHERE s.{} = $1 AND {} ORDER BY s.{} {order} LIMIT 1",
+            p.activity_value, p.table, p.status, sample_fits, p.last
         ))
     }
 

@@ -957,6 +957,10 @@ pub(crate) fn parse_rfc3339_utc(s: &str) -> Option<DateTime<Utc>> {
 /// Unix times before this are taken for a wrong unit, not for a session idle since the 1990s.
 pub const EARLIEST_PLAUSIBLE_UNIX_SECONDS: i64 = 946_684_800; // 2000-01-01
 
+/// [`EARLIEST_PLAUSIBLE_UNIX_SECONDS`] as a time column's literal: earlier values are sentinels
+/// (`-infinity`, zero dates) or damage, never a shopper's last activity.
+pub const EARLIEST_PLAUSIBLE_TIME: &str = "2000-01-01 00:00:00";
+
 /// What a sampled last-activity value looks like, in the words of `source.last_activity_format`.
 pub(crate) fn describe_value(v: &SampleValue) -> (String, Option<crate::config::TimestampFormat>) {
     use crate::config::TimestampFormat as F;
