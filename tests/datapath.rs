@@ -522,6 +522,77 @@ async fn postgres_infinite_and_ancient_times_are_unreadable_never_sent() {
     assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
 }
 
+/// The shop's migration or its own `LOCK TABLES` holds the source table: the sweep's statements
+/// give up at the lock timeout instead of waiting as long as the lock lasts (a day, by MariaDB's
+/// default), nothing is sent meanwhile, and the next sweep after the lock goes takes them all.
+async fn a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    db.seed(&idle_sessions("s", 3)).await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[]);
+    // Joined the fleet and read the catalog before the lock, as a running daemon has.
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let replica =
+        session_sweeper::engine::Replica::start(store.clone(), &config, Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    // Held on a connection of its own until released below.
+    let (mut pg_lock, mut my_lock) = (None, None);
+    match &db.pool {
+        common::Pool::Pg(p) => {
+            let mut tx = p.begin().await.unwrap();
+            sqlx::query("LOCK TABLE checkout_sessions IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            pg_lock = Some(tx);
+        }
+        common::Pool::MySql(p) => {
+            let mut conn = p.acquire().await.unwrap();
+            sqlx::raw_sql("LOCK TABLES checkout_sessions WRITE")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            my_lock = Some(conn);
+        }
+        common::Pool::Sqlite(_) => unreachable!("one file, one lock: SQLite's busy timeout"),
+    }
+    let shutdown = session_sweeper::shutdown::Shutdown::new();
+    let progress = || std::sync::Arc::new(session_sweeper::sweep::Progress::default());
+    let sweep = tokio::time::timeout(
+        Duration::from_secs(60),
+        replica.sweeper.run_once(&shutdown, progress()),
+    )
+    .await
+    .expect("the sweep gave up on the lock instead of waiting for it");
+    assert!(sweep.is_err() || sweep.unwrap().invalidated == 0);
+    assert_eq!(
+        requests(&sim),
+        0,
+        "nothing is sent while the source cannot be read"
+    );
+    if let Some(tx) = pg_lock.take() {
+        tx.rollback().await.unwrap();
+    }
+    if let Some(mut conn) = my_lock.take() {
+        sqlx::raw_sql("UNLOCK TABLES")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let summary = replica
+        .sweeper
+        .run_once(&shutdown, progress())
+        .await
+        .unwrap();
+    assert_eq!(summary.invalidated, 3, "{summary:?}");
+    replica.membership.leave().await;
+    store.close().await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }
@@ -536,6 +607,18 @@ both_backends!(
     a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
     a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked,
 );
+
+mod locked {
+    use super::*;
+    #[tokio::test]
+    async fn postgres() {
+        a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(Kind::Postgres).await
+    }
+    #[tokio::test]
+    async fn mysql() {
+        a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(Kind::MySql).await
+    }
+}
 
 #[tokio::test]
 async fn mysql_tokens_differing_in_case_or_trailing_spaces_are_different_sessions() {

@@ -725,11 +725,13 @@ fn session_setup(dialect: Dialect) -> &'static [&'static str] {
             "SET statement_timeout = '60s'",
         ],
         // UTC for TIMESTAMP columns and UNIX_TIMESTAMP(); READ COMMITTED so a claim takes no
-        // gap locks that would block the shop's own inserts.
+        // gap locks that would block the shop's own inserts; 5 s for a row lock, and for a table
+        // lock (the shop's `LOCK TABLES`, a migration's ALTER) whose default wait is a day.
         Dialect::MySql => &[
             "SET time_zone = '+00:00'",
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             "SET SESSION innodb_lock_wait_timeout = 5",
+            "SET SESSION lock_wait_timeout = 5",
         ],
     }
 }
