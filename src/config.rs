@@ -1119,12 +1119,7 @@ impl RawSource {
             },
             active_value: self.active_value,
             passive_value: self.passive_value,
-            idle_after: duration(
-                "source.idle_after",
-                Some(self.idle_after),
-                Duration::ZERO,
-                MAX_DURATION,
-            )?,
+            idle_after: idle_after(self.idle_after)?,
             mark_passive: self.mark_passive.unwrap_or(DEFAULT_MARK_PASSIVE),
         })
     }
@@ -1222,6 +1217,28 @@ fn sweep_heartbeat(value: Option<Duration>) -> Result<Duration, ConfigError> {
         ));
     }
     Ok(heartbeat)
+}
+
+/// `source.idle_after`: at least a second. The cutoff is taken in whole seconds, and a shorter
+/// one is a unit typed wrong (`30ms` for `30m`) that would take every active session, in use or
+/// not, for idle.
+fn idle_after(value: Duration) -> Result<Duration, ConfigError> {
+    let v = duration(
+        "source.idle_after",
+        Some(value),
+        Duration::ZERO,
+        MAX_DURATION,
+    )?;
+    if v < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "source.idle_after",
+            format!(
+                "{} is shorter than a second: a session is idle after minutes (\"30m\")",
+                humantime::format_duration(v)
+            ),
+        ));
+    }
+    Ok(v)
 }
 
 /// `sweep.shutdown_grace`, at most [`MAX_SHUTDOWN_GRACE`] (zero allowed: no grace).

@@ -259,6 +259,12 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
             Box::new(|t| t.replace("idle_after = \"30m\"", "idle_after = \"0s\"")),
             "source.idle_after",
         ),
+        // `30ms` for `30m`: every active session, in use or not, would read as idle.
+        (
+            "idle for 30 milliseconds",
+            Box::new(|t| t.replace("idle_after = \"30m\"", "idle_after = \"30ms\"")),
+            "source.idle_after: 30ms is shorter than a second",
+        ),
         (
             "bad duration",
             Box::new(|t| t.replace("lease = \"5m\"", "lease = \"5 parsecs\"")),

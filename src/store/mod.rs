@@ -226,7 +226,7 @@ pub struct Snapshot {
 /// Active source rows that are never sent, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct UnusableRows {
-    /// The last-activity value is missing or does not fit `source.last_activity_format`.
+    /// The last-activity value is missing, no time from 2000 on, or does not fit `source.last_activity_format`.
     pub unreadable_last_activity: u64,
     /// The token or member is NULL or not text.
     pub bad_source_row: u64,
@@ -1109,8 +1109,9 @@ pub(crate) fn unusable_findings(u: UnusableRows, src: &SourceConfig) -> Vec<Find
     let mut out = Vec::new();
     if u.unreadable_last_activity > 0 {
         out.push(Finding::Warning(format!(
-            "{} active rows have a {} value that is missing or does not fit \
-             source.last_activity_format: they are never swept",
+            "{} active rows have a {} value that is missing, is no time from 2000 on \
+             (a zero date, -infinity), or does not fit source.last_activity_format: they are \
+             never swept",
             u.unreadable_last_activity, src.last_activity_column
         )));
     }
