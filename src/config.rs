@@ -1267,8 +1267,19 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
     }
     // Parse with the scheduler itself, so what passes here is exactly what `run` accepts.
     tokio_cron_scheduler::Job::new(expr, |_, _| {})
+        .map_err(|e| format!("{expr:?} is not a valid cron schedule: {e}"))?;
+    // As the scheduler reads it (seconds required, day of month and weekday both to match):
+    // one that parses but has no next time (February 31st) would sweep once, then never.
+    let never = || format!("{expr:?} never fires: no date has that day, month and weekday");
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("{expr:?} is not a valid cron schedule: {e}"))?
+        .find_next_occurrence(&chrono::Utc::now(), false)
         .map(|_| ())
-        .map_err(|e| format!("{expr:?} is not a valid cron schedule: {e}"))
+        .map_err(|_| never())
 }
 
 impl RawIyzico {
@@ -1428,6 +1439,22 @@ impl RawLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schedule_must_have_a_next_time() {
+        for fires in [
+            "0 */5 * * * *",
+            "0 0 0 29 2 *",
+            "0 0 12 * * MON-FRI",
+            "0 0 3 1 * *",
+        ] {
+            assert!(validate_cron(fires).is_ok(), "{fires}");
+        }
+        for never in ["0 0 0 31 2 *", "0 0 0 31 4 *", "0 0 0 30 2 *"] {
+            let e = validate_cron(never).unwrap_err();
+            assert!(e.contains("never fires"), "{never}: {e}");
+        }
+    }
 
     #[test]
     fn identifiers_accept_plain_and_schema_qualified_names() {

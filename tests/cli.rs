@@ -290,6 +290,12 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
             Box::new(|t| t.replace("interval = \"1m\"", "schedule = \"every five minutes\"")),
             "sweep.schedule",
         ),
+        // February 31st: `run` would sweep once at start and never again.
+        (
+            "cron that never fires",
+            Box::new(|t| t.replace("interval = \"1m\"", "schedule = \"0 0 0 31 2 *\"")),
+            "sweep.schedule: \"0 0 0 31 2 *\" never fires",
+        ),
         (
             "cron without seconds",
             Box::new(|t| t.replace("interval = \"1m\"", "schedule = \"*/5 * * * *\"")),
