@@ -196,7 +196,8 @@ pub struct SweepSummary {
     pub pending: u64,
     /// Settled as `failed`.
     pub failed: u64,
-    /// Given back untouched (shutdown or auth failure).
+    /// Given back untouched (shutdown or auth failure): attempts cut short, and claimed
+    /// sessions never started.
     pub released: u64,
     /// Leases another worker had taken over before our call.
     pub lost: u64,
@@ -496,13 +497,15 @@ impl Sweeper {
         }
         summary.skipped += skipped;
         summary.duration = started.elapsed();
-        summary.lost = dispatched
-            .claimed
-            .saturating_sub(summary.processed() + summary.released - skipped);
         let leftover = leftover?;
         if leftover > 0 {
             tracing::info!(released = leftover, "released unfinished leases");
         }
+        // Claimed and never started are given back as surely as attempts cut short.
+        summary.released += leftover;
+        summary.lost = dispatched
+            .claimed
+            .saturating_sub(summary.processed() + summary.released - skipped);
         if let Some(e) = state.store_failure.lock().expect("lock").take() {
             return Err(e.into());
         }

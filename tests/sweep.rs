@@ -516,6 +516,49 @@ async fn rows_marked_before_the_sweep_are_not_counted_unusable(kind: Kind) {
     assert_eq!(bad_rows, 0.0, "rows marked passive are not active");
 }
 
+/// A sweep stopped mid-flight says how many sessions it gave back: the attempts it cut short
+/// and the claimed sessions it never started alike, so its counts add up to what it claimed
+/// (every ledger row, here) and none reads as taken over by another worker.
+async fn a_stopped_sweep_counts_every_session_it_gave_back(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let sim = simulator(SimulatorConfig {
+        latency: Duration::from_millis(300),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    db.seed(&idle_sessions("s", 200)).await;
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "4")]);
+    let shutdown = session_sweeper::shutdown::Shutdown::new();
+    let stop = shutdown.clone();
+    let sweep = tokio::spawn(async move {
+        common::sweep_once_with(&config, &shutdown, Default::default()).await
+    });
+    common::wait_for("the first call", Duration::from_secs(10), || {
+        sim.stats.requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    stop.stop();
+    let summary = sweep.await.unwrap().unwrap();
+    let claimed = db.scalar("SELECT COUNT(*) FROM sweeper_sessions").await as u64;
+    assert!(
+        claimed > summary.processed(),
+        "{claimed} claimed, {summary:?}"
+    );
+    assert_eq!(summary.lost, 0, "{summary:?}");
+    assert_eq!(
+        summary.processed() + summary.released,
+        claimed,
+        "{summary:?}"
+    );
+    assert!(
+        summary
+            .line()
+            .contains(&format!("released={}", summary.released))
+    );
+}
+
 both_backends!(
     processes_sharing_one_database_send_every_session_exactly_once,
     a_session_that_comes_back_while_queued_is_skipped_and_never_sent,
@@ -532,6 +575,7 @@ both_backends!(
     a_session_revived_while_pending_is_skipped_and_never_sent,
     rows_marked_before_the_sweep_are_not_counted_unusable,
     a_role_limited_to_max_connections_starts_every_time,
+    a_stopped_sweep_counts_every_session_it_gave_back,
 );
 
 /// Several `once` processes on one database send every session exactly once: three on
