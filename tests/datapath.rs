@@ -461,7 +461,7 @@ async fn listed(db: &TestDb) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn mysql_zero_dates_are_unreadable_never_sent() {
+async fn mysql_zero_and_impossible_dates_are_unreadable_never_sent() {
     // MariaDB's default sql_mode stores them (WordPress writes 0000-00-00 00:00:00 for "never");
     // none is a time, and each compares as long ago.
     let Some(db) = TestDb::new(Kind::MySql).await else {
@@ -476,6 +476,27 @@ async fn mysql_zero_dates_are_unreadable_never_sent() {
            ('fine', 'm', 'ACTIVE', UTC_TIMESTAMP() - INTERVAL 2 HOUR)",
     )
     .await;
+    // Days the month does not have, which a shop running with ALLOW_INVALID_DATES stores.
+    let common::Pool::MySql(pool) = &db.pool else {
+        unreachable!()
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("SET SESSION sql_mode = 'ALLOW_INVALID_DATES'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO checkout_sessions VALUES ('feb-30', 'm', 'ACTIVE', '2026-02-30 12:00:00'), \
+           ('apr-31', 'm', 'ACTIVE', '2026-04-31 00:00:00'), ('feb-29-2025', 'm', 'ACTIVE', '2025-02-29 00:00:00')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("SET SESSION sql_mode = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
     assert_eq!(
         listed(&db).await,
         ["fine"],
@@ -487,10 +508,33 @@ async fn mysql_zero_dates_are_unreadable_never_sent() {
     let calls = sim.stats.calls_per_token();
     assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
     let report = db.store().await.report(5).await.unwrap();
-    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
-    for zero in ["zero-date", "zero-day", "zero-month"] {
+    assert_eq!(report.unusable.unreadable_last_activity, 6, "{report:?}");
+    for zero in ["zero-date", "zero-day", "zero-month", "feb-30", "apr-31"] {
         assert_eq!(db.status(zero).await, "ACTIVE");
     }
+}
+
+#[tokio::test]
+async fn sqlite_text_before_2000_is_unreadable_never_sent() {
+    // The zero time of .NET and Go, the Unix epoch written as text, the last moment of 1999:
+    // each fits the format's shape and none is a shopper's last activity.
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES ('zero-time', 'm', 'ACTIVE', '0001-01-01 00:00:00'), \
+           ('epoch', 'm', 'ACTIVE', '1970-01-01 00:00:00'), ('y1999', 'm', 'ACTIVE', '1999-12-31 23:59:59.999'), \
+           ('fine', 'm', 'ACTIVE', datetime('now', '-2 hours'))",
+    )
+    .await;
+    assert_eq!(listed(&db).await, ["fine"]);
+    let sim = simulator(SimulatorConfig::default()).await;
+    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
+    let report = db.store().await.report(5).await.unwrap();
+    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
 }
 
 #[tokio::test]

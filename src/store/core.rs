@@ -375,7 +375,8 @@ impl SqlStore {
     /// column can hold that is no shopper's last activity and compares as long ago: PostgreSQL's
     /// `-infinity` (and `infinity`, which `extract` cannot turn into milliseconds), MySQL's zero
     /// dates (`0000-00-00`, and a zero month or day such as `2026-11-00`, which its default
-    /// `sql_mode` stores), and dates before the common era.
+    /// `sql_mode` stores) and impossible ones (`2026-02-30`, stored under
+    /// `ALLOW_INVALID_DATES`), and dates before the common era.
     fn time_fits(&self, activity: Activity) -> String {
         let last = format!("s.{}", self.col(&self.source.last_activity_column));
         match (self.dialect, activity) {
@@ -395,9 +396,14 @@ impl SqlStore {
                 "({last} >= CAST('{}' AS timestamp) AND isfinite({last}))",
                 super::EARLIEST_PLAUSIBLE_TIME
             ),
+            // A day the month has, in arithmetic alone: a function that rejects an impossible
+            // date (`DATE_ADD`) warns, and strict mode turns the warning into an UPDATE's error.
             (Dialect::MySql, _) => format!(
                 "({last} >= CAST('{}' AS DATETIME) AND MONTH({last}) <> 0 \
-                 AND DAYOFMONTH({last}) <> 0)",
+                 AND DAYOFMONTH({last}) <> 0 AND DAYOFMONTH({last}) <= CASE \
+                 WHEN MONTH({last}) = 2 THEN 28 + (YEAR({last}) % 4 = 0 \
+                   AND (YEAR({last}) % 100 <> 0 OR YEAR({last}) % 400 = 0)) \
+                 WHEN MONTH({last}) IN (4, 6, 9, 11) THEN 30 ELSE 31 END)",
                 super::EARLIEST_PLAUSIBLE_TIME
             ),
         }

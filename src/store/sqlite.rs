@@ -41,7 +41,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
 /// The condition under which a last-activity value fits the configured format, so that SQL can
 /// compare it with the cutoff as stored (and an index can serve the comparison). A value that
 /// does not fit is never eligible: integers sort before all text in SQLite, so without this a
-/// column of Unix seconds would read as "idle since the dawn of time".
+/// column of Unix seconds would read as "idle since the dawn of time". Text before 2000 (the
+/// Unix formats' floor) is none either: `0001-01-01 00:00:00` is the zero time of .NET and Go.
 pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     const DATE: &str = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]";
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
@@ -49,13 +50,13 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
         // strftime() normalises or refuses impossible times (February 30th, hour 25): a value
         // that does not come back unchanged is no real time and is never eligible.
         TimestampFormat::SqliteText => format!(
-            "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
+            "(typeof({col}) = 'text' AND {col} >= '2000' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
              AND strftime('%Y-%m-%d %H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (length({col}) = 19 OR (substr({col}, 20, 1) = '.' AND length({col}) > 20 \
                   AND substr({col}, 21) NOT GLOB '*[^0-9]*')))"
         ),
         TimestampFormat::Rfc3339 => format!(
-            "(typeof({col}) = 'text' AND {col} >= '0' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
+            "(typeof({col}) = 'text' AND {col} >= '2000' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
              AND strftime('%Y-%m-%dT%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
