@@ -822,6 +822,18 @@ async fn a_renewal_that_loses_a_deadlock_is_tried_again(kind: Kind) {
     let Some(db) = TestDb::new(kind).await else {
         return;
     };
+    if kind == Kind::Postgres {
+        // PostgreSQL looks for a cycle once, when a wait reaches deadlock_timeout, and the
+        // waiter that looks first is the one ended. The store's sessions (the renewal's) look
+        // after 3 s, the other transaction's after a minute: on a loaded machine the cycle may
+        // form more than the default 1 s after the renewal began to wait, and then the other
+        // transaction was the one that found it.
+        db.exec(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET deadlock_timeout = %L', \
+             current_database(), '3s'); END $$",
+        )
+        .await;
+    }
     let store = db.store().await;
     db.seed(&idle_sessions("d", 2)).await;
     register(&*store, "w").await;
@@ -839,6 +851,12 @@ async fn a_renewal_that_loses_a_deadlock_is_tried_again(kind: Kind) {
             "SELECT session_token FROM sweeper_sessions WHERE session_token = '{token}' FOR UPDATE"
         )
     };
+    if kind == Kind::Postgres {
+        sqlx::query("SET deadlock_timeout = '1min'")
+            .execute(&mut other)
+            .await
+            .unwrap();
+    }
     sqlx::query("BEGIN").execute(&mut other).await.unwrap();
     // Heavier than the renewal, so that MySQL picks the renewal as the victim.
     sqlx::query("UPDATE checkout_sessions SET status = 'PASSIVE' WHERE session_token LIKE 'z%'")
