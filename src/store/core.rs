@@ -229,8 +229,10 @@ pub(crate) struct Lanes {
     pub steps: Lane,
     /// The re-checks before calls.
     pub recheck: Lane,
-    /// The records of outcomes and the source updates.
+    /// The records of outcomes.
     pub record: Lane,
+    /// The source updates, which run beside the records (a locked source must not hold them).
+    pub mark: Lane,
 }
 
 impl SqlStore {
@@ -291,6 +293,7 @@ impl SqlStore {
                 steps: Lane::new(max_connections),
                 recheck: Lane::new(max_connections),
                 record: Lane::new(max_connections),
+                mark: Lane::new(max_connections),
             },
         })
     }
@@ -1236,6 +1239,7 @@ impl Store for SqlStore {
             self.lanes.steps.take_kept(),
             self.lanes.recheck.take_kept(),
             self.lanes.record.take_kept(),
+            self.lanes.mark.take_kept(),
         ]
         .into_iter()
         .flatten()

@@ -617,26 +617,21 @@ impl SqlStore {
             // One statement that marks and notes (its own transaction); sent again at once
             // only when it failed on a kept connection, which is harmless: marking is
             // idempotent.
-            return on_lane!(
-                self,
-                self.lanes.record,
-                "marking sessions passive",
-                |conn| {
-                    let size = size_index(tokens.len());
-                    let mut args = self.mark_args(tokens, size, &cutoff);
-                    args.extend(padded(tokens, SIZES[size]).map(|t| Arg::Text(t.clone())));
-                    query_owned(&sql.hot.mark_one[size], args)
-                        .execute(conn)
-                        .await
-                        .op("marking sessions passive")
-                        .map(|done| done.rows_affected())
-                        .map_err(Failed::First)
-                }
-            );
+            return on_lane!(self, self.lanes.mark, "marking sessions passive", |conn| {
+                let size = size_index(tokens.len());
+                let mut args = self.mark_args(tokens, size, &cutoff);
+                args.extend(padded(tokens, SIZES[size]).map(|t| Arg::Text(t.clone())));
+                query_owned(&sql.hot.mark_one[size], args)
+                    .execute(conn)
+                    .await
+                    .op("marking sessions passive")
+                    .map(|done| done.rows_affected())
+                    .map_err(Failed::First)
+            });
         }
         on_lane!(
             self,
-            self.lanes.record,
+            self.lanes.mark,
             "starting to mark sessions passive",
             |conn| self.mark_tx(&sql.hot, conn, tokens, &cutoff).await
         )

@@ -1,6 +1,6 @@
 //! Connections kept by streams of back-to-back operations: the steps of start-up and of a
-//! sweep up to its claims, the re-checks, the records. sqlx's pool pings a connection when it
-//! is taken and again when it is given back: two round trips per use, more than the statements
+//! sweep up to its claims, the re-checks, the records, the source updates. sqlx's pool pings
+//! a connection when it is taken and again when it is given back: two round trips per use, more than the statements
 //! of a re-check themselves. And the ping on giving back runs in a task of its own, so a step
 //! that follows at once finds no idle connection and opens one more (milliseconds each, on the
 //! way to the first call). A lane keeps its connection between uses instead, and gives it back
@@ -25,7 +25,8 @@ pub(crate) const LANE_IDLE: Duration = Duration::from_millis(500);
 /// run side by side): claims and heartbeats must always find one.
 pub(crate) const MIN_POOL_FOR_LANES: u32 = 4;
 /// From this pool size a sweep's two counts run beside its claims: a running sweep holds up to
-/// [`MIN_POOL_FOR_LANES`] (claim, heartbeat, the two lanes), and each count one more.
+/// [`MIN_POOL_FOR_LANES`] (the lanes of the steps, with the claims and heartbeats, of the
+/// re-checks, of the records and of the source updates), and each count one more.
 pub(crate) const MIN_POOL_TO_COUNT_BESIDE_A_SWEEP: u32 = MIN_POOL_FOR_LANES + 2;
 
 /// A pooled connection one stream of operations keeps between uses.
