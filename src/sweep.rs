@@ -50,6 +50,8 @@ pub const RECHECK_BATCH: usize = 64;
 /// size, and the database's commits are what bounds how quickly an outcome is safe anyway;
 /// a slower write is followed by the next one at once.
 pub const RECORD_INTERVAL: Duration = Duration::from_millis(10);
+/// The source is marked at most this often (the batches of that time together).
+const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// The first wait before a failed batch write is tried again; it doubles with each try.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two tries of a batch write.
@@ -1141,10 +1143,21 @@ struct Marker {
 }
 
 impl Marker {
+    /// Marks what the recorder hands over, at most one mark every [`MARK_INTERVAL`]: the
+    /// batches of that time go together (the ledger already holds them, and the source only
+    /// learns a little later what iyzico has done), so the marks cost the database fewer
+    /// statements than the records, beside which they run.
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
         let mut waiting = Vec::new();
         while rx.recv_many(&mut waiting, RECORD_BATCH).await > 0 {
-            // Batches that queued behind a slow mark go together.
+            let next = tokio::time::Instant::now() + MARK_INTERVAL;
+            loop {
+                tokio::select! {
+                    n = rx.recv_many(&mut waiting, RECORD_BATCH) => if n == 0 { break },
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = self.sweep.stopping() => break,
+                }
+            }
             let tokens: Vec<String> = waiting.drain(..).flatten().collect();
             for piece in tokens.chunks(RECORD_BATCH) {
                 self.mark(piece).await;
@@ -1175,5 +1188,70 @@ impl Marker {
             tracing::error!(error = %e, sessions = tokens.len(), "invalidated, but the source rows could not be marked passive; retried next sweep");
             self.metrics.source_unmarked(tokens.len() as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SweepSettings {
+        SweepSettings {
+            batch_size: 10,
+            rate_per_second: 10,
+            calls_per_attempt: 4,
+            concurrency: 2,
+            lease: Duration::from_secs(300),
+            max_attempts: 10,
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            idle_after: Duration::from_secs(1800),
+            stale_after: Duration::from_secs(15),
+            max_sessions: None,
+            mark_passive: true,
+        }
+    }
+
+    #[test]
+    fn claims_never_exceed_what_this_replica_can_send_in_half_a_lease() {
+        let mut s = settings();
+        s.batch_size = 500;
+        // 10/s × 300 s / 2 / 4 calls = 375; with 8 replicas 1.25/s → 46.
+        assert_eq!(s.claim_size(1), 375);
+        assert_eq!(s.claim_size(8), 46);
+        s.rate_per_second = 100_000;
+        assert_eq!(s.claim_size(1), 500);
+        s.rate_per_second = 1;
+        s.lease = Duration::from_secs(1);
+        assert_eq!(s.claim_size(4), 1, "always at least one");
+    }
+
+    #[test]
+    fn the_first_claim_only_fills_the_slots_and_max_sessions_ends_claiming() {
+        let mut s = settings();
+        s.batch_size = 500;
+        s.rate_per_second = 100_000;
+        s.concurrency = 64;
+        assert_eq!(s.next_claim(1, 0), 64, "the first claim fills the slots");
+        assert_eq!(s.next_claim(1, 64), 500, "then whole batches");
+        s.concurrency = 1000;
+        assert_eq!(s.next_claim(1, 0), 500, "never more than a batch");
+        s.max_sessions = Some(530);
+        assert_eq!(s.next_claim(1, 0), 500);
+        assert_eq!(s.next_claim(1, 500), 30);
+        assert_eq!(
+            s.next_claim(1, 530),
+            0,
+            "nothing once max_sessions are claimed"
+        );
+        assert_eq!(s.next_claim(1, 600), 0);
+    }
+
+    #[test]
+    fn retry_delay_doubles_from_base_up_to_max() {
+        let s = settings();
+        let secs: Vec<u64> = (1..=9).map(|a| s.retry_delay(a).as_secs()).collect();
+        assert_eq!(secs, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(s.retry_delay(60).as_secs(), 3600);
     }
 }
