@@ -51,7 +51,7 @@ pub const RECHECK_BATCH: usize = 64;
 /// a slower write is followed by the next one at once.
 pub const RECORD_INTERVAL: Duration = Duration::from_millis(10);
 /// The source is marked at most this often (the batches of that time together).
-const MARK_INTERVAL: Duration = Duration::from_millis(100);
+const MARK_INTERVAL: Duration = Duration::from_millis(25);
 /// The first wait before a failed batch write is tried again; it doubles with each try.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two tries of a batch write.
