@@ -567,9 +567,13 @@ impl Sweeper {
                 state: state.clone(),
                 sweep: sweep.clone(),
                 progress: progress.clone(),
-                mark_passive: settings.mark_passive,
-                idle_after: settings.idle_after,
-                clock: self.clock.clone(),
+                marker: settings.mark_passive.then(|| Marker {
+                    store: self.store.clone(),
+                    metrics: self.metrics.clone(),
+                    sweep: sweep.clone(),
+                    idle_after: settings.idle_after,
+                    clock: self.clock.clone(),
+                }),
                 counted_from,
             }
             .run(settle_rx),
@@ -990,9 +994,8 @@ struct Recorder {
     state: Arc<FirstFailures>,
     sweep: Shutdown,
     progress: Arc<Progress>,
-    mark_passive: bool,
-    idle_after: Duration,
-    clock: DbClock,
+    /// Marks source rows passive beside the records (none: `mark_passive = false`).
+    marker: Option<Marker>,
     /// Told once the counts beside the sweep have their snapshot, which must not miss any
     /// session this sweep settles: the first write waits for it (at most [`COUNT_PIN_WAIT`]).
     counted_from: Option<oneshot::Receiver<()>>,
@@ -1006,11 +1009,12 @@ impl Recorder {
         // The source is marked beside the records, never in their way: a source row the shop
         // holds locked (up to the lock timeout, twice) must not keep the ledger from taking
         // what iyzico accepted since.
-        let (marks, marked) = if self.mark_passive {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(tokio::spawn(self.marker().run(rx))))
-        } else {
-            (None, None)
+        let (marks, marked) = match self.marker.take() {
+            Some(marker) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(tokio::spawn(marker.run(rx))))
+            }
+            None => (None, None),
         };
         while self.gather(&mut rx, &mut batch, last_write).await > 0 {
             if let Some(pinned) = self.counted_from.take() {
@@ -1050,17 +1054,6 @@ impl Recorder {
             let _ = marked.await;
         }
         summary
-    }
-
-    /// The task that marks source rows passive, with what it needs of this recorder.
-    fn marker(&self) -> Marker {
-        Marker {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            sweep: self.sweep.clone(),
-            idle_after: self.idle_after,
-            clock: self.clock.clone(),
-        }
     }
 
     /// Waits for the next batch: at least one settlement, and then more until

@@ -353,24 +353,22 @@ impl SqlStore {
     /// The condition under which a row is fit to send: its time fits the column's format and
     /// its token and member can be read.
     fn usable(&self, activity: Activity) -> String {
-        let (tok, mem, last) = (
+        let (tok, mem) = (
             format!("s.{}", self.col(&self.source.token_column)),
             format!("s.{}", self.col(&self.source.member_column)),
-            format!("s.{}", self.col(&self.source.last_activity_column)),
         );
-        match self.dialect {
+        let readable = match self.dialect {
             Dialect::Sqlite => format!(
-                "{} AND typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer') \
-                 AND {tok} <> '' AND {mem} <> ''",
-                super::sqlite::fits(&last, self.source.last_activity_format)
+                "typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer') \
+                 AND {tok} <> '' AND {mem} <> ''"
             ),
             _ => format!(
-                "{} AND {tok} IS NOT NULL AND {mem} IS NOT NULL AND {} <> '' AND {} <> ''",
-                self.time_fits(activity),
+                "{tok} IS NOT NULL AND {mem} IS NOT NULL AND {} <> '' AND {} <> ''",
                 self.dialect.text(&tok),
                 self.dialect.text(&mem)
             ),
-        }
+        };
+        format!("{} AND {readable}", self.time_fits(activity))
     }
 
     /// Only the time part of [`SqlStore::usable`] (for the re-check and revived sessions): a

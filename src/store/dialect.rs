@@ -172,8 +172,6 @@ impl Dialect {
         }
     }
 
-    /// How a write transaction starts: SQLite takes the write lock at once, so two processes
-    /// never both read and then both write.
     /// How a read-only transaction that reads one snapshot throughout begins: what runs before
     /// it (if anything), its `BEGIN`, and the statement after which the snapshot is taken (if the
     /// `BEGIN` does not take it).
@@ -200,6 +198,8 @@ impl Dialect {
         }
     }
 
+    /// How a write transaction starts: SQLite takes the write lock at once, so two processes
+    /// never both read and then both write.
     pub fn begin_write(self) -> Option<&'static str> {
         match self {
             Dialect::Sqlite => Some("BEGIN IMMEDIATE"),

@@ -11,8 +11,8 @@ use super::core::{Arg, Catalog, Shape, SqlStore, bytes, int_at, query, strings};
 use super::dialect::Stmt;
 use super::lane::Failed;
 use super::{
-    BAD_SOURCE_ROW, EARLIEST_PLAUSIBLE_UNIX_SECONDS, Finding, IndexDialect, Lease, Migration, Op,
-    Result, SampleValue,
+    BAD_SOURCE_ROW, EARLIEST_PLAUSIBLE_TIME, EARLIEST_PLAUSIBLE_UNIX_SECONDS, Finding,
+    IndexDialect, Lease, Migration, Op, Result, SampleValue,
 };
 use crate::config::TimestampFormat;
 
@@ -50,13 +50,13 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
         // strftime() normalises or refuses impossible times (February 30th, hour 25): a value
         // that does not come back unchanged is no real time and is never eligible.
         TimestampFormat::SqliteText => format!(
-            "(typeof({col}) = 'text' AND {col} >= '2000' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
+            "(typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
              AND strftime('%Y-%m-%d %H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (length({col}) = 19 OR (substr({col}, 20, 1) = '.' AND length({col}) > 20 \
                   AND substr({col}, 21) NOT GLOB '*[^0-9]*')))"
         ),
         TimestampFormat::Rfc3339 => format!(
-            "(typeof({col}) = 'text' AND {col} >= '2000' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
+            "(typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
              AND strftime('%Y-%m-%dT%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
              AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
                   OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
