@@ -460,6 +460,26 @@ async fn listed(db: &TestDb) -> Vec<String> {
     tokens
 }
 
+/// The end of each unreadable-times story: the dry run lists only the session `fine`, a sweep
+/// sends only it, and `unreadable` active rows are counted as such.
+async fn only_fine_is_sent(db: &TestDb, unreadable: u64) {
+    assert_eq!(
+        listed(db).await,
+        ["fine"],
+        "the dry run lists only the real time"
+    );
+    let sim = simulator(SimulatorConfig::default()).await;
+    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
+    assert_eq!(summary.invalidated, 1, "{summary:?}");
+    let calls = sim.stats.calls_per_token();
+    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
+    let report = db.store().await.report(5).await.unwrap();
+    assert_eq!(
+        report.unusable.unreadable_last_activity, unreadable,
+        "{report:?}"
+    );
+}
+
 #[tokio::test]
 async fn mysql_zero_and_impossible_dates_are_unreadable_never_sent() {
     // MariaDB's default sql_mode stores them (WordPress writes 0000-00-00 00:00:00 for "never");
@@ -497,18 +517,7 @@ async fn mysql_zero_and_impossible_dates_are_unreadable_never_sent() {
         .await
         .unwrap();
     drop(conn);
-    assert_eq!(
-        listed(&db).await,
-        ["fine"],
-        "the dry run lists only the real time"
-    );
-    let sim = simulator(SimulatorConfig::default()).await;
-    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
-    assert_eq!(summary.invalidated, 1, "{summary:?}");
-    let calls = sim.stats.calls_per_token();
-    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
-    let report = db.store().await.report(5).await.unwrap();
-    assert_eq!(report.unusable.unreadable_last_activity, 6, "{report:?}");
+    only_fine_is_sent(&db, 6).await;
     for zero in ["zero-date", "zero-day", "zero-month", "feb-30", "apr-31"] {
         assert_eq!(db.status(zero).await, "ACTIVE");
     }
@@ -527,14 +536,7 @@ async fn sqlite_text_before_2000_is_unreadable_never_sent() {
            ('fine', 'm', 'ACTIVE', datetime('now', '-2 hours'))",
     )
     .await;
-    assert_eq!(listed(&db).await, ["fine"]);
-    let sim = simulator(SimulatorConfig::default()).await;
-    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
-    assert_eq!(summary.invalidated, 1, "{summary:?}");
-    let calls = sim.stats.calls_per_token();
-    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
-    let report = db.store().await.report(5).await.unwrap();
-    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
+    only_fine_is_sent(&db, 3).await;
 }
 
 #[tokio::test]
@@ -552,18 +554,7 @@ async fn postgres_infinite_and_ancient_times_are_unreadable_never_sent() {
     .await;
     let findings = db.store().await.check().await.unwrap();
     assert!(errors(&findings).is_empty(), "{findings:?}");
-    assert_eq!(
-        listed(&db).await,
-        ["fine"],
-        "the dry run lists only the real time"
-    );
-    let sim = simulator(SimulatorConfig::default()).await;
-    let summary = sweep_once(&db.config(&sim.base_url(), &[])).await.unwrap();
-    assert_eq!(summary.invalidated, 1, "{summary:?}");
-    let calls = sim.stats.calls_per_token();
-    assert_eq!(calls.keys().collect::<Vec<_>>(), ["fine"], "{calls:?}");
-    let report = db.store().await.report(5).await.unwrap();
-    assert_eq!(report.unusable.unreadable_last_activity, 3, "{report:?}");
+    only_fine_is_sent(&db, 3).await;
 }
 
 /// The shop's migration or its own `LOCK TABLES` holds the source table: the sweep's statements
@@ -641,15 +632,11 @@ async fn a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(
 /// cannot be marked passive, but what iyzico accepted is in the ledger at once, not after the
 /// marks have waited out their lock timeouts (5 s each, twice) batch after batch.
 async fn the_ledger_is_written_while_the_source_cannot_be_marked(kind: Kind) {
-    let Some(db) = TestDb::new(kind).await else {
+    let Some((db, sim)) =
+        common::sessions_and_simulator(kind, 20, Duration::from_millis(200)).await
+    else {
         return;
     };
-    db.seed(&idle_sessions("s", 20)).await;
-    let sim = simulator(SimulatorConfig {
-        latency: Duration::from_millis(200),
-        ..SimulatorConfig::default()
-    })
-    .await;
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "4")]);
     let common::Pool::Pg(pool) = &db.pool else {
         unreachable!("PostgreSQL only")
