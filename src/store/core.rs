@@ -190,7 +190,6 @@ struct Parts {
     now: &'static str,
     stale: String,
     cutoff: &'static str,
-    usable: String,
     fits: String,
     token_text: String,
     same: String,
@@ -353,11 +352,17 @@ impl SqlStore {
     /// The condition under which a row is fit to send: its time fits the column's format and
     /// its token and member can be read.
     fn usable(&self, activity: Activity) -> String {
+        format!("{} AND {}", self.time_fits(activity), self.readable_ids())
+    }
+
+    /// Only the identity part of [`SqlStore::usable`]: a token and a member that can be read
+    /// as non-empty text.
+    fn readable_ids(&self) -> String {
         let (tok, mem) = (
             format!("s.{}", self.col(&self.source.token_column)),
             format!("s.{}", self.col(&self.source.member_column)),
         );
-        let readable = match self.dialect {
+        match self.dialect {
             Dialect::Sqlite => format!(
                 "typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer') \
                  AND {tok} <> '' AND {mem} <> ''"
@@ -367,8 +372,7 @@ impl SqlStore {
                 self.dialect.text(&tok),
                 self.dialect.text(&mem)
             ),
-        };
-        format!("{} AND {readable}", self.time_fits(activity))
+        }
     }
 
     /// Only the time part of [`SqlStore::usable`] (for the re-check and revived sessions): a
@@ -453,7 +457,6 @@ impl SqlStore {
             now,
             stale,
             cutoff,
-            usable,
             token_text,
             eligible_where,
             eligible_or_ours_where,
@@ -546,16 +549,17 @@ impl SqlStore {
             count: self.q(&count_sessions(d, &p, &p.eligible_where)),
             count_to_sweep: self.q(&count_sessions(d, &p, &p.eligible_or_ours_where)),
             skip_revived: self.q(&self.skip_revived_sql(&p)),
+            // One kind per active row, its conditions evaluated once (two sums over them
+            // evaluated them three times, and this scan runs at every sweep's start): 0 fit to
+            // send, 1 an unreadable time, 2 a readable time but no readable token or member.
             unusable: self.q(&format!(
-                "SELECT {}, {} FROM {} s WHERE s.{} = $1",
+                "SELECT {}, {} FROM {} s WHERE s.{} = $1 GROUP BY 1",
                 d.int(&format!(
-                    "COALESCE(SUM(CASE WHEN {} THEN 0 ELSE 1 END), 0)",
-                    p.fits
+                    "CASE WHEN {} THEN CASE WHEN {} THEN 0 ELSE 2 END ELSE 1 END",
+                    p.fits,
+                    self.readable_ids()
                 )),
-                d.int(&format!(
-                    "COALESCE(SUM(CASE WHEN {} AND NOT ({}) THEN 1 ELSE 0 END), 0)",
-                    p.fits, p.usable
-                )),
+                d.int("COUNT(*)"),
                 p.table,
                 p.status
             )),
@@ -880,7 +884,7 @@ impl Store for SqlStore {
             &sql.unusable,
             &[Arg::Text(self.source.active_value.clone())],
         )
-        .fetch_one(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .op(op)?;
         let to_sweep = query(&sql.count_to_sweep, &self.eligible_args(&sql.shape, &p))
@@ -990,14 +994,14 @@ impl Store for SqlStore {
 
     async fn unusable_rows(&self) -> Result<UnusableRows> {
         let sql = self.sql().await?;
-        let row = query(
+        let rows = query(
             &sql.unusable,
             &[Arg::Text(self.source.active_value.clone())],
         )
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .op("counting unusable source rows")?;
-        Ok(unusable_from(&row))
+        Ok(unusable_from(&rows))
     }
 
     async fn release_all(&self, worker: &str) -> Result<u64> {
@@ -1268,11 +1272,17 @@ pub(crate) struct Catalog {
 }
 
 /// The unusable-rows statement's answer.
-fn unusable_from(row: &AnyRow) -> UnusableRows {
-    UnusableRows {
-        unreadable_last_activity: int(row, 0) as u64,
-        bad_source_row: int(row, 1) as u64,
+fn unusable_from(rows: &[AnyRow]) -> UnusableRows {
+    let mut unusable = UnusableRows::default();
+    for row in rows {
+        let count = int(row, 1) as u64;
+        match int(row, 0) {
+            1 => unusable.unreadable_last_activity += count,
+            2 => unusable.bad_source_row += count,
+            _ => {}
+        }
     }
+    unusable
 }
 
 /// Rows of a query as strings (catalog queries), NULLs skipped.
