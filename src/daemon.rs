@@ -180,7 +180,7 @@ impl Daemon {
                     return stopped_or_failed.map(|_| ());
                 }
             };
-        self.metrics.set_ready(true);
+        self.metrics.set_reachable(true);
         notify(sd_notify::NotifyState::Ready);
         let Replica {
             sweeper,
@@ -265,7 +265,7 @@ async fn start_when_reachable(
         match attempt {
             Ok(replica) => return Ok(Some(replica)),
             Err(e) if e.is_transient() => {
-                metrics.set_ready(false);
+                metrics.set_reachable(false);
                 let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
                 // `StoreError`'s message already ends with the driver's: no chain to walk.
                 tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
@@ -431,7 +431,7 @@ impl SweepLoop {
         match joined.unwrap_or(Err(SweepError::Panicked("the sweep task"))) {
             Ok(summary) => {
                 self.retry_delays = retry_delays(FIRST_SWEEP_RETRY);
-                self.metrics.set_ready(true);
+                self.metrics.set_sweeping(true);
                 let result = if self.shutdown.is_stopping() {
                     "aborted"
                 } else {
@@ -444,7 +444,7 @@ impl SweepLoop {
                 Ok(())
             }
             Err(SweepError::Store(e)) => {
-                self.metrics.set_ready(false);
+                self.metrics.set_sweeping(false);
                 self.metrics.sweep_finished("failed", Duration::ZERO);
                 let wait = self.retry_delays.next().unwrap_or(MAX_RETRY_DELAY);
                 tracing::warn!(error = %e, retry_in = ?wait, "sweep failed; retrying");

@@ -242,7 +242,7 @@ impl Heartbeat {
             let result = tokio::select! {
                 r = &mut round => r,
                 _ = tokio::time::sleep(self.period) => {
-                    self.view.metrics.set_ready(false);
+                    self.view.metrics.set_reachable(false);
                     tracing::warn!(period = ?self.period, "heartbeat is taking longer than a period; not ready");
                     tokio::select! {
                         r = &mut round => r,
@@ -253,7 +253,7 @@ impl Heartbeat {
             };
             match result {
                 Ok(live) => {
-                    self.view.metrics.set_ready(true);
+                    self.view.metrics.set_reachable(true);
                     if live != self.view.limiter.replicas() {
                         tracing::info!(
                             replicas = live,
@@ -264,7 +264,7 @@ impl Heartbeat {
                     self.view.metrics.set_replicas(live);
                 }
                 Err(e) => {
-                    self.view.metrics.set_ready(false);
+                    self.view.metrics.set_reachable(false);
                     tracing::warn!(error = %e, "heartbeat failed; not ready");
                 }
             }

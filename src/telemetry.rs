@@ -131,10 +131,19 @@ struct Inner {
     auth_failures: Counter,
     replicas: Gauge,
     ready: Gauge,
+    readiness: std::sync::Mutex<Readiness>,
     unusable_rows: Family<ReasonLabel, Gauge>,
     source_unmarked: Counter,
     clock_skew: Gauge<f64, AtomicU64>,
     last_sweep: std::sync::Mutex<Option<LastSweep>>,
+}
+
+/// What readiness is made of: ready when both hold.
+struct Readiness {
+    /// The database answered the last heartbeat (or start-up's checks) within a period.
+    reachable: bool,
+    /// The last sweep did not fail (true before the first).
+    sweeping: bool,
 }
 
 /// How the last sweep of this process ended (for the status page).
@@ -276,6 +285,10 @@ impl Metrics {
                 auth_failures,
                 replicas,
                 ready,
+                readiness: std::sync::Mutex::new(Readiness {
+                    reachable: false,
+                    sweeping: true,
+                }),
                 unusable_rows,
                 source_unmarked,
                 clock_skew,
@@ -375,8 +388,21 @@ impl Metrics {
         self.inner.replicas.set(i64::from(n));
     }
 
-    /// Sets readiness.
-    pub fn set_ready(&self, ready: bool) {
+    /// Whether the database answered the last heartbeat (or start-up's checks) in time.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.update_readiness(|r| r.reachable = reachable);
+    }
+
+    /// Whether the last sweep succeeded: a failed sweep keeps readiness off until one does,
+    /// however many heartbeats succeed meanwhile.
+    pub fn set_sweeping(&self, sweeping: bool) {
+        self.update_readiness(|r| r.sweeping = sweeping);
+    }
+
+    fn update_readiness(&self, change: impl FnOnce(&mut Readiness)) {
+        let mut readiness = self.inner.readiness.lock().expect("readiness lock");
+        change(&mut readiness);
+        let ready = readiness.reachable && readiness.sweeping;
         self.inner.ready.set(i64::from(ready));
     }
 

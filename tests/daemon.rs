@@ -827,3 +827,59 @@ async fn a_worker_that_leaves_mid_heartbeat_stays_gone() {
         "the worker is gone"
     );
 }
+
+#[tokio::test]
+async fn a_sweep_that_fails_keeps_readiness_off_until_one_succeeds() {
+    // The database answers (every heartbeat succeeds) but the shop holds its table locked, so
+    // every sweep fails: `/readyz` must say so, not only the first moment after each failure.
+    let Some((db, sim)) = sessions_and_simulator(Kind::Postgres, 3, Duration::ZERO).await else {
+        return;
+    };
+    let config = db.config(
+        &sim.base_url(),
+        &[
+            ("SWEEPER_SWEEP__INTERVAL", "200ms"),
+            ("SWEEPER_SWEEP__HEARTBEAT", "1s"),
+        ],
+    );
+    let daemon = common::Daemon::start(config).await;
+    let last = |m: &Metrics| m.last_sweep().map(|s| s.result);
+    wait_for("a first sweep", Duration::from_secs(20), || {
+        last(&daemon.metrics) == Some("ok")
+    })
+    .await;
+    let common::Pool::Pg(pool) = &db.pool else {
+        unreachable!("a PostgreSQL story")
+    };
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE checkout_sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    wait_for(
+        "a sweep to fail on the lock",
+        Duration::from_secs(20),
+        || last(&daemon.metrics) == Some("failed"),
+    )
+    .await;
+    // Two heartbeat periods, all beats good, no sweep succeeding: never ready.
+    let watching = Instant::now();
+    while watching.elapsed() < Duration::from_millis(2500) {
+        assert!(
+            !daemon.metrics.is_ready(),
+            "ready {:?} after a failed sweep, while no sweep has succeeded",
+            watching.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.rollback().await.unwrap();
+    wait_for(
+        "readiness after a good sweep",
+        Duration::from_secs(30),
+        || daemon.metrics.is_ready() && last(&daemon.metrics) == Some("ok"),
+    )
+    .await;
+    daemon
+        .stop(Duration::from_secs(5), Duration::from_secs(10))
+        .await;
+}
