@@ -439,6 +439,56 @@ async fn check_warns_when_every_active_session_reads_as_idle() {
     );
 }
 
+async fn a_row_dated_far_ahead_is_named_and_hides_no_real_newest(kind: Kind) {
+    // Beside a shopper active a minute ago, one row a bug dated far ahead (PostgreSQL's last
+    // year; MariaDB's last DATETIME): `check` names it and judges the zone by the real newest,
+    // where it sampled the bogus row (and read it as 1970, or as no time at all) before.
+    let Some(db) = TestDb::new(kind).await else {
+        return;
+    };
+    let mut rows = idle_sessions("idle", 1);
+    rows.push(common::Seed {
+        token: "live".into(),
+        member: "m".into(),
+        status: "ACTIVE",
+        idle: Duration::from_secs(60),
+    });
+    db.seed(&rows).await;
+    let ahead = match kind {
+        Kind::Sqlite => "datetime('now', '+1 year')",
+        Kind::Postgres => "'294276-12-31 23:59:59+00'",
+        Kind::MySql => "'9999-12-31 23:59:59'",
+    };
+    db.exec(&format!(
+        "INSERT INTO checkout_sessions VALUES ('ahead', 'm', 'ACTIVE', {ahead})"
+    ))
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Warning(m)
+            if m.starts_with("1 active rows") && m.contains("no time zone explains"))),
+        "{findings:?}"
+    );
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Ok(m)
+            if m.starts_with("the newest active last-activity value") && m.contains("before now"))),
+        "{findings:?}"
+    );
+    assert!(!findings.iter().any(Finding::is_error), "{findings:?}");
+    assert_eq!(listed(&db).await, ["idle-0"], "the row ahead is never idle");
+    // Every row that far ahead: the column itself is misread.
+    db.exec(&format!(
+        "UPDATE checkout_sessions SET last_activity_at = {ahead}"
+    ))
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m)
+            if m.contains("every one of the 3 active"))),
+        "{findings:?}"
+    );
+}
+
 /// What the dry run lists (the sweep's own eligibility), as tokens.
 async fn listed(db: &TestDb) -> Vec<String> {
     let store = db.store().await;
@@ -681,6 +731,7 @@ both_backends!(
     null_duplicate_and_unreadable_rows_never_stop_a_sweep,
     a_session_revived_while_waiting_for_the_rate_limiter_is_not_sent,
     a_token_with_a_live_duplicate_row_is_neither_sent_nor_marked,
+    a_row_dated_far_ahead_is_named_and_hides_no_real_newest,
 );
 
 // PostgreSQL only: on MariaDB a `LOCK TABLES … READ` also holds the claims (they lock the

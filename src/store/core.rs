@@ -15,11 +15,12 @@ use super::dialect::{Dialect, Stmt};
 use super::hot::{HotShape, HotStatements};
 use super::lane::{Failed, Lane, MIN_POOL_TO_COUNT_BESIDE_A_SWEEP, on_lane};
 use super::{
-    ClaimParams, DEADLOCK_TRIES, FailureRow, Finding, IdleSession, Lease, Op, PendingSummary,
-    Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Snapshot, Store, StoreError,
-    UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows, format_findings,
-    index_findings, ledger_blocks, ledger_blocks_for_others, lost_a_deadlock, migration_finding,
-    naive_cutoff, newest_finding, parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
+    ClaimParams, DEADLOCK_TRIES, FURTHEST_ZONE_AHEAD, FailureRow, Finding, IdleSession, Lease, Op,
+    PendingSummary, Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Snapshot,
+    Store, StoreError, UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows,
+    far_ahead_finding, format_findings, index_findings, ledger_blocks, ledger_blocks_for_others,
+    lost_a_deadlock, migration_finding, naive_cutoff, newest_finding, parse_rfc3339_utc,
+    parse_sqlite_text, unusable_findings,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -177,6 +178,8 @@ pub(crate) struct Statements {
     unusable: Stmt,
     sample_newest: Stmt,
     sample_oldest: Stmt,
+    /// Active readable rows later than any zone could explain.
+    far_ahead: Stmt,
 }
 
 /// The SQL fragments the statements over the source are built from (quoted names, the clock,
@@ -510,7 +513,10 @@ impl SqlStore {
     }
 
     /// The newest or oldest active last-activity value (`order`: `DESC` or `ASC`).
-    fn sample(&self, p: &Parts, order: &str) -> Stmt {
+    /// `check`'s sample of the newest or oldest active last-activity value; with `bounded`,
+    /// only values before `$2` (in the cutoff's terms), so that a row no zone explains (see
+    /// [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
+    fn sample(&self, p: &Parts, order: &str, bounded: bool) -> Stmt {
         // SQLite's samples are what `check` judges the format by, so they include what does
         // not fit; a typed column's are times, and only readable ones can be read as such.
         let (kind, sample_fits) = match self.dialect {
@@ -520,8 +526,13 @@ impl SqlStore {
             ),
             _ => ("'typed'".into(), p.fits.clone()),
         };
+        let bound = if bounded {
+            format!(" AND s.{} < {}", p.last, p.cutoff)
+        } else {
+            String::new()
+        };
         self.q(&format!(
-            "SELECT {}, {kind} FROM {} s WHERE s.{} = $1 AND {} ORDER BY s.{} {order} LIMIT 1",
+            "SELECT {}, {kind} FROM {} s WHERE s.{} = $1 AND {}{bound} ORDER BY s.{} {order} LIMIT 1",
             p.activity_value, p.table, p.status, sample_fits, p.last
         ))
     }
@@ -563,8 +574,18 @@ impl SqlStore {
                 p.table,
                 p.status
             )),
-            sample_newest: self.sample(&p, "DESC"),
-            sample_oldest: self.sample(&p, "ASC"),
+            sample_newest: self.sample(&p, "DESC", true),
+            sample_oldest: self.sample(&p, "ASC", false),
+            // `$2` in the cutoff's terms, as the bounded sample's.
+            far_ahead: self.q(&format!(
+                "SELECT {} FROM {} s WHERE s.{} = $1 AND {} AND NOT (s.{} < {})",
+                d.int("COUNT(*)"),
+                p.table,
+                p.status,
+                p.fits,
+                p.last,
+                p.cutoff
+            )),
             shape,
         }
     }
@@ -621,13 +642,16 @@ impl SqlStore {
             Err(e) => return Ok(vec![Finding::Error(e.to_string())]),
         };
         let active = [Arg::Text(self.source.active_value.clone())];
+        let now = self.database_time().await?;
+        let bound = self.cutoff(sql.shape.activity, now + FURTHEST_ZONE_AHEAD);
+        let bounded = [active[0].clone(), bound];
         let mut samples = Vec::new();
         let mut newest = None;
-        for (which, stmt) in [
-            ("newest", &sql.sample_newest),
-            ("oldest", &sql.sample_oldest),
+        for (which, stmt, args) in [
+            ("newest", &sql.sample_newest, &bounded[..]),
+            ("oldest", &sql.sample_oldest, &active[..]),
         ] {
-            let Some(row) = query(stmt, &active)
+            let Some(row) = query(stmt, args)
                 .fetch_optional(&self.pool)
                 .await
                 .op("sampling last-activity values")?
@@ -641,6 +665,11 @@ impl SqlStore {
                 samples.push((which, super::sqlite::sample_value(&row)));
             }
         }
+        let far_ahead = query(&sql.far_ahead, &bounded)
+            .fetch_one(&self.pool)
+            .await
+            .op("sampling last-activity values")?;
+        let far_ahead = int(&far_ahead, 0) as u64;
         let mut findings = if self.dialect == Dialect::Sqlite {
             format_findings(self.source.last_activity_format, &samples)
         } else {
@@ -657,11 +686,14 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            findings.push(newest_finding(
-                newest,
-                self.database_time().await?,
-                self.source.idle_after,
-            ));
+            match far_ahead_finding(far_ahead, newest.is_some(), &self.source) {
+                // Every readable value is far ahead: there is no newest one to judge.
+                Some(all_ahead @ Finding::Error(_)) => findings.push(all_ahead),
+                far_ahead => {
+                    findings.extend(far_ahead);
+                    findings.push(newest_finding(newest, now, self.source.idle_after));
+                }
+            }
         }
         Ok(findings)
     }

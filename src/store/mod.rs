@@ -1070,6 +1070,36 @@ pub(crate) fn format_findings(
     out
 }
 
+/// How far ahead of the database's clock a last-activity value can read before no time zone
+/// explains it: the furthest zone ahead of UTC is +14 h; one more hour of slack.
+pub(crate) const FURTHEST_ZONE_AHEAD: chrono::Duration = chrono::Duration::hours(15);
+
+/// `check`'s finding about active rows whose last activity reads as later than
+/// [`FURTHEST_ZONE_AHEAD`] (`readable_earlier`: whether any other row reads as earlier).
+pub(crate) fn far_ahead_finding(
+    far_ahead: u64,
+    readable_earlier: bool,
+    src: &SourceConfig,
+) -> Option<Finding> {
+    let hours = FURTHEST_ZONE_AHEAD.num_hours();
+    match far_ahead {
+        0 => None,
+        n if !readable_earlier => Some(Finding::Error(format!(
+            "source.last_activity_format: every one of the {n} active {} values reads as more \
+             than {hours} h after the database's clock, which no time zone explains: the column \
+             is read in the wrong unit or format, or the database's clock is wrong; idle times \
+             would be wrong too",
+            src.last_activity_column
+        ))),
+        n => Some(Finding::Warning(format!(
+            "{n} active rows have a {} value more than {hours} h after the database's clock, \
+             which no time zone explains: they never read as idle, so they are never swept, \
+             and the newest value below is sampled without them",
+            src.last_activity_column
+        ))),
+    }
+}
+
 /// `check`'s verdict on the newest activity against the database's clock: a value in the future
 /// means the zone or the unit is wrong, and idle times would be misjudged.
 pub(crate) fn newest_finding(
