@@ -514,8 +514,8 @@ impl SqlStore {
 
     /// The newest or oldest active last-activity value (`order`: `DESC` or `ASC`).
     /// `check`'s sample of the newest or oldest active last-activity value; with `bounded`,
-    /// only values before `$2` (in the cutoff's terms), so that a row no zone explains (see
-    /// [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
+    /// no readable value from `$2` on (in the cutoff's terms), so that a row no zone explains
+    /// (see [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
     fn sample(&self, p: &Parts, order: &str, bounded: bool) -> Stmt {
         // SQLite's samples are what `check` judges the format by, so they include what does
         // not fit; a typed column's are times, and only readable ones can be read as such.
@@ -526,8 +526,9 @@ impl SqlStore {
             ),
             _ => ("'typed'".into(), p.fits.clone()),
         };
+        // What does not fit stays in SQLite's samples: `check` names its format by them.
         let bound = if bounded {
-            format!(" AND s.{} < {}", p.last, p.cutoff)
+            format!(" AND (NOT {} OR s.{} < {})", p.fits, p.last, p.cutoff)
         } else {
             String::new()
         };
