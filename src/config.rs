@@ -1270,7 +1270,12 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
         .map_err(|e| format!("{expr:?} is not a valid cron schedule: {e}"))?;
     // As the scheduler reads it (seconds required, day of month and weekday both to match):
     // one that parses but has no next time (February 31st) would sweep once, then never.
-    let never = || format!("{expr:?} never fires: no date has that day, month and weekday");
+    let never = || {
+        let year = if fields == 7 { ", year" } else { "" };
+        format!(
+            "{expr:?} never fires again: no date from now on has that day, month{year} and weekday"
+        )
+    };
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
@@ -1454,6 +1459,9 @@ mod tests {
             let e = validate_cron(never).unwrap_err();
             assert!(e.contains("never fires"), "{never}: {e}");
         }
+        // A year that has passed says so among the fields it names.
+        let e = validate_cron("0 0 0 1 1 * 2020").unwrap_err();
+        assert!(e.contains("never fires again") && e.contains("year"), "{e}");
     }
 
     #[test]

@@ -804,7 +804,9 @@ impl Run {
                 (!inv.calls.is_empty()).then(|| release(lease, attempt, inv.calls))
             }
             Some(Ok(Recheck::NoLongerEligible)) if withheld => {
-                tracing::info!("active again since it was claimed; skipped");
+                tracing::info!(
+                    "no longer idle (or its last activity no longer readable) since it was claimed; skipped"
+                );
                 // Calls made before (retries of this attempt) make it count as an attempt.
                 let attempts = if inv.calls.is_empty() {
                     lease.attempts
