@@ -590,6 +590,61 @@ async fn sqlite_text_before_2000_is_unreadable_never_sent() {
 }
 
 #[tokio::test]
+async fn sqlite_text_at_hour_24_is_unreadable_never_sent() {
+    // SQLite's own date functions keep hour 24 of some dates as it is, so the format check let
+    // it through: '…-29 24:30:00' sorts before a cutoff of '…-30 00:10:00' and means 00:30 on
+    // the 30th.
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES \
+           ('h24', 'm', 'ACTIVE', '2026-01-01 24:00:00'), \
+           ('h2459', 'm', 'ACTIVE', '2026-01-01 24:59:59.5'), \
+           ('fine', 'm', 'ACTIVE', datetime('now', '-2 hours'))",
+    )
+    .await;
+    only_fine_is_sent(&db, 2).await;
+}
+
+#[tokio::test]
+async fn rfc3339_text_with_junk_in_its_fraction_or_hour_24_is_never_sent() {
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES \
+           ('junk-z', 'm', 'ACTIVE', '2026-01-01T00:00:00.5xZ'), \
+           ('junk-offset', 'm', 'ACTIVE', '2026-01-01T00:00:00.5x+00:00'), \
+           ('no-digits', 'm', 'ACTIVE', '2026-01-01T00:00:00.Z'), \
+           ('h24', 'm', 'ACTIVE', '2026-01-01T24:00:00Z'), \
+           ('fine', 'm', 'ACTIVE', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours')), \
+           ('fine-offset', 'm', 'ACTIVE', strftime('%Y-%m-%dT%H:%M:%S', 'now', '-2 hours') || '.25+00:00')",
+    )
+    .await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(
+        &sim.base_url(),
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "rfc3339")],
+    );
+    let summary = sweep_once(&config).await.unwrap();
+    let calls = sim.stats.calls_per_token();
+    let mut sent: Vec<_> = calls.keys().map(String::as_str).collect();
+    sent.sort();
+    assert_eq!(sent, ["fine", "fine-offset"], "{summary:?}");
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    assert_eq!(
+        store
+            .report(5)
+            .await
+            .unwrap()
+            .unusable
+            .unreadable_last_activity,
+        4
+    );
+}
+
+#[tokio::test]
 async fn postgres_infinite_and_ancient_times_are_unreadable_never_sent() {
     // `-infinity` sorts before every time and `infinity` is a common "never expires"; a date
     // before 2000 (here one BC) is no shopper's last activity either.

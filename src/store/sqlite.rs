@@ -46,20 +46,37 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
 pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     const DATE: &str = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]";
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
+    // strftime() normalises or refuses impossible times (February 30th, hour 25): a value that
+    // does not come back unchanged is no real time and is never eligible. Hour 24 of some
+    // dates comes back unchanged, hence its own test.
+    let real = |sep: &str| {
+        format!(
+            "typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' \
+             AND substr({col}, 1, 19) GLOB '{DATE}{sep}{TIME}' AND substr({col}, 12, 2) < '24' \
+             AND strftime('%Y-%m-%d{sep}%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19)"
+        )
+    };
+    // Digits only, at least one, between the '.' at 20 and a suffix `tail` characters long.
+    let fraction = |tail: usize| {
+        format!(
+            "(substr({col}, 20, 1) = '.' AND length({col}) > {min} \
+             AND substr({col}, 21, length({col}) - {cut}) NOT GLOB '*[^0-9]*')",
+            min = 20 + tail,
+            cut = 20 + tail
+        )
+    };
     match format {
-        // strftime() normalises or refuses impossible times (February 30th, hour 25): a value
-        // that does not come back unchanged is no real time and is never eligible.
         TimestampFormat::SqliteText => format!(
-            "(typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' AND substr({col}, 1, 19) GLOB '{DATE} {TIME}' \
-             AND strftime('%Y-%m-%d %H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
-             AND (length({col}) = 19 OR (substr({col}, 20, 1) = '.' AND length({col}) > 20 \
-                  AND substr({col}, 21) NOT GLOB '*[^0-9]*')))"
+            "({} AND (length({col}) = 19 OR {}))",
+            real(" "),
+            fraction(0)
         ),
         TimestampFormat::Rfc3339 => format!(
-            "(typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' AND substr({col}, 1, 19) GLOB '{DATE}T{TIME}' \
-             AND strftime('%Y-%m-%dT%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19) \
-             AND (substr({col}, 20) IN ('Z', '+00:00') OR substr({col}, 20) GLOB '.[0-9]*Z' \
-                  OR substr({col}, 20) GLOB '.[0-9]*+00:00'))"
+            "({} AND (substr({col}, 20) IN ('Z', '+00:00') \
+                  OR (substr({col}, -1) = 'Z' AND {}) OR (substr({col}, -6) = '+00:00' AND {})))",
+            real("T"),
+            fraction(1),
+            fraction(6)
         ),
         TimestampFormat::UnixSeconds => {
             format!("(typeof({col}) = 'integer' AND {col} >= {EARLIEST_PLAUSIBLE_UNIX_SECONDS})")
