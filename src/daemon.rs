@@ -431,10 +431,12 @@ impl SweepLoop {
         match joined.unwrap_or(Err(SweepError::Panicked("the sweep task"))) {
             Ok(summary) => {
                 self.retry_delays = retry_delays(FIRST_SWEEP_RETRY);
-                self.metrics.set_sweeping(true);
+                // A sweep cut short by a stop proves nothing about the database: readiness
+                // stays as the last finished sweep left it.
                 let result = if self.shutdown.is_stopping() {
                     "aborted"
                 } else {
+                    self.metrics.set_sweeping(true);
                     "ok"
                 };
                 self.metrics.sweep_finished(result, summary.duration);

@@ -883,3 +883,73 @@ async fn a_sweep_that_fails_keeps_readiness_off_until_one_succeeds() {
         .stop(Duration::from_secs(5), Duration::from_secs(10))
         .await;
 }
+
+#[tokio::test]
+async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
+    // Sweeps fail on a shop's lock; a stop then cuts the next one short. A sweep cut short is
+    // no sweep that succeeded: the daemon stays not ready until it has exited.
+    let Some((db, sim)) = sessions_and_simulator(Kind::Postgres, 3, Duration::ZERO).await else {
+        return;
+    };
+    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__INTERVAL", "200ms")]);
+    let daemon = common::Daemon::start(config).await;
+    let last = |m: &Metrics| m.last_sweep().map(|s| s.result);
+    wait_for("a first sweep", Duration::from_secs(20), || {
+        last(&daemon.metrics) == Some("ok")
+    })
+    .await;
+    let common::Pool::Pg(pool) = &db.pool else {
+        unreachable!("a PostgreSQL story")
+    };
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE checkout_sessions IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    wait_for(
+        "a sweep to fail on the lock",
+        Duration::from_secs(20),
+        || last(&daemon.metrics) == Some("failed"),
+    )
+    .await;
+    // The next sweep waits in its preparation, on a lock over the ledger; the stop comes
+    // meanwhile, then the ledger is let go, so the sweep ends cut short, not failed. A lock
+    // over the workers keeps the exit open long enough to watch.
+    let mut ledger = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sweeper_sessions IN SHARE MODE")
+        .execute(&mut *ledger)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = daemon.metrics.clone();
+    let common::Daemon { shutdown, task, .. } = daemon;
+    shutdown.begin(Duration::from_secs(10));
+    let mut workers = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sweeper_workers IN EXCLUSIVE MODE")
+        .execute(&mut *workers)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ledger.rollback().await.unwrap();
+    let mut task = task;
+    let ended = loop {
+        assert!(
+            !metrics.is_ready(),
+            "ready while stopping, the last sweep {:?}",
+            last(&metrics)
+        );
+        match tokio::time::timeout(Duration::from_millis(10), &mut task).await {
+            Ok(ended) => break ended,
+            Err(_) => continue,
+        }
+    };
+    ended.unwrap().unwrap();
+    assert_eq!(
+        last(&metrics),
+        Some("aborted"),
+        "the story's sweep was cut short"
+    );
+    assert!(!metrics.is_ready());
+    workers.rollback().await.unwrap();
+    lock.rollback().await.unwrap();
+}
