@@ -920,7 +920,21 @@ async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
         .execute(&mut *ledger)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let waiting = Instant::now();
+    while db
+        .scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND application_name = 'session-sweeper' AND query LIKE '%SET lease_owner = NULL%'",
+        )
+        .await
+        == 0
+    {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "no sweep waits on the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let metrics = daemon.metrics.clone();
     let common::Daemon { shutdown, task, .. } = daemon;
     shutdown.begin(Duration::from_secs(10));
