@@ -512,10 +512,9 @@ impl SqlStore {
         )
     }
 
-    /// The newest or oldest active last-activity value (`order`: `DESC` or `ASC`).
-    /// `check`'s sample of the newest or oldest active last-activity value; with `bounded`,
-    /// no readable value from `$2` on (in the cutoff's terms), so that a row no zone explains
-    /// (see [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
+    /// `check`'s sample of the newest or oldest active last-activity value (`order`: `DESC` or
+    /// `ASC`); with `bounded`, no readable value from `$2` on (in the cutoff's terms), so that a
+    /// row no zone explains (see [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
     fn sample(&self, p: &Parts, order: &str, bounded: bool) -> Stmt {
         // SQLite's samples are what `check` judges the format by, so they include what does
         // not fit; a typed column's are times, and only readable ones can be read as such.
