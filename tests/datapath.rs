@@ -590,7 +590,7 @@ async fn sqlite_text_before_2000_is_unreadable_never_sent() {
 }
 
 #[tokio::test]
-async fn sqlite_text_at_hour_24_is_unreadable_never_sent() {
+async fn sqlite_text_at_hour_24_or_with_a_nul_inside_is_unreadable_never_sent() {
     // SQLite's own date functions keep hour 24 of some dates as it is, so the format check let
     // it through: '…-29 24:30:00' sorts before a cutoff of '…-30 00:10:00' and means 00:30 on
     // the 30th.
@@ -604,7 +604,17 @@ async fn sqlite_text_at_hour_24_is_unreadable_never_sent() {
            ('fine', 'm', 'ACTIVE', datetime('now', '-2 hours'))",
     )
     .await;
-    only_fine_is_sent(&db, 2).await;
+    // SQLite's text functions and GLOB stop at a NUL, its comparisons do not: an old time, a
+    // NUL, then anything at all looked like the old time.
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES \
+           ('nul-now', 'm', 'ACTIVE', CAST(CAST(datetime('now', '-2 hours') AS BLOB) || X'00' \
+              || CAST(datetime('now') AS BLOB) AS TEXT)), \
+           ('nul-fraction', 'm', 'ACTIVE', CAST(CAST(datetime('now', '-2 hours') || '.5' AS BLOB) \
+              || X'006A756E6B' AS TEXT))",
+    )
+    .await;
+    only_fine_is_sent(&db, 4).await;
 }
 
 #[tokio::test]
@@ -618,6 +628,8 @@ async fn rfc3339_text_with_junk_in_its_fraction_or_hour_24_is_never_sent() {
            ('junk-offset', 'm', 'ACTIVE', '2026-01-01T00:00:00.5x+00:00'), \
            ('no-digits', 'm', 'ACTIVE', '2026-01-01T00:00:00.Z'), \
            ('h24', 'm', 'ACTIVE', '2026-01-01T24:00:00Z'), \
+           ('nul', 'm', 'ACTIVE', CAST(CAST(strftime('%Y-%m-%dT%H:%M:%SZ', 'now', '-2 hours') AS BLOB) \
+              || X'002B31343A3030' AS TEXT)), \
            ('fine', 'm', 'ACTIVE', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours')), \
            ('fine-offset', 'm', 'ACTIVE', strftime('%Y-%m-%dT%H:%M:%S', 'now', '-2 hours') || '.25+00:00')",
     )
@@ -640,7 +652,7 @@ async fn rfc3339_text_with_junk_in_its_fraction_or_hour_24_is_never_sent() {
             .unwrap()
             .unusable
             .unreadable_last_activity,
-        4
+        5
     );
 }
 

@@ -48,10 +48,13 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
     // strftime() normalises or refuses impossible times (February 30th, hour 25): a value that
     // does not come back unchanged is no real time and is never eligible. Hour 24 of some
-    // dates comes back unchanged, hence its own test.
+    // dates comes back unchanged, hence its own test. SQLite's text functions and GLOB stop
+    // at a NUL while its comparisons go on: a time, a NUL, then anything would pass for the
+    // time, so the text must be as many bytes as characters (ASCII, no NUL).
     let real = |sep: &str| {
         format!(
-            "typeof({col}) = 'text' AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' \
+            "typeof({col}) = 'text' AND length(CAST({col} AS BLOB)) = length({col}) \
+             AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' \
              AND substr({col}, 1, 19) GLOB '{DATE}{sep}{TIME}' AND substr({col}, 12, 2) < '24' \
              AND strftime('%Y-%m-%d{sep}%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19)"
         )
