@@ -484,7 +484,61 @@ async fn a_row_dated_far_ahead_is_named_and_hides_no_real_newest(kind: Kind) {
     let findings = db.store().await.check().await.unwrap();
     assert!(
         findings.iter().any(|f| matches!(f, Finding::Error(m)
-            if m.contains("every one of the 3 active"))),
+            if m.contains("3 of the 3 readable active"))),
+        "{findings:?}"
+    );
+}
+
+#[tokio::test]
+async fn check_calls_milliseconds_read_as_seconds_an_error_beside_a_stray_real_row() {
+    // Two live sessions written in milliseconds, one stray row in seconds three days old: the
+    // unit is wrong for most rows, not a few rows wrong; read as seconds, nothing is idle.
+    let db = TestDb::new(Kind::Sqlite).await.unwrap();
+    db.exec(&format!(
+        "DROP TABLE checkout_sessions; CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, \
+         member_identifier TEXT, status TEXT, last_activity_at INTEGER); \
+         INSERT INTO checkout_sessions VALUES ('ms-1', 'm', 'ACTIVE', {ms}), ('ms-2', 'm', 'ACTIVE', {ms} - 60000), \
+           ('secs', 'm', 'ACTIVE', {secs})",
+        ms = Utc::now().timestamp_millis(),
+        secs = Utc::now().timestamp() - 3 * 86_400,
+    ))
+    .await;
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "unix_seconds")],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let findings = store.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m)
+            if m.contains("2 of the 3 readable active") && m.contains("unit"))),
+        "{findings:?}"
+    );
+}
+
+#[tokio::test]
+async fn check_blames_the_zone_for_values_a_day_ahead_read_in_a_western_zone() {
+    // Tokyo wall-clock time read as Los Angeles time: 17 h ahead, which two zones explain.
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
+         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
+           (now() AT TIME ZONE 'Asia/Tokyo') - interval '1 minute')",
+    )
+    .await;
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_TIMEZONE", "America/Los_Angeles")],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let findings = store.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m)
+            if m.starts_with("source.last_activity_timezone"))),
         "{findings:?}"
     );
 }

@@ -527,7 +527,10 @@ impl SqlStore {
         };
         // What does not fit stays in SQLite's samples: `check` names its format by them.
         let bound = if bounded {
-            format!(" AND (NOT {} OR s.{} < {})", p.fits, p.last, p.cutoff)
+            format!(
+                " AND CASE WHEN {} THEN s.{} < {} ELSE TRUE END",
+                p.fits, p.last, p.cutoff
+            )
         } else {
             String::new()
         };
@@ -576,15 +579,18 @@ impl SqlStore {
             )),
             sample_newest: self.sample(&p, "DESC", true),
             sample_oldest: self.sample(&p, "ASC", false),
-            // `$2` in the cutoff's terms, as the bounded sample's.
+            // Of the readable active rows, those from `$2` on (in the cutoff's terms, as the
+            // bounded sample's), and all.
             far_ahead: self.q(&format!(
-                "SELECT {} FROM {} s WHERE s.{} = $1 AND {} AND NOT (s.{} < {})",
+                "SELECT {}, {} FROM {} s WHERE s.{} = $1 AND {}",
+                d.int(&format!(
+                    "COALESCE(SUM(CASE WHEN s.{} < {} THEN 0 ELSE 1 END), 0)",
+                    p.last, p.cutoff
+                )),
                 d.int("COUNT(*)"),
                 p.table,
                 p.status,
-                p.fits,
-                p.last,
-                p.cutoff
+                p.fits
             )),
             shape,
         }
@@ -669,7 +675,7 @@ impl SqlStore {
             .fetch_one(&self.pool)
             .await
             .op("sampling last-activity values")?;
-        let far_ahead = int(&far_ahead, 0) as u64;
+        let (far_ahead, readable) = (int(&far_ahead, 0) as u64, int(&far_ahead, 1) as u64);
         let mut findings = if self.dialect == Dialect::Sqlite {
             format_findings(self.source.last_activity_format, &samples)
         } else {
@@ -686,9 +692,9 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            match far_ahead_finding(far_ahead, newest.is_some(), &self.source) {
-                // Every readable value is far ahead: there is no newest one to judge.
-                Some(all_ahead @ Finding::Error(_)) => findings.push(all_ahead),
+            match far_ahead_finding(far_ahead, readable, &self.source) {
+                // Most readable values are far ahead: the few left say nothing of the zone.
+                Some(misread @ Finding::Error(_)) => findings.push(misread),
                 far_ahead => {
                     findings.extend(far_ahead);
                     findings.push(newest_finding(newest, now, self.source.idle_after));

@@ -1071,31 +1071,32 @@ pub(crate) fn format_findings(
 }
 
 /// How far ahead of the database's clock a last-activity value can read before no time zone
-/// explains it: the furthest zone ahead of UTC is +14 h; one more hour of slack.
-pub(crate) const FURTHEST_ZONE_AHEAD: chrono::Duration = chrono::Duration::hours(15);
+/// explains it: zones run from 12 h behind UTC to 14 h ahead, so a value written in one and
+/// read in the other is off by up to 26 h; one more hour of slack.
+pub(crate) const FURTHEST_ZONE_AHEAD: chrono::Duration = chrono::Duration::hours(27);
 
-/// `check`'s finding about active rows whose last activity reads as later than
-/// [`FURTHEST_ZONE_AHEAD`] (`readable_earlier`: whether any other row reads as earlier).
+/// `check`'s finding about the `far_ahead` of the `readable` active rows whose last activity
+/// reads as later than [`FURTHEST_ZONE_AHEAD`]: most of them, the column is misread; a few,
+/// rows written wrong.
 pub(crate) fn far_ahead_finding(
     far_ahead: u64,
-    readable_earlier: bool,
+    readable: u64,
     src: &SourceConfig,
 ) -> Option<Finding> {
     let hours = FURTHEST_ZONE_AHEAD.num_hours();
+    let col = &src.last_activity_column;
     match far_ahead {
         0 => None,
-        n if !readable_earlier => Some(Finding::Error(format!(
-            "source.last_activity_format: every one of the {n} active {} values reads as more \
-             than {hours} h after the database's clock, which no time zone explains: the column \
-             is read in the wrong unit or format, or the database's clock is wrong; idle times \
-             would be wrong too",
-            src.last_activity_column
+        n if n * 2 > readable => Some(Finding::Error(format!(
+            "source.last_activity_format: {n} of the {readable} readable active {col} values read \
+             as more than {hours} h after the database's clock, which no time zone explains: \
+             the column is read in the wrong unit or format, or the database's clock is wrong; \
+             idle times would be wrong too"
         ))),
         n => Some(Finding::Warning(format!(
-            "{n} active rows have a {} value more than {hours} h after the database's clock, \
+            "{n} active rows have a {col} value more than {hours} h after the database's clock, \
              which no time zone explains: they never read as idle, so they are never swept, \
-             and the newest value below is sampled without them",
-            src.last_activity_column
+             and the newest value below is sampled without them"
         ))),
     }
 }
