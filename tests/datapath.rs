@@ -532,7 +532,10 @@ async fn check_blames_the_zone_for_values_a_day_ahead_read_in_a_western_zone() {
     .await;
     let config = db.config(
         "http://127.0.0.1:9",
-        &[("SWEEPER_SOURCE__LAST_ACTIVITY_TIMEZONE", "America/Los_Angeles")],
+        &[(
+            "SWEEPER_SOURCE__LAST_ACTIVITY_TIMEZONE",
+            "America/Los_Angeles",
+        )],
     );
     let store = session_sweeper::store::open(&config).await.unwrap();
     let findings = store.check().await.unwrap();
@@ -669,6 +672,42 @@ async fn sqlite_text_at_hour_24_or_with_a_nul_inside_is_unreadable_never_sent() 
     )
     .await;
     only_fine_is_sent(&db, 4).await;
+}
+
+#[tokio::test]
+async fn a_utf16_sqlite_file_is_refused_with_a_reason_and_nothing_is_sent() {
+    // `PRAGMA encoding = 'UTF-16le'` stores two bytes a character: its tokens came back as
+    // those bytes, no token iyzico knows, and every session was released without a word.
+    let Some(db) = TestDb::new(Kind::Sqlite).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("utf16.sqlite").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "PRAGMA encoding = 'UTF-16le'; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT, last_activity_at TEXT); \
+         INSERT INTO checkout_sessions VALUES ('old', 'm', 'ACTIVE', datetime('now', '-2 hours'))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let sim = simulator(SimulatorConfig::default()).await;
+    let config = db.config(&sim.base_url(), &[("SWEEPER_DATABASE__URL", &url)]);
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let findings = store.check().await.unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| matches!(f, Finding::Error(m) if m.contains("UTF-16le"))),
+        "{findings:?}"
+    );
+    let e = sweep_once(&config).await.unwrap_err();
+    assert!(e.to_string().contains("UTF-16le"), "{e}");
+    assert_eq!(requests(&sim), 0);
 }
 
 #[tokio::test]

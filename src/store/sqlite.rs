@@ -12,7 +12,7 @@ use super::dialect::Stmt;
 use super::lane::Failed;
 use super::{
     BAD_SOURCE_ROW, EARLIEST_PLAUSIBLE_TIME, EARLIEST_PLAUSIBLE_UNIX_SECONDS, Finding,
-    IndexDialect, Lease, Migration, Op, Result, SampleValue,
+    IndexDialect, Lease, Migration, Op, Result, SampleValue, StoreError,
 };
 use crate::config::TimestampFormat;
 
@@ -48,12 +48,12 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     const TIME: &str = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]";
     // strftime() normalises or refuses impossible times (February 30th, hour 25): a value that
     // does not come back unchanged is no real time and is never eligible. Hour 24 of some
-    // dates comes back unchanged, hence its own test. SQLite's text functions and GLOB stop
-    // at a NUL while its comparisons go on: a time, a NUL, then anything would pass for the
-    // time, so the text must be as many bytes as characters (ASCII, no NUL).
+    // dates comes back unchanged, hence its own test. SQLite's length(), substr() and GLOB
+    // stop at a NUL while its comparisons go on: a time, a NUL, then anything would pass for
+    // the time. instr() looks past it, in UTF-8 and UTF-16 files alike.
     let real = |sep: &str| {
         format!(
-            "typeof({col}) = 'text' AND length(CAST({col} AS BLOB)) = length({col}) \
+            "typeof({col}) = 'text' AND instr({col}, char(0)) = 0 \
              AND {col} >= '{EARLIEST_PLAUSIBLE_TIME}' \
              AND substr({col}, 1, 19) GLOB '{DATE}{sep}{TIME}' AND substr({col}, 12, 2) < '24' \
              AND strftime('%Y-%m-%d{sep}%H:%M:%S', substr({col}, 1, 19)) = substr({col}, 1, 19)"
@@ -172,8 +172,24 @@ async fn claim_in(
 }
 
 /// SQLite's text has no zone: it is read in `source.last_activity_timezone`, else UTC, which
-/// is what SQLite's own clock functions write.
+/// is what SQLite's own clock functions write. A file that stores its text as UTF-16 is
+/// refused: tokens are read as the file's bytes (to tell text that is not UTF-8 from text that
+/// is), and UTF-16 bytes are no token iyzico knows.
 pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
+    let encoding = strings(
+        store,
+        &store.dialect.render("PRAGMA encoding"),
+        &[],
+        "reading the file's text encoding",
+    )
+    .await?;
+    if let Some(other) = encoding.first().filter(|e| *e != "UTF-8") {
+        return Err(StoreError::Schema(format!(
+            "the SQLite file stores its text as {other}; session-sweeper reads UTF-8 files \
+             only: convert it with `sqlite3 FILE .dump | sqlite3 NEW_FILE` and point \
+             database.url at the new file"
+        )));
+    }
     let tz = store
         .source
         .last_activity_timezone
