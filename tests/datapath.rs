@@ -259,7 +259,8 @@ async fn null_duplicate_and_unreadable_rows_never_stop_a_sweep(kind: Kind) {
     if kind == Kind::Sqlite {
         db.exec(&format!(
             "INSERT INTO checkout_sessions VALUES (x'ff00fe', 'm', 'ACTIVE', {old}), \
-             (CAST(x'c328' AS TEXT), 'm', 'ACTIVE', {old})"
+             (CAST(x'c328' AS TEXT), 'm', 'ACTIVE', {old}), \
+             ('fine' || char(0) || 'x', 'm', 'ACTIVE', {old}), ('nul-member', 'm' || char(0), 'ACTIVE', {old})"
         ))
         .await;
     }
@@ -546,6 +547,34 @@ async fn check_blames_the_zone_for_values_a_day_ahead_read_in_a_western_zone() {
     );
 }
 
+#[tokio::test]
+async fn check_calls_a_column_with_no_readable_time_an_error() {
+    // Seconds in a BIGINT read as milliseconds are all "before 2000": nothing would ever be
+    // swept, which `check` said as "no active sessions to sample", exit 0.
+    let Some(db) = TestDb::new(Kind::MySql).await else {
+        return;
+    };
+    db.exec(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token VARCHAR(64) PRIMARY KEY, \
+           member_identifier VARCHAR(64), status VARCHAR(16), last_activity_at BIGINT); \
+         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', UNIX_TIMESTAMP() - 3600), \
+           ('b', 'm', 'ACTIVE', UNIX_TIMESTAMP() - 60)",
+    )
+    .await;
+    let config = db.config(
+        "http://127.0.0.1:9",
+        &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "unix_millis")],
+    );
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    let findings = store.check().await.unwrap();
+    assert!(
+        findings.iter().any(|f| matches!(f, Finding::Error(m)
+            if m.contains("none of the 2 active") && m.contains("unix_millis"))),
+        "{findings:?}"
+    );
+}
+
 /// What the dry run lists (the sweep's own eligibility), as tokens.
 async fn listed(db: &TestDb) -> Vec<String> {
     let store = db.store().await;
@@ -682,7 +711,10 @@ async fn a_utf16_sqlite_file_is_refused_with_a_reason_and_nothing_is_sent() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("utf16.sqlite").display());
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("utf16.sqlite").display()
+    );
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "PRAGMA encoding = 'UTF-16le'; \

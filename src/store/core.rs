@@ -19,8 +19,8 @@ use super::{
     PendingSummary, Recheck, Report, RequeueFilter, Result, SampleValue, Settlement, Snapshot,
     Store, StoreError, UnusableRows, WorkerInfo, WorkerRow, column_findings, count_rows,
     far_ahead_finding, format_findings, index_findings, ledger_blocks, ledger_blocks_for_others,
-    lost_a_deadlock, migration_finding, naive_cutoff, newest_finding, parse_rfc3339_utc,
-    parse_sqlite_text, unusable_findings,
+    lost_a_deadlock, migration_finding, naive_cutoff, newest_finding, none_readable_finding,
+    parse_rfc3339_utc, parse_sqlite_text, unusable_findings,
 };
 use crate::config::{SourceConfig, TimestampFormat};
 use crate::telemetry::fingerprint;
@@ -366,9 +366,11 @@ impl SqlStore {
             format!("s.{}", self.col(&self.source.member_column)),
         );
         match self.dialect {
+            // A NUL inside: an API or a proxy reading up to it would see another token.
             Dialect::Sqlite => format!(
                 "typeof({tok}) IN ('text', 'integer') AND typeof({mem}) IN ('text', 'integer') \
-                 AND {tok} <> '' AND {mem} <> ''"
+                 AND {tok} <> '' AND {mem} <> '' AND instr({tok}, char(0)) = 0 \
+                 AND instr({mem}, char(0)) = 0"
             ),
             _ => format!(
                 "{tok} IS NOT NULL AND {mem} IS NOT NULL AND {} <> '' AND {} <> ''",
@@ -692,7 +694,24 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            match far_ahead_finding(far_ahead, readable, &self.source) {
+            // The format setting applies to SQLite and to integer columns only.
+            let format_applies = self.dialect == Dialect::Sqlite
+                || matches!(
+                    sql.shape.activity,
+                    Activity::UnixSeconds | Activity::UnixMillis
+                );
+            if readable == 0 {
+                let unreadable = self.unusable_rows().await?.unreadable_last_activity;
+                if unreadable > 0 {
+                    findings.push(none_readable_finding(
+                        unreadable,
+                        format_applies,
+                        &self.source,
+                    ));
+                    return Ok(findings);
+                }
+            }
+            match far_ahead_finding(far_ahead, readable, format_applies, &self.source) {
                 // Most readable values are far ahead: the few left say nothing of the zone.
                 Some(misread @ Finding::Error(_)) => findings.push(misread),
                 far_ahead => {

@@ -1076,29 +1076,63 @@ pub(crate) fn format_findings(
 pub(crate) const FURTHEST_ZONE_AHEAD: chrono::Duration = chrono::Duration::hours(27);
 
 /// `check`'s finding about the `far_ahead` of the `readable` active rows whose last activity
-/// reads as later than [`FURTHEST_ZONE_AHEAD`]: most of them, the column is misread; a few,
-/// rows written wrong.
+/// reads as later than [`FURTHEST_ZONE_AHEAD`]: half of them or more, the column is misread; a
+/// few, rows written wrong. `format_applies`: whether `source.last_activity_format` decides how
+/// the column is read (SQLite, integer columns).
 pub(crate) fn far_ahead_finding(
     far_ahead: u64,
     readable: u64,
+    format_applies: bool,
     src: &SourceConfig,
 ) -> Option<Finding> {
     let hours = FURTHEST_ZONE_AHEAD.num_hours();
     let col = &src.last_activity_column;
     match far_ahead {
         0 => None,
-        n if n * 2 > readable => Some(Finding::Error(format!(
-            "source.last_activity_format: {n} of the {readable} readable active {col} values read \
-             as more than {hours} h after the database's clock, which no time zone explains: \
-             the column is read in the wrong unit or format, or the database's clock is wrong; \
-             idle times would be wrong too"
-        ))),
+        n if n * 2 >= readable => Some(Finding::Error(if format_applies {
+            format!(
+                "source.last_activity_format: {n} of the {readable} readable active {col} values \
+                 read as more than {hours} h after the database's clock, which no time zone \
+                 explains: the column is read in the wrong unit or format, or the database's \
+                 clock is wrong; idle times would be wrong too"
+            )
+        } else {
+            format!(
+                "source.last_activity_column: {n} of the {readable} readable active {col} values \
+                 read as more than {hours} h after the database's clock, which no time zone \
+                 explains: the application writes placeholders (such as 9999-12-31) or the wrong \
+                 column is named, or the database's clock is wrong"
+            )
+        })),
         n => Some(Finding::Warning(format!(
             "{n} active rows have a {col} value more than {hours} h after the database's clock, \
              which no time zone explains: they never read as idle, so they are never swept, \
              and the newest value below is sampled without them"
         ))),
     }
+}
+
+/// `check`'s finding when none of the active rows' last activity can be read (`unreadable`
+/// of them): nothing would ever be swept.
+pub(crate) fn none_readable_finding(
+    unreadable: u64,
+    format_applies: bool,
+    src: &SourceConfig,
+) -> Finding {
+    let col = &src.last_activity_column;
+    Finding::Error(if format_applies {
+        format!(
+            "source.last_activity_format: none of the {unreadable} active {col} values reads as \
+             a time from 2000 on in the format {:?}: is that its unit and format? Nothing \
+             would ever be swept",
+            format_name(src.last_activity_format)
+        )
+    } else {
+        format!(
+            "source.last_activity_column: none of the {unreadable} active {col} values is a \
+             time from 2000 on (missing, a zero date, infinity): nothing would ever be swept"
+        )
+    })
 }
 
 /// `check`'s verdict on the newest activity against the database's clock: a value in the future
@@ -1148,7 +1182,8 @@ pub(crate) fn unusable_findings(u: UnusableRows, src: &SourceConfig) -> Vec<Find
     }
     if u.bad_source_row > 0 {
         out.push(Finding::Warning(format!(
-            "{} active rows have a NULL or non-text {} or {}: they are never sent",
+            "{} active rows have a NULL, empty or non-text {} or {} (or one with a NUL inside): \
+             they are never sent",
             u.bad_source_row, src.token_column, src.member_column
         )));
     }
