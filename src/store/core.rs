@@ -178,7 +178,7 @@ pub(crate) struct Statements {
     unusable: Stmt,
     sample_newest: Stmt,
     sample_oldest: Stmt,
-    /// Active readable rows later than any zone could explain.
+    /// Active rows by whether their time is readable, and later than any zone could explain.
     far_ahead: Stmt,
 }
 
@@ -581,18 +581,17 @@ impl SqlStore {
             )),
             sample_newest: self.sample(&p, "DESC", true),
             sample_oldest: self.sample(&p, "ASC", false),
-            // Of the readable active rows, those from `$2` on (in the cutoff's terms, as the
-            // bounded sample's), and all.
+            // One kind per active row, as `unusable`'s: 0 readable and before `$2` (in the
+            // cutoff's terms, as the bounded sample's), 1 readable and from `$2` on, 2 unreadable.
             far_ahead: self.q(&format!(
-                "SELECT {}, {} FROM {} s WHERE s.{} = $1 AND {}",
+                "SELECT {}, {} FROM {} s WHERE s.{} = $1 GROUP BY 1",
                 d.int(&format!(
-                    "COALESCE(SUM(CASE WHEN s.{} < {} THEN 0 ELSE 1 END), 0)",
-                    p.last, p.cutoff
+                    "CASE WHEN {} THEN CASE WHEN s.{} < {} THEN 0 ELSE 1 END ELSE 2 END",
+                    p.fits, p.last, p.cutoff
                 )),
                 d.int("COUNT(*)"),
                 p.table,
-                p.status,
-                p.fits
+                p.status
             )),
             shape,
         }
@@ -673,11 +672,21 @@ impl SqlStore {
                 samples.push((which, super::sqlite::sample_value(&row)));
             }
         }
-        let far_ahead = query(&sql.far_ahead, &bounded)
-            .fetch_one(&self.pool)
+        let mut kinds = [0u64; 3];
+        for row in query(&sql.far_ahead, &bounded)
+            .fetch_all(&self.pool)
             .await
-            .op("sampling last-activity values")?;
-        let (far_ahead, readable) = (int(&far_ahead, 0) as u64, int(&far_ahead, 1) as u64);
+            .op("sampling last-activity values")?
+        {
+            if let Some(n) = usize::try_from(int(&row, 0))
+                .ok()
+                .and_then(|k| kinds.get_mut(k))
+            {
+                *n = int(&row, 1) as u64;
+            }
+        }
+        let [earlier, far_ahead, unreadable] = kinds;
+        let readable = earlier + far_ahead;
         let mut findings = if self.dialect == Dialect::Sqlite {
             format_findings(self.source.last_activity_format, &samples)
         } else {
@@ -700,19 +709,17 @@ impl SqlStore {
                     sql.shape.activity,
                     Activity::UnixSeconds | Activity::UnixMillis
                 );
-            if readable == 0 {
-                let unreadable = self.unusable_rows().await?.unreadable_last_activity;
-                if unreadable > 0 {
-                    findings.push(none_readable_finding(
-                        unreadable,
-                        format_applies,
-                        &self.source,
-                    ));
-                    return Ok(findings);
-                }
+            if readable == 0 && unreadable > 0 {
+                findings.push(none_readable_finding(
+                    unreadable,
+                    format_applies,
+                    &self.source,
+                ));
+                return Ok(findings);
             }
             match far_ahead_finding(far_ahead, readable, format_applies, &self.source) {
-                // Most readable values are far ahead: the few left say nothing of the zone.
+                // Half the readable values or more are far ahead: the rest say nothing of the
+                // zone.
                 Some(misread @ Finding::Error(_)) => findings.push(misread),
                 far_ahead => {
                     findings.extend(far_ahead);

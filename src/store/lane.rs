@@ -1,11 +1,11 @@
 //! Connections kept by streams of back-to-back operations: the steps of start-up and of a
 //! sweep up to its claims, the re-checks, the records, the source updates. sqlx's pool pings
-//! a connection when it is taken and again when it is given back: two round trips per use, more than the statements
-//! of a re-check themselves. And the ping on giving back runs in a task of its own, so a step
-//! that follows at once finds no idle connection and opens one more (milliseconds each, on the
-//! way to the first call). A lane keeps its connection between uses instead, and gives it back
-//! to the pool once unused for [`LANE_IDLE`]. A lane is no lock: whoever finds its connection
-//! taken gets one from the pool.
+//! a connection when it is taken and again when it is given back: two round trips per use,
+//! more than the statements of a re-check themselves. And the ping on giving back runs in a
+//! task of its own, so a step that follows at once finds no idle connection and opens one more
+//! (milliseconds each, on the way to the first call). A lane keeps its connection between uses
+//! instead, and gives it back to the pool once unused for [`LANE_IDLE`]. A lane is no lock:
+//! whoever finds its connection taken gets one from the pool.
 //!
 //! A kept connection is not pinged, so it may have broken since its last use. Callers start
 //! over on a fresh (pinged) connection when the first statement on a kept one fails, before

@@ -226,9 +226,10 @@ pub struct Snapshot {
 /// Active source rows that are never sent, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct UnusableRows {
-    /// The last-activity value is missing, no time from 2000 on, or does not fit `source.last_activity_format`.
+    /// The last-activity value is missing, no time from 2000 on, or does not fit
+    /// `source.last_activity_format`.
     pub unreadable_last_activity: u64,
-    /// The token or member is NULL or not text.
+    /// The token or member is NULL, empty or not text (on SQLite also: has a NUL inside).
     pub bad_source_row: u64,
 }
 
@@ -1087,23 +1088,24 @@ pub(crate) fn far_ahead_finding(
 ) -> Option<Finding> {
     let hours = FURTHEST_ZONE_AHEAD.num_hours();
     let col = &src.last_activity_column;
+    let (key, cause) = if format_applies {
+        (
+            "source.last_activity_format",
+            "the column is read in the wrong unit or format",
+        )
+    } else {
+        (
+            "source.last_activity_column",
+            "the application writes placeholders (such as 9999-12-31) or the wrong column is named",
+        )
+    };
     match far_ahead {
         0 => None,
-        n if n * 2 >= readable => Some(Finding::Error(if format_applies {
-            format!(
-                "source.last_activity_format: {n} of the {readable} readable active {col} values \
-                 read as more than {hours} h after the database's clock, which no time zone \
-                 explains: the column is read in the wrong unit or format, or the database's \
-                 clock is wrong; idle times would be wrong too"
-            )
-        } else {
-            format!(
-                "source.last_activity_column: {n} of the {readable} readable active {col} values \
-                 read as more than {hours} h after the database's clock, which no time zone \
-                 explains: the application writes placeholders (such as 9999-12-31) or the wrong \
-                 column is named, or the database's clock is wrong"
-            )
-        })),
+        n if n * 2 >= readable => Some(Finding::Error(format!(
+            "{key}: {n} of the {readable} readable active {col} values read as more than \
+             {hours} h after the database's clock, which no time zone explains: {cause}, or the \
+             database's clock is wrong; idle times would be wrong too"
+        ))),
         n => Some(Finding::Warning(format!(
             "{n} active rows have a {col} value more than {hours} h after the database's clock, \
              which no time zone explains: they never read as idle, so they are never swept, \

@@ -61,11 +61,10 @@ pub(crate) fn fits(col: &str, format: TimestampFormat) -> String {
     };
     // Digits only, at least one, between the '.' at 20 and a suffix `tail` characters long.
     let fraction = |tail: usize| {
+        let around = 20 + tail;
         format!(
-            "(substr({col}, 20, 1) = '.' AND length({col}) > {min} \
-             AND substr({col}, 21, length({col}) - {cut}) NOT GLOB '*[^0-9]*')",
-            min = 20 + tail,
-            cut = 20 + tail
+            "(substr({col}, 20, 1) = '.' AND length({col}) > {around} \
+             AND substr({col}, 21, length({col}) - {around}) NOT GLOB '*[^0-9]*')"
         )
     };
     match format {
