@@ -828,40 +828,50 @@ async fn a_worker_that_leaves_mid_heartbeat_stays_gone() {
     );
 }
 
+/// How this process's last sweep ended, if one did.
+fn last_sweep(m: &Metrics) -> Option<&'static str> {
+    m.last_sweep().map(|s| s.result)
+}
+
+/// A PostgreSQL daemon (3 sessions, a sweep every 200 ms, and `overrides`) whose first sweep
+/// succeeded, then whose source the shop locked in `mode` until a sweep failed on it. The
+/// lock comes back held.
+async fn failing_on_a_locked_source(
+    overrides: &[(&str, &str)],
+    mode: &str,
+) -> Option<(
+    TestDb,
+    session_sweeper::iyzico::simulator::Simulator,
+    common::Daemon,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+)> {
+    let (db, sim) = sessions_and_simulator(Kind::Postgres, 3, Duration::ZERO).await?;
+    let mut settings = vec![("SWEEPER_SWEEP__INTERVAL", "200ms")];
+    settings.extend_from_slice(overrides);
+    let daemon = common::Daemon::start(db.config(&sim.base_url(), &settings)).await;
+    wait_for("a first sweep", Duration::from_secs(20), || {
+        last_sweep(&daemon.metrics) == Some("ok")
+    })
+    .await;
+    let lock = db.pg_lock("checkout_sessions", mode).await;
+    wait_for(
+        "a sweep to fail on the lock",
+        Duration::from_secs(20),
+        || last_sweep(&daemon.metrics) == Some("failed"),
+    )
+    .await;
+    Some((db, sim, daemon, lock))
+}
+
 #[tokio::test]
 async fn a_sweep_that_fails_keeps_readiness_off_until_one_succeeds() {
     // The database answers (every heartbeat succeeds) but the shop holds its table locked, so
     // every sweep fails: `/readyz` must say so, not only the first moment after each failure.
-    let Some((db, sim)) = sessions_and_simulator(Kind::Postgres, 3, Duration::ZERO).await else {
+    let Some((_db, _sim, daemon, lock)) =
+        failing_on_a_locked_source(&[("SWEEPER_SWEEP__HEARTBEAT", "1s")], "ACCESS EXCLUSIVE").await
+    else {
         return;
     };
-    let config = db.config(
-        &sim.base_url(),
-        &[
-            ("SWEEPER_SWEEP__INTERVAL", "200ms"),
-            ("SWEEPER_SWEEP__HEARTBEAT", "1s"),
-        ],
-    );
-    let daemon = common::Daemon::start(config).await;
-    let last = |m: &Metrics| m.last_sweep().map(|s| s.result);
-    wait_for("a first sweep", Duration::from_secs(20), || {
-        last(&daemon.metrics) == Some("ok")
-    })
-    .await;
-    let common::Pool::Pg(pool) = &db.pool else {
-        unreachable!("a PostgreSQL story")
-    };
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE checkout_sessions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    wait_for(
-        "a sweep to fail on the lock",
-        Duration::from_secs(20),
-        || last(&daemon.metrics) == Some("failed"),
-    )
-    .await;
     // Two heartbeat periods, all beats good, no sweep succeeding: never ready.
     let watching = Instant::now();
     while watching.elapsed() < Duration::from_millis(2500) {
@@ -876,7 +886,7 @@ async fn a_sweep_that_fails_keeps_readiness_off_until_one_succeeds() {
     wait_for(
         "readiness after a good sweep",
         Duration::from_secs(30),
-        || daemon.metrics.is_ready() && last(&daemon.metrics) == Some("ok"),
+        || daemon.metrics.is_ready() && last_sweep(&daemon.metrics) == Some("ok"),
     )
     .await;
     daemon
@@ -888,38 +898,13 @@ async fn a_sweep_that_fails_keeps_readiness_off_until_one_succeeds() {
 async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
     // Sweeps fail on a shop's lock; a stop then cuts the next one short. A sweep cut short is
     // no sweep that succeeded: the daemon stays not ready until it has exited.
-    let Some((db, sim)) = sessions_and_simulator(Kind::Postgres, 3, Duration::ZERO).await else {
+    let Some((db, _sim, daemon, lock)) = failing_on_a_locked_source(&[], "EXCLUSIVE").await else {
         return;
     };
-    let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__INTERVAL", "200ms")]);
-    let daemon = common::Daemon::start(config).await;
-    let last = |m: &Metrics| m.last_sweep().map(|s| s.result);
-    wait_for("a first sweep", Duration::from_secs(20), || {
-        last(&daemon.metrics) == Some("ok")
-    })
-    .await;
-    let common::Pool::Pg(pool) = &db.pool else {
-        unreachable!("a PostgreSQL story")
-    };
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE checkout_sessions IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    wait_for(
-        "a sweep to fail on the lock",
-        Duration::from_secs(20),
-        || last(&daemon.metrics) == Some("failed"),
-    )
-    .await;
     // The next sweep waits in its preparation, on a lock over the ledger; the stop comes
     // meanwhile, then the ledger is let go, so the sweep ends cut short, not failed. A lock
     // over the workers keeps the exit open long enough to watch.
-    let mut ledger = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE sweeper_sessions IN SHARE MODE")
-        .execute(&mut *ledger)
-        .await
-        .unwrap();
+    let ledger = db.pg_lock("sweeper_sessions", "SHARE").await;
     let waiting = Instant::now();
     while db
         .scalar(
@@ -938,11 +923,7 @@ async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
     let metrics = daemon.metrics.clone();
     let common::Daemon { shutdown, task, .. } = daemon;
     shutdown.begin(Duration::from_secs(10));
-    let mut workers = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE sweeper_workers IN EXCLUSIVE MODE")
-        .execute(&mut *workers)
-        .await
-        .unwrap();
+    let workers = db.pg_lock("sweeper_workers", "EXCLUSIVE").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     ledger.rollback().await.unwrap();
     let mut task = task;
@@ -950,7 +931,7 @@ async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
         assert!(
             !metrics.is_ready(),
             "ready while stopping, the last sweep {:?}",
-            last(&metrics)
+            last_sweep(&metrics)
         );
         match tokio::time::timeout(Duration::from_millis(10), &mut task).await {
             Ok(ended) => break ended,
@@ -959,7 +940,7 @@ async fn a_sweep_stopped_after_failures_never_turns_readiness_on() {
     };
     ended.unwrap().unwrap();
     assert_eq!(
-        last(&metrics),
+        last_sweep(&metrics),
         Some("aborted"),
         "the story's sweep was cut short"
     );

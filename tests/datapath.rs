@@ -27,6 +27,38 @@ fn errors(findings: &[Finding]) -> Vec<&str> {
         .collect()
 }
 
+fn warnings(findings: &[Finding]) -> Vec<&str> {
+    findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::Warning(m) => Some(m.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What `check` finds with the test config and `overrides`.
+async fn check_with(db: &TestDb, overrides: &[(&str, &str)]) -> Vec<Finding> {
+    let config = db.config("http://127.0.0.1:9", overrides);
+    let store = session_sweeper::store::open(&config).await.unwrap();
+    store.check().await.unwrap()
+}
+
+/// A PostgreSQL `timestamp` column holding one session touched a minute ago, written in
+/// `zone`'s wall-clock time.
+async fn one_session_a_minute_ago_written_in(zone: &str) -> Option<TestDb> {
+    let db = TestDb::new(Kind::Postgres).await?;
+    db.exec(&format!(
+        "DROP TABLE checkout_sessions; \
+         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
+           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
+         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
+           (now() AT TIME ZONE '{zone}') - interval '1 minute')"
+    ))
+    .await;
+    Some(db)
+}
+
 #[tokio::test]
 async fn unix_seconds_under_the_default_text_format_are_never_sent_and_check_names_the_fit() {
     let db = TestDb::new(Kind::Sqlite).await.unwrap();
@@ -421,21 +453,15 @@ async fn integer_and_empty_tokens_on_sqlite() {
 async fn check_warns_when_every_active_session_reads_as_idle() {
     // A UTC database whose application writes New York wall-clock time into `timestamp`:
     // read as UTC, every session touched a minute ago looks five hours idle.
-    let Some(db) = TestDb::new(Kind::Postgres).await else {
+    let Some(db) = one_session_a_minute_ago_written_in("America/New_York").await else {
         return;
     };
-    db.exec(
-        "DROP TABLE checkout_sessions; \
-         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
-           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
-         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
-           (now() AT TIME ZONE 'America/New_York') - interval '1 minute')",
-    )
-    .await;
     let findings = db.store().await.check().await.unwrap();
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Warning(m)
-            if m.contains("every active session reads as idle") && m.contains("last_activity_timezone"))),
+        warnings(&findings)
+            .iter()
+            .any(|m| m.contains("every active session reads as idle")
+                && m.contains("last_activity_timezone")),
         "{findings:?}"
     );
 }
@@ -466,8 +492,9 @@ async fn a_row_dated_far_ahead_is_named_and_hides_no_real_newest(kind: Kind) {
     .await;
     let findings = db.store().await.check().await.unwrap();
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Warning(m)
-            if m.starts_with("1 active rows") && m.contains("no time zone explains"))),
+        warnings(&findings)
+            .iter()
+            .any(|m| m.starts_with("1 active rows") && m.contains("no time zone explains")),
         "{findings:?}"
     );
     assert!(
@@ -475,7 +502,7 @@ async fn a_row_dated_far_ahead_is_named_and_hides_no_real_newest(kind: Kind) {
             if m.starts_with("the newest active last-activity value") && m.contains("before now"))),
         "{findings:?}"
     );
-    assert!(!findings.iter().any(Finding::is_error), "{findings:?}");
+    assert!(errors(&findings).is_empty(), "{findings:?}");
     assert_eq!(listed(&db).await, ["idle-0"], "the row ahead is never idle");
     // Every row that far ahead: the column itself is misread.
     db.exec(&format!(
@@ -484,8 +511,9 @@ async fn a_row_dated_far_ahead_is_named_and_hides_no_real_newest(kind: Kind) {
     .await;
     let findings = db.store().await.check().await.unwrap();
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m)
-            if m.contains("3 of the 3 readable active"))),
+        errors(&findings)
+            .iter()
+            .any(|m| m.contains("3 of the 3 readable active")),
         "{findings:?}"
     );
 }
@@ -504,15 +532,15 @@ async fn check_calls_milliseconds_read_as_seconds_an_error_beside_a_stray_real_r
         secs = Utc::now().timestamp() - 3 * 86_400,
     ))
     .await;
-    let config = db.config(
-        "http://127.0.0.1:9",
+    let findings = check_with(
+        &db,
         &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "unix_seconds")],
-    );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let findings = store.check().await.unwrap();
+    )
+    .await;
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m)
-            if m.contains("2 of the 3 readable active") && m.contains("unit"))),
+        errors(&findings)
+            .iter()
+            .any(|m| m.contains("2 of the 3 readable active") && m.contains("unit")),
         "{findings:?}"
     );
 }
@@ -520,29 +548,21 @@ async fn check_calls_milliseconds_read_as_seconds_an_error_beside_a_stray_real_r
 #[tokio::test]
 async fn check_blames_the_zone_for_values_a_day_ahead_read_in_a_western_zone() {
     // Tokyo wall-clock time read as Los Angeles time: 17 h ahead, which two zones explain.
-    let Some(db) = TestDb::new(Kind::Postgres).await else {
+    let Some(db) = one_session_a_minute_ago_written_in("Asia/Tokyo").await else {
         return;
     };
-    db.exec(
-        "DROP TABLE checkout_sessions; \
-         CREATE TABLE checkout_sessions (session_token TEXT PRIMARY KEY, member_identifier TEXT, \
-           status TEXT NOT NULL, last_activity_at TIMESTAMP NOT NULL); \
-         INSERT INTO checkout_sessions VALUES ('a', 'm', 'ACTIVE', \
-           (now() AT TIME ZONE 'Asia/Tokyo') - interval '1 minute')",
-    )
-    .await;
-    let config = db.config(
-        "http://127.0.0.1:9",
+    let findings = check_with(
+        &db,
         &[(
             "SWEEPER_SOURCE__LAST_ACTIVITY_TIMEZONE",
             "America/Los_Angeles",
         )],
-    );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let findings = store.check().await.unwrap();
+    )
+    .await;
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m)
-            if m.starts_with("source.last_activity_timezone"))),
+        errors(&findings)
+            .iter()
+            .any(|m| m.starts_with("source.last_activity_timezone")),
         "{findings:?}"
     );
 }
@@ -562,15 +582,15 @@ async fn check_calls_a_column_with_no_readable_time_an_error() {
            ('b', 'm', 'ACTIVE', UNIX_TIMESTAMP() - 60)",
     )
     .await;
-    let config = db.config(
-        "http://127.0.0.1:9",
+    let findings = check_with(
+        &db,
         &[("SWEEPER_SOURCE__LAST_ACTIVITY_FORMAT", "unix_millis")],
-    );
-    let store = session_sweeper::store::open(&config).await.unwrap();
-    let findings = store.check().await.unwrap();
+    )
+    .await;
     assert!(
-        findings.iter().any(|f| matches!(f, Finding::Error(m)
-            if m.contains("none of the 2 active") && m.contains("unix_millis"))),
+        errors(&findings)
+            .iter()
+            .any(|m| m.contains("none of the 2 active") && m.contains("unix_millis")),
         "{findings:?}"
     );
 }
@@ -732,9 +752,7 @@ async fn a_utf16_sqlite_file_is_refused_with_a_reason_and_nothing_is_sent() {
     store.migrate().await.unwrap();
     let findings = store.check().await.unwrap();
     assert!(
-        findings
-            .iter()
-            .any(|f| matches!(f, Finding::Error(m) if m.contains("UTF-16le"))),
+        errors(&findings).iter().any(|m| m.contains("UTF-16le")),
         "{findings:?}"
     );
     let e = sweep_once(&config).await.unwrap_err();
@@ -819,13 +837,8 @@ async fn a_source_table_the_shop_holds_locked_ends_the_sweep_instead_of_hanging(
     // Held on a connection of its own until released below.
     let (mut pg_lock, mut my_lock) = (None, None);
     match &db.pool {
-        common::Pool::Pg(p) => {
-            let mut tx = p.begin().await.unwrap();
-            sqlx::query("LOCK TABLE checkout_sessions IN ACCESS EXCLUSIVE MODE")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            pg_lock = Some(tx);
+        common::Pool::Pg(_) => {
+            pg_lock = Some(db.pg_lock("checkout_sessions", "ACCESS EXCLUSIVE").await);
         }
         common::Pool::MySql(p) => {
             let mut conn = p.acquire().await.unwrap();
@@ -880,15 +893,8 @@ async fn the_ledger_is_written_while_the_source_cannot_be_marked(kind: Kind) {
         return;
     };
     let config = db.config(&sim.base_url(), &[("SWEEPER_SWEEP__CONCURRENCY", "4")]);
-    let common::Pool::Pg(pool) = &db.pool else {
-        unreachable!("PostgreSQL only")
-    };
     // Reads go on; the source update waits for the lock (and gives up at lock_timeout).
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE checkout_sessions IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = db.pg_lock("checkout_sessions", "SHARE").await;
     let sweep = tokio::spawn(async move { sweep_once(&config).await });
     common::wait_for("every call answered", Duration::from_secs(30), || {
         requests(&sim) >= 20

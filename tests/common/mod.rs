@@ -475,6 +475,24 @@ impl TestDb {
         }
     }
 
+    /// Holds `LOCK TABLE {table} IN {mode} MODE` (PostgreSQL), as the shop's own transaction
+    /// would, until the returned transaction ends.
+    pub async fn pg_lock(
+        &self,
+        table: &str,
+        mode: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let Pool::Pg(pool) = &self.pool else {
+            panic!("LOCK TABLE … MODE is PostgreSQL's")
+        };
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN {mode} MODE"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+
     /// A single integer from a query.
     pub async fn scalar(&self, sql: &str) -> i64 {
         match &self.pool {
