@@ -352,6 +352,13 @@ impl SqlStore {
         }
     }
 
+    /// Whether `source.last_activity_format` decides how the column is read: on SQLite, and
+    /// for an integer column (MySQL/MariaDB); typed time columns ignore it.
+    fn format_applies(&self, activity: Activity) -> bool {
+        self.dialect == Dialect::Sqlite
+            || matches!(activity, Activity::UnixSeconds | Activity::UnixMillis)
+    }
+
     /// The condition under which a row is fit to send: its time fits the column's format and
     /// its token and member can be read.
     fn usable(&self, activity: Activity) -> String {
@@ -517,17 +524,19 @@ impl SqlStore {
     /// `check`'s sample of the newest or oldest active last-activity value (`order`: `DESC` or
     /// `ASC`); with `bounded`, no readable value from `$2` on (in the cutoff's terms), so that a
     /// row no zone explains (see [`FURTHEST_ZONE_AHEAD`]) cannot hide the newest real one.
-    fn sample(&self, p: &Parts, order: &str, bounded: bool) -> Stmt {
-        // SQLite's samples are what `check` judges the format by, so they include what does
-        // not fit; a typed column's are times, and only readable ones can be read as such.
+    fn sample(&self, p: &Parts, activity: Activity, order: &str, bounded: bool) -> Stmt {
+        // Where the format setting applies, the samples are what `check` judges the format by,
+        // so they include what does not fit; a typed column's are times, and only readable
+        // ones can be read as such.
         let (kind, sample_fits) = match self.dialect {
+            _ if !self.format_applies(activity) => ("'typed'".into(), p.fits.clone()),
             Dialect::Sqlite => (
                 format!("typeof(s.{})", p.last),
                 format!("s.{} IS NOT NULL", p.last),
             ),
-            _ => ("'typed'".into(), p.fits.clone()),
+            _ => ("'integer'".into(), format!("s.{} IS NOT NULL", p.last)),
         };
-        // What does not fit stays in SQLite's samples: `check` names its format by them.
+        // What does not fit stays in the samples: `check` names its format by them.
         let bound = if bounded {
             format!(
                 " AND CASE WHEN {} THEN s.{} < {} ELSE TRUE END",
@@ -579,8 +588,8 @@ impl SqlStore {
                 p.table,
                 p.status
             )),
-            sample_newest: self.sample(&p, "DESC", true),
-            sample_oldest: self.sample(&p, "ASC", false),
+            sample_newest: self.sample(&p, shape.activity, "DESC", true),
+            sample_oldest: self.sample(&p, shape.activity, "ASC", false),
             // One kind per active row, as `unusable`'s: 0 readable and before `$2` (in the
             // cutoff's terms, as the bounded sample's), 1 readable and from `$2` on, 2 unreadable.
             far_ahead: self.q(&format!(
@@ -648,6 +657,7 @@ impl SqlStore {
             Ok(sql) => sql,
             Err(e) => return Ok(vec![Finding::Error(e.to_string())]),
         };
+        let format_applies = self.format_applies(sql.shape.activity);
         let active = [Arg::Text(self.source.active_value.clone())];
         let now = self.database_time().await?;
         let bound = self.cutoff(sql.shape.activity, now + FURTHEST_ZONE_AHEAD);
@@ -668,8 +678,8 @@ impl SqlStore {
             if which == "newest" {
                 newest = self.activity_instant(sql.shape.activity, &row, 0);
             }
-            if self.dialect == Dialect::Sqlite {
-                samples.push((which, super::sqlite::sample_value(&row)));
+            if format_applies {
+                samples.push((which, sample_value(&row)));
             }
         }
         let mut kinds = [0u64; 3];
@@ -687,7 +697,7 @@ impl SqlStore {
         }
         let [earlier, far_ahead, unreadable] = kinds;
         let readable = earlier + far_ahead;
-        let mut findings = if self.dialect == Dialect::Sqlite {
+        let mut findings = if format_applies {
             format_findings(self.source.last_activity_format, &samples)
         } else {
             vec![Finding::Ok(format!(
@@ -703,12 +713,6 @@ impl SqlStore {
             ))]
         };
         if !findings.iter().any(Finding::is_error) {
-            // The format setting applies to SQLite and to integer columns only.
-            let format_applies = self.dialect == Dialect::Sqlite
-                || matches!(
-                    sql.shape.activity,
-                    Activity::UnixSeconds | Activity::UnixMillis
-                );
             if readable == 0 && unreadable > 0 {
                 findings.push(none_readable_finding(
                     unreadable,
@@ -1333,6 +1337,23 @@ pub(crate) struct Catalog {
     pub status: Vec<Finding>,
     /// How a suggested `CREATE INDEX` is written.
     pub index_dialect: super::IndexDialect,
+}
+
+/// A stored value as `check` samples it where `source.last_activity_format` applies (the
+/// sample selects the value and its kind: SQLite's `typeof`, `'integer'` for a MySQL column).
+pub(crate) fn sample_value(row: &sqlx::any::AnyRow) -> SampleValue {
+    let kind: String = row.try_get(1).unwrap_or_default();
+    match kind.as_str() {
+        "integer" => row
+            .try_get::<i64, _>(0)
+            .map(SampleValue::Int)
+            .unwrap_or_else(|_| SampleValue::Other(kind)),
+        "text" => row
+            .try_get::<String, _>(0)
+            .map(SampleValue::Text)
+            .unwrap_or_else(|_| SampleValue::Other("text that is not UTF-8".into())),
+        _ => SampleValue::Other(kind),
+    }
 }
 
 /// The unusable-rows statement's answer.

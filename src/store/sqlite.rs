@@ -12,7 +12,7 @@ use super::dialect::Stmt;
 use super::lane::Failed;
 use super::{
     BAD_SOURCE_ROW, EARLIEST_PLAUSIBLE_TIME, EARLIEST_PLAUSIBLE_UNIX_SECONDS, Finding,
-    IndexDialect, Lease, Migration, Op, Result, SampleValue, StoreError,
+    IndexDialect, Lease, Migration, Op, Result, StoreError,
 };
 use crate::config::TimestampFormat;
 
@@ -200,22 +200,6 @@ pub(crate) async fn shape(store: &SqlStore) -> Result<Shape> {
         // then exactly as text.
         same_token: "s.{tok} IN ({}, CAST({} AS INTEGER)) AND CAST(s.{tok} AS TEXT) = {}".into(),
     })
-}
-
-/// A stored value as `check` samples it (the sample selects the value and its `typeof`).
-pub(crate) fn sample_value(row: &sqlx::any::AnyRow) -> SampleValue {
-    let kind: String = row.try_get(1).unwrap_or_default();
-    match kind.as_str() {
-        "integer" => row
-            .try_get::<i64, _>(0)
-            .map(SampleValue::Int)
-            .unwrap_or_else(|_| SampleValue::Other(kind)),
-        "text" => row
-            .try_get::<String, _>(0)
-            .map(SampleValue::Text)
-            .unwrap_or_else(|_| SampleValue::Other("text that is not UTF-8".into())),
-        _ => SampleValue::Other(kind),
-    }
 }
 
 /// The source's columns, indexes and kind, and whether its status can be written.
