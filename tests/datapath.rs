@@ -597,6 +597,27 @@ async fn check_names_the_unit_of_an_integer_column_read_in_the_wrong_one() {
     );
 }
 
+#[tokio::test]
+async fn check_calls_a_typed_column_with_no_readable_time_an_error() {
+    // Only placeholders: nothing would ever be swept, which `check` said as "no active
+    // sessions to sample", exit 0.
+    let Some(db) = TestDb::new(Kind::Postgres).await else {
+        return;
+    };
+    db.exec(
+        "INSERT INTO checkout_sessions VALUES ('never', 'm', 'ACTIVE', '-infinity'), \
+           ('old', 'm', 'ACTIVE', '1999-01-01 00:00:00+00')",
+    )
+    .await;
+    let findings = db.store().await.check().await.unwrap();
+    assert!(
+        errors(&findings)
+            .iter()
+            .any(|m| m.contains("none of the 2 active")),
+        "{findings:?}"
+    );
+}
+
 /// What the dry run lists (the sweep's own eligibility), as tokens.
 async fn listed(db: &TestDb) -> Vec<String> {
     let store = db.store().await;
