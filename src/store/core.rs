@@ -682,20 +682,11 @@ impl SqlStore {
                 samples.push((which, sample_value(&row)));
             }
         }
-        let mut kinds = [0u64; 3];
-        for row in query(&sql.far_ahead, &bounded)
+        let rows = query(&sql.far_ahead, &bounded)
             .fetch_all(&self.pool)
             .await
-            .op("sampling last-activity values")?
-        {
-            if let Some(n) = usize::try_from(int(&row, 0))
-                .ok()
-                .and_then(|k| kinds.get_mut(k))
-            {
-                *n = int(&row, 1) as u64;
-            }
-        }
-        let [earlier, far_ahead, unreadable] = kinds;
+            .op("sampling last-activity values")?;
+        let [earlier, far_ahead, unreadable] = kind_counts(&rows);
         let readable = earlier + far_ahead;
         let mut findings = if format_applies {
             format_findings(self.source.last_activity_format, &samples)
@@ -1358,16 +1349,26 @@ pub(crate) fn sample_value(row: &sqlx::any::AnyRow) -> SampleValue {
 
 /// The unusable-rows statement's answer.
 fn unusable_from(rows: &[AnyRow]) -> UnusableRows {
-    let mut unusable = UnusableRows::default();
+    let [_fine, unreadable_last_activity, bad_source_row] = kind_counts(rows);
+    UnusableRows {
+        unreadable_last_activity,
+        bad_source_row,
+    }
+}
+
+/// The rows of a statement that counts rows by kind (`kind`, `COUNT(*)`, kinds `0..N`), as
+/// counts indexed by kind; a kind no row has counts 0.
+fn kind_counts<const N: usize>(rows: &[AnyRow]) -> [u64; N] {
+    let mut counts = [0; N];
     for row in rows {
-        let count = int(row, 1) as u64;
-        match int(row, 0) {
-            1 => unusable.unreadable_last_activity += count,
-            2 => unusable.bad_source_row += count,
-            _ => {}
+        if let Some(n) = usize::try_from(int(row, 0))
+            .ok()
+            .and_then(|k| counts.get_mut(k))
+        {
+            *n = int(row, 1) as u64;
         }
     }
-    unusable
+    counts
 }
 
 /// Rows of a query as strings (catalog queries), NULLs skipped.
